@@ -1,0 +1,59 @@
+"""``tune run xgblora_finetune --config …``: XGBLoRA fine-tuning on one device.
+
+Installed as a top-level module: torchtune runs an unknown recipe name with ``runpy``, so this
+works from any directory. ``--config`` takes a path or a packaged name (``tune-xgb ls``).
+Launched by torchrun (``tune run --nproc_per_node N xgblora_finetune``) it dispatches to the
+distributed recipe.
+"""
+
+import os
+import sys
+
+from omegaconf import DictConfig
+from torchtune import config
+
+from torchtune_xgb.config_names import resolve_config_arg
+from torchtune_xgb.errors import ConfigError
+from torchtune_xgb.paths import register_resolvers
+from torchtune_xgb.recipe_mixin import BoostedRecipeMixin
+from torchtune_xgb.torchtune_recipes import load_recipe_module
+
+register_resolvers()
+_torchtune_lora = load_recipe_module("lora_finetune_single_device")
+
+
+class XGBLoRAFinetuneRecipeSingleDevice(BoostedRecipeMixin, _torchtune_lora.LoRAFinetuneRecipeSingleDevice):
+    """torchtune's single-device LoRA recipe with boosted rank-r rounds (see BoostedRecipeMixin)."""
+
+
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    """Train with XGBLoRA; config keys as torchtune's LoRA recipe plus ``boost:`` and ``eval:``."""
+    config.log_config(recipe_name="XGBLoRAFinetuneRecipeSingleDevice", cfg=cfg)
+    recipe = XGBLoRAFinetuneRecipeSingleDevice(cfg=cfg)
+    recipe.setup(cfg=cfg)
+    recipe.train()
+    recipe.cleanup()
+
+
+def launched_by_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def main() -> int:
+    try:
+        sys.argv = resolve_config_arg(sys.argv)
+        if launched_by_torchrun():
+            raise ConfigError(
+                "--nproc_per_node: the distributed XGBLoRA recipe is not available in this version; "
+                "run on one device (tune run xgblora_finetune …)"
+            )
+        recipe_main()
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""A tiny 2-layer model saved in HF format plus a config, for end-to-end recipe runs.
+
+Used by the tests and by ``tests/golden/make_golden.py`` (which records the golden losses), so
+both run exactly the same configuration.
+"""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+import yaml
+
+from tests.helpers import build_tiny_tokenizer_json
+from tests.tiny_model import TINY, tiny_base
+from torchtune_xgb.hf_io import llama_hf_config, save_hf_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+TUNE = str(Path(sys.executable).parent / "tune")
+
+
+def make_tiny_model_dir(root: Path) -> Path:
+    """Write the tiny base model (seeded random weights) + tokenizer.json in HF format."""
+    model_dir = root / "tiny_model"
+    if (model_dir / "config.json").exists():
+        return model_dir
+    tok = root / "tokenizer.json"
+    build_tiny_tokenizer_json(tok)
+    hf_config = llama_hf_config(
+        vocab_size=TINY["vocab_size"],
+        num_layers=TINY["num_layers"],
+        num_heads=TINY["num_heads"],
+        num_kv_heads=TINY["num_kv_heads"],
+        embed_dim=TINY["embed_dim"],
+        intermediate_dim=TINY["intermediate_dim"],
+        max_seq_len=TINY["max_seq_len"],
+        rope_base=TINY["rope_base"],
+        norm_eps=TINY["norm_eps"],
+        tie_word_embeddings=True,
+    )
+    save_hf_checkpoint(tiny_base(seed=0).state_dict(), model_dir, hf_config, tokenizer_json=tok)
+    return model_dir
+
+
+def tiny_config(root: Path, output_dir: Path, **overrides) -> Dict:
+    """The packaged SmolLM2 config with the tiny model, tiny data and short schedule swapped in."""
+    model_dir = make_tiny_model_dir(root)
+    cfg = yaml.safe_load((REPO / "configs" / "smollm2_135m_xgblora.yaml").read_text())
+    cfg["output_dir"] = str(output_dir)
+    cfg["model_dir"] = str(model_dir)
+    cfg["model"] = {
+        "_component_": "torchtune.models.llama3_2._component_builders.lora_llama3_2",
+        "lora_attn_modules": ["q_proj", "v_proj"],
+        "apply_lora_to_mlp": True,
+        "lora_rank": 1,
+        "lora_alpha": 2.0,
+        **{k: v for k, v in TINY.items()},
+    }
+    cfg["tokenizer"] = {
+        "_component_": "torchtune_xgb.models.chatml.chatml_tokenizer",
+        "path": str(model_dir / "tokenizer.json"),
+        "max_seq_len": 64,
+    }
+    data = {"data_dir": str(root / "data"), "n_train": 64, "n_eval": 8}
+    cfg["dataset"] = {"_component_": "torchtune_xgb.data.arithmetic_dataset", "split": "train", **data}
+    cfg["eval"] = {
+        "examples": {"_component_": "torchtune_xgb.data.load_eval_examples", "split": "eval", **data},
+        "max_new_tokens": 4,
+        "batch_size": 8,
+    }
+    cfg["boost"] = dict(cfg["boost"], steps_per_round=4, blocks_per_round=1, rewarmup_steps=1, seed=0)
+    cfg.update(batch_size=4, max_steps_per_epoch=12, epochs=1, save_every_n_steps=3, dtype="fp32")
+    cfg["optimizer"]["lr"] = 1e-2
+    cfg["lr_scheduler"]["num_warmup_steps"] = 2
+    for key, value in overrides.items():
+        cfg[key] = value
+    return cfg
+
+
+def run_recipe(cfg: Dict, cwd: Path, *extra: str, env_extra: Dict[str, str] = None) -> subprocess.CompletedProcess:
+    """``tune run xgblora_finetune --config <cfg>`` in ``cwd`` (not the repo: proves install)."""
+    cfg_path = cwd / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, PYTHONHASHSEED="0", HF_DATASETS_OFFLINE="1", **(env_extra or {}))
+    return subprocess.run(
+        [TUNE, "run", "xgblora_finetune", "--config", str(cfg_path), *extra],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=600,
+    )
+
+
+def read_metric(output_dir: Path, name: str) -> Dict[int, float]:
+    """``{step: value}`` of metric ``name`` from the DiskLogger file (last value per step wins)."""
+    values: Dict[int, float] = {}
+    pattern = re.compile(rf"(?:^| ){re.escape(name)}:(\S+)")
+    for line in (output_dir / "logs" / "metrics.txt").read_text().splitlines():
+        if not line.startswith("Step "):
+            continue
+        step = int(line.split()[1])
+        match = pattern.search(line.split("|", 1)[1])
+        if match:
+            values[step] = float(match.group(1))
+    return values
+
+
+def losses(output_dir: Path) -> List[float]:
+    per_step = read_metric(output_dir, "loss")
+    return [per_step[s] for s in sorted(per_step)]

@@ -1,0 +1,95 @@
+"""XGBLoRA adapter: torchtune's ``LoRALinear`` plus a per-round gate.
+
+XGBLoRA trains a fresh rank-r adapter on a random subset of blocks each round. The modules of
+the other blocks keep their structure (so ``torch.compile`` and FSDP see the same module tree
+every round) but are *gated off*: their adapter path is skipped entirely, which means it adds
+nothing to the output and its parameters receive no gradient (``.grad`` stays ``None``, so
+optimizers skip them and weight decay does not shrink them).
+
+The module stays a ``LoRALinear`` (``lora_a``/``lora_b`` names, same state-dict keys) because it
+really is one: torchtune's helpers, NF4 handling and meta-device init keep working. The stock
+``lora_*`` model builders create ``LoRALinear`` modules; :func:`convert_to_xgblora` re-classes
+them in place, so no builder is copied.
+"""
+
+import math
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchao.dtypes.nf4tensor import linear_nf4
+from torchtune.modules.peft import LoRALinear
+
+
+class XGBLoRALinear(LoRALinear):
+    """A ``LoRALinear`` whose adapter can be switched off for a boosting round.
+
+    Attributes:
+        active (bool): when False the adapter path is skipped: output = base linear only.
+    """
+
+    active: bool = True
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen base linear (bf16/fp32 or NF4), without the adapter."""
+        if self._quantize_base:
+            out = linear_nf4(input=x, weight=self.weight)
+            return out + self.bias if self.use_bias else out
+        return F.linear(x, self.weight, self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.active or self.disabled:
+            return self.base_forward(x)
+        return super().forward(x)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update this adapter adds to the weight, ``(alpha/r)·B·A``, in fp32 (out×in).
+
+        This is the one definition of the method's update: merging, export and the tests use it.
+        """
+        b = self.lora_b.weight.detach().float()
+        a = self.lora_a.weight.detach().float()
+        return self.scale * (b @ a)
+
+    @torch.no_grad()
+    def reset_adapter(self, generator: Optional[torch.Generator] = None) -> None:
+        """Fresh adapter for a new round: A ~ Kaiming-uniform (as torchtune's LoRA init), B = 0.
+
+        With B = 0 the module's output is unchanged. ``generator`` (a CPU generator) makes the
+        draw reproducible and identical on every rank; the values are drawn on the CPU and copied,
+        so the same seed gives the same A on any device.
+        """
+        a = self.lora_a.weight
+        # kaiming_uniform_(a=sqrt(5)) as in torchtune/nn.Linear: bound = 1/sqrt(fan_in)
+        bound = 1.0 / math.sqrt(a.shape[1])
+        fresh = torch.empty(a.shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
+        a.copy_(fresh.to(device=a.device, dtype=a.dtype))
+        self.lora_b.weight.zero_()
+
+
+def convert_to_xgblora(model: nn.Module) -> Dict[str, XGBLoRALinear]:
+    """Re-class every ``LoRALinear`` in ``model`` as :class:`XGBLoRALinear`, in place.
+
+    Returns the converted modules by their qualified name. Raises ValueError if the model has no
+    ``LoRALinear`` (for example a non-LoRA builder was configured) or uses DoRA.
+    """
+    converted: Dict[str, XGBLoRALinear] = {}
+    for name, module in model.named_modules():
+        if type(module) is LoRALinear:
+            module.__class__ = XGBLoRALinear
+            module.active = True
+        if isinstance(module, XGBLoRALinear):
+            converted[name] = module
+        elif type(module).__name__ == "DoRALinear":
+            raise ValueError("model.use_dora: XGBLoRA merges plain LoRA updates; DoRA is not supported")
+    if not converted:
+        raise ValueError(
+            "model._component_: the model has no LoRALinear modules; use a torchtune `lora_*` "
+            "builder (e.g. torchtune.models.llama3_2.lora_llama3_2_1b) with lora_attn_modules set"
+        )
+    return converted

@@ -1,0 +1,82 @@
+"""``tune-xgb``: what ``tune ls`` / ``tune cp`` cannot do for a plugin, plus model preparation.
+
+    tune-xgb ls                                   recipes and packaged configs
+    tune-xgb cp NAME DEST                         copy a packaged config to edit it
+    tune-xgb prepare smollm2-135m-instruct [--output DIR] [--force]
+"""
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from torchtune_xgb.config_names import RECIPES, packaged_configs
+
+
+def _ls(_: argparse.Namespace) -> int:
+    configs = packaged_configs()
+    width = max(len(n) for n in RECIPES)
+    print(f"{'RECIPE':<{width}}  CONFIG")
+    for recipe in RECIPES:
+        for i, name in enumerate(sorted(configs)):
+            print(f"{recipe if i == 0 else '':<{width}}  {name}")
+    return 0
+
+
+def _cp(args: argparse.Namespace) -> int:
+    configs = packaged_configs()
+    name = args.name[:-5] if args.name.endswith(".yaml") else args.name
+    if name not in configs:
+        print(f"error: unknown config {args.name!r}; known: {', '.join(sorted(configs))}", file=sys.stderr)
+        return 2
+    dest = Path(args.dest)
+    if dest.is_dir():
+        dest = dest / f"{name}.yaml"
+    elif dest.suffix == "":
+        dest = dest.with_suffix(".yaml")
+    if dest.exists() and not args.force:
+        print(f"error: {dest} exists (use --force to overwrite)", file=sys.stderr)
+        return 2
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(configs[name], dest)
+    print(f"Copied {name} to {dest}")
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from torchtune_xgb.prepare import prepare_model
+
+    try:
+        path = prepare_model(args.name, args.output, force=args.force)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tune-xgb", description="torchtune_xgb helpers")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("ls", help="list recipes and packaged configs").set_defaults(func=_ls)
+    cp = sub.add_parser("cp", help="copy a packaged config")
+    cp.add_argument("name")
+    cp.add_argument("dest")
+    cp.add_argument("--force", action="store_true")
+    cp.set_defaults(func=_cp)
+    prep = sub.add_parser("prepare", help="convert a packaged model to an HF-format directory")
+    prep.add_argument("name")
+    prep.add_argument("--output", type=Path, default=None)
+    prep.add_argument("--force", action="store_true")
+    prep.set_defaults(func=_prepare)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

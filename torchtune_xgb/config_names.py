@@ -1,0 +1,48 @@
+"""Packaged config names: ``--config smollm2_135m_xgblora`` works like a torchtune config name.
+
+torchtune resolves names only for its own recipes (and would swap in its own file if one of our
+names equalled one of its configs, so none does); for a plugin the string is a path. We resolve
+our names before torchtune's parser sees the argument.
+"""
+
+from importlib import resources
+from pathlib import Path
+from typing import Dict, List
+
+RECIPES = {
+    "xgblora_finetune": "XGBLoRA / LoRA-XS fine-tuning; one device, or FSDP2 under --nproc_per_node",
+}
+
+
+def packaged_configs() -> Dict[str, Path]:
+    """Config name → path of every YAML shipped in ``torchtune_xgb.configs``."""
+    root = resources.files("torchtune_xgb.configs")
+    return {
+        Path(entry.name).stem: Path(str(entry))
+        for entry in root.iterdir()
+        if entry.name.endswith(".yaml")
+    }
+
+
+def resolve_config(value: str) -> str:
+    """A path that exists is kept; a packaged name (with or without .yaml) becomes its path."""
+    if Path(value).expanduser().exists():
+        return value
+    configs = packaged_configs()
+    name = value[:-5] if value.endswith(".yaml") else value
+    if name in configs:
+        return str(configs[name])
+    raise FileNotFoundError(
+        f"--config: {value!r} is neither a file nor a packaged config ({', '.join(sorted(configs))})"
+    )
+
+
+def resolve_config_arg(argv: List[str]) -> List[str]:
+    """Return ``argv`` with the value of ``--config`` (or ``--config=``) resolved."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--config" and i + 1 < len(out):
+            out[i + 1] = resolve_config(out[i + 1])
+        elif arg.startswith("--config="):
+            out[i] = "--config=" + resolve_config(arg.split("=", 1)[1])
+    return out

@@ -1,0 +1,15 @@
+"""Datasets for the plugin's example tasks (usable as torchtune ``_component_`` builders)."""
+
+from torchtune_xgb.data.arithmetic import (
+    arithmetic_dataset,
+    load_eval_examples,
+    make_arithmetic_examples,
+    write_arithmetic_dataset,
+)
+
+__all__ = [
+    "arithmetic_dataset",
+    "load_eval_examples",
+    "make_arithmetic_examples",
+    "write_arithmetic_dataset",
+]

@@ -1,0 +1,38 @@
+"""Export: fold the exact merged state into plain weights, once, as a pure state-dict transform.
+
+Training keeps S = W0 + L per adapted module (see merged_state.py). Export adds whatever the
+live adapters still hold (a partial round), sums in fp32, and casts to the checkpoint dtype
+once. The result has the plain model's keys only, so torchtune's ``generate`` (or any HF tool,
+after the checkpointer's conversion) loads it into the non-LoRA model class.
+"""
+
+from typing import Dict, Mapping
+
+import torch
+
+ADAPTER_KEY_MARKERS = ("lora_a", "lora_b", "lora_magnitude", "magnitude")
+
+
+def fold_merged_weights(
+    model_state_dict: Mapping[str, torch.Tensor],
+    merged_weights: Mapping[str, torch.Tensor],
+    dtype: torch.dtype,
+) -> Dict[str, torch.Tensor]:
+    """Return a plain state dict (CPU tensors, adapter keys removed).
+
+    Args:
+        model_state_dict: the training model's state dict (with ``lora_*`` keys).
+        merged_weights: module name → full-precision merged weight (out×in), e.g. W0 + L + B·A.
+        dtype: dtype of the written weights (the checkpoint dtype).
+    """
+    out: Dict[str, torch.Tensor] = {}
+    for key, value in model_state_dict.items():
+        if any(marker in key for marker in ADAPTER_KEY_MARKERS):
+            continue
+        out[key] = value.detach().cpu()
+    for module_name, weight in merged_weights.items():
+        key = f"{module_name}.weight"
+        if key not in out:
+            raise KeyError(f"merged weight for {module_name} has no '{key}' in the model state dict")
+        out[key] = weight.detach().to(device="cpu", dtype=dtype)
+    return out

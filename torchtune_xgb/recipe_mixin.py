@@ -1,0 +1,315 @@
+"""What the XGBLoRA recipes add to torchtune's LoRA recipes; shared by single-device and FSDP2.
+
+Mixed in front of torchtune's recipe class (loaded by path, see torchtune_recipes.py):
+
+- ``__init__``: validates the config before anything loads; takes resume away from torchtune
+  (its epoch-granular resume reloads the base plus one adapter, wrong once rounds are merged);
+- ``_setup_model``: after torchtune built the LoRA model and loaded the base, hands it to the
+  :class:`~torchtune_xgb.boosting.Booster` (re-classes adapters, snapshots W0);
+- ``_setup_lr_scheduler``: wraps the configured schedule with per-round restarts;
+- ``train``: torchtune's loop structure (token-normalised gradient accumulation, clipping,
+  profiler, metric logger) plus the round hook, a progress bar that shows the round, mid-run
+  checkpoints every ``save_every_n_steps`` and exact mid-epoch resume;
+- ``save_checkpoint``: exports the folded merged model in the checkpointer's format.
+
+Subclasses for other launch modes override the small hooks ``_scale_grads``,
+``_is_main_process``, ``_model_state_dict`` and ``_merged_weights``.
+"""
+
+import json
+import os
+import signal
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torchtune import config, training, utils
+from tqdm import tqdm
+
+from torchtune_xgb.boosting import Booster, RoundReport
+from torchtune_xgb.checkpointing import load_resume_state, save_resume_state
+from torchtune_xgb.errors import ConfigError
+from torchtune_xgb.export import fold_merged_weights
+from torchtune_xgb.schedules import apply_round_restarts, set_scheduler_step
+from torchtune_xgb.validation import validate_config
+
+log = utils.get_logger("INFO")
+
+SUMMARY_FILE = "xgb_summary.json"
+# Fault injection for the resume tests: SIGKILL this process right after the given step.
+KILL_AT_STEP_ENV = "TORCHTUNE_XGB_KILL_AT_STEP"
+
+
+class BoostedRecipeMixin:
+    """Boosting on top of a torchtune LoRA recipe class (put this first in the bases)."""
+
+    method = "xgblora"
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self._boost = validate_config(cfg)
+        self._resume_boosted = bool(cfg.get("resume_from_checkpoint", False))
+        cfg.resume_from_checkpoint = False  # ours, see module docstring
+        super().__init__(cfg)
+        self._save_every = cfg.get("save_every_n_steps")
+        self._eval_cfg = cfg.get("eval")
+        self._summary: Dict[str, Any] = {}
+        self._wall_before_resume = 0.0
+        self._last_loss: Optional[float] = None
+
+    # --- hooks that launch modes override -------------------------------------------------
+    def _is_main_process(self) -> bool:
+        return True
+
+    def _scale_grads(self, num_tokens: torch.Tensor) -> None:
+        training.scale_grads(self._model, 1 / num_tokens)
+
+    def _model_state_dict(self) -> Dict[str, torch.Tensor]:
+        return {k: v.cpu() for k, v in self._model.state_dict().items()}
+
+    def _merged_weights(self) -> Dict[str, torch.Tensor]:
+        return self._booster.merged_weights()
+
+    # --- setup ----------------------------------------------------------------------------
+    def setup(self, cfg: DictConfig) -> None:
+        super().setup(cfg)
+        if self._steps_per_epoch < 1:
+            raise ConfigError("dataset: fewer batches than batch_size × gradient_accumulation_steps")
+        self._booster.attach(self._optimizer)
+        self._eval_examples = None
+        if self._eval_cfg is not None:
+            self._eval_examples = config.instantiate(self._eval_cfg.examples)
+        if self._resume_boosted:
+            self._load_resume()
+        elif self._eval_examples is not None:
+            self._summary["exact_match_before"] = self._exact_match()
+            log.info(f"exact match before training: {self._summary['exact_match_before']:.3f}")
+        self._log_boost_setup()
+
+    def _setup_model(self, *args, **kwargs):
+        model = super()._setup_model(*args, **kwargs)
+        self._booster = Booster(model, self._boost)
+        return model
+
+    def _setup_lr_scheduler(self, cfg_lr_scheduler: DictConfig, num_training_steps: int, last_epoch: int):
+        scheduler = super()._setup_lr_scheduler(cfg_lr_scheduler, num_training_steps, last_epoch)
+        per_round = None
+        if self._boost.lr_restart == "per_round":
+            # only its lambdas are used; a dummy optimizer keeps the real LRs untouched
+            dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+            per_round = config.instantiate(
+                cfg_lr_scheduler, dummy, num_training_steps=self._boost.steps_per_round, last_epoch=-1
+            )
+        return apply_round_restarts(scheduler, self._boost, per_round)
+
+    def _log_boost_setup(self) -> None:
+        b = self._booster
+        log.info(
+            f"XGBLoRA: {len(b.modules)} adapted modules in {b.num_blocks} blocks, "
+            f"{b.blocks_per_round} blocks/round, κ={self._boost.steps_per_round}, "
+            f"{b.trainable_params()} trainable params/step, rank {self._lora_rank}"
+        )
+
+    # --- evaluation -----------------------------------------------------------------------
+    def _exact_match(self) -> float:
+        from torchtune_xgb.evaluation import exact_match
+
+        return exact_match(
+            self._model,
+            self._tokenizer,
+            self._eval_examples,
+            max_new_tokens=self._eval_cfg.get("max_new_tokens", 8),
+            batch_size=self._eval_cfg.get("batch_size", 16),
+            device=self._device,
+        )
+
+    # --- resume ---------------------------------------------------------------------------
+    def _resume_state(self) -> Dict[str, Any]:
+        return {
+            "booster": self._booster.state_dict(),
+            "optimizer": self._optimizer.state_dict(),
+            "global_step": self.global_step,
+            "seed": self.seed,
+            "boost": asdict(self._boost),
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "summary": dict(self._summary),
+            "wall_seconds": self._wall_seconds(),
+            "last_loss": self._last_loss,
+        }
+
+    def _load_resume(self) -> None:
+        state = load_resume_state(self._output_dir)
+        for key in ("steps_per_round", "seed", "blocks_per_round", "merge_rate"):
+            if state["boost"][key] != getattr(self._boost, key):
+                raise ConfigError(
+                    f"boost.{key}: {getattr(self._boost, key)!r} differs from the checkpoint's "
+                    f"{state['boost'][key]!r}; an exact resume needs the same value"
+                )
+        self._booster.load_state_dict(state["booster"])
+        self._optimizer.load_state_dict(state["optimizer"])
+        self.global_step = int(state["global_step"])
+        self.epochs_run = self.global_step // self._steps_per_epoch
+        set_scheduler_step(self._lr_scheduler, self.global_step)
+        torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self._summary = dict(state["summary"])
+        self._wall_before_resume = float(state["wall_seconds"])
+        self._last_loss = state.get("last_loss")
+        log.info(f"Resumed at step {self.global_step} (round {self._booster.round}).")
+
+    def _save_resume(self) -> None:
+        state = self._resume_state()
+        if self._is_main_process():
+            path = save_resume_state(self._output_dir, self.global_step, state)
+            log.info(f"Saved resume checkpoint {path}")
+
+    # --- export ---------------------------------------------------------------------------
+    def save_checkpoint(self, epoch: int) -> None:
+        """Write the merged full model to ``output_dir/epoch_{epoch}`` via the checkpointer."""
+        merged = self._merged_weights()
+        model_sd = self._model_state_dict()
+        if not self._is_main_process():
+            return
+        state_dict = fold_merged_weights(model_sd, merged, dtype=self._dtype)
+        self._checkpointer.save_checkpoint(
+            {training.MODEL_KEY: state_dict}, epoch=epoch, intermediate_checkpoint=False, adapter_only=False
+        )
+
+    # --- training loop --------------------------------------------------------------------
+    def _wall_seconds(self) -> float:
+        return self._wall_before_resume + (time.perf_counter() - self._train_start)
+
+    def _train_step(self, batches) -> Dict[str, Any]:
+        running_loss, num_tokens = 0.0, 0
+        for _ in range(self._gradient_accumulation_steps):
+            batch = next(batches)
+            utils.batch_to_device(batch, self._device)
+            current_num_tokens = (batch["labels"] != self._loss_fn.ignore_index).sum()
+            num_tokens += current_num_tokens
+            # loss is a token mean: weight by tokens so accumulation normalises over all of them
+            current_loss = self._loss_step(batch) * current_num_tokens
+            running_loss += current_loss
+            current_loss.backward()
+        self._scale_grads(num_tokens)
+        grad_norm = None
+        if self._clip_grad_norm is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self._model.parameters(), max_norm=float(self._clip_grad_norm))
+        lr = self._optimizer.param_groups[0]["lr"]
+        round_index = self._booster.round
+        trainable = self._booster.trainable_params()
+        self._optimizer.step()
+        self._optimizer.zero_grad(set_to_none=True)
+        report = self._booster.after_optimizer_step()
+        self._lr_scheduler.step()
+        self.global_step += 1
+        return {
+            "loss": running_loss.item() / num_tokens.item(),
+            "lr": lr,
+            "num_tokens": int(num_tokens),
+            "round": round_index,
+            "trainable_params": trainable,
+            "grad_norm": grad_norm,
+            "report": report,
+        }
+
+    def _log_round(self, report: RoundReport) -> None:
+        self._metric_logger.log_dict(
+            {
+                "round": report.round,
+                "merge_seconds": report.merge_seconds,
+                "reset_seconds": report.reset_seconds,
+                "kept_fraction": report.kept_fraction,
+                "trainable_params": report.trainable_params,
+                "merged_modules": report.merged_modules,
+            },
+            step=self.global_step,
+        )
+
+    def train(self) -> None:
+        self._train_start = time.perf_counter()
+        total_steps = self.total_epochs * self._steps_per_epoch
+        pbar = tqdm(total=total_steps, initial=self.global_step, disable=not self._is_main_process())
+        sampler = self._dataloader.sampler
+        samples_per_step = self._gradient_accumulation_steps * self._dataloader.batch_size
+        t0 = time.perf_counter()
+        with self._profiler as prof:
+            for epoch in range(self.epochs_run, self.total_epochs):
+                done = self.global_step - epoch * self._steps_per_epoch
+                sampler.set_epoch(epoch)
+                if done:  # mid-epoch resume: continue after the samples already trained on
+                    sampler.load_state_dict({"yielded": done * samples_per_step})
+                batches = iter(self._dataloader)
+                for _ in range(done, self._steps_per_epoch):
+                    out = self._train_step(batches)
+                    self._last_loss = out["loss"]
+                    pbar.update(1)
+                    pbar.set_description(f"round {out['round']}|step {self.global_step}|loss {out['loss']:.4f}")
+                    if self.global_step % self._log_every_n_steps == 0:
+                        seconds = time.perf_counter() - t0
+                        log_dict = {
+                            "loss": out["loss"],
+                            "lr": out["lr"],
+                            "tokens_per_second_per_gpu": out["num_tokens"] / seconds,
+                            "round": out["round"],
+                            "trainable_params": out["trainable_params"],
+                        }
+                        if out["grad_norm"] is not None:
+                            log_dict["grad_norm"] = float(out["grad_norm"])
+                        if self._device.type == "cuda" and self._log_peak_memory_stats:
+                            log_dict.update(training.get_memory_stats(device=self._device))
+                        self._metric_logger.log_dict(log_dict, step=self.global_step)
+                    if out["report"] is not None:
+                        self._log_round(out["report"])
+                    if self._save_every and self.global_step % self._save_every == 0:
+                        self._save_resume()
+                    if os.environ.get(KILL_AT_STEP_ENV) == str(self.global_step):
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    prof.step()
+                    t0 = time.perf_counter()
+                self.epochs_run += 1
+                if self.epochs_run == self.total_epochs:
+                    final = self._booster.finish()
+                    if final is not None:
+                        self._log_round(final)
+                self.save_checkpoint(epoch=epoch)
+        pbar.close()
+        self._finish()
+
+    # --- end of run -----------------------------------------------------------------------
+    def _finish(self) -> None:
+        if self._eval_examples is not None:
+            self._summary["exact_match_after"] = self._exact_match()
+            log.info(
+                f"exact match: before {self._summary.get('exact_match_before', float('nan')):.3f}, "
+                f"after {self._summary['exact_match_after']:.3f}"
+            )
+        if self._is_main_process():
+            summary = self.summary()
+            path = Path(self._output_dir) / SUMMARY_FILE
+            path.write_text(json.dumps(summary, indent=2))
+            log.info(f"Wrote {path}")
+
+    def summary(self) -> Dict[str, Any]:
+        """The run summary written to ``output_dir/xgb_summary.json`` (keys are stable)."""
+        reports = self._booster.reports
+        kept = [r.kept_fraction for r in reports if r.merged_modules]
+        summary = {
+            "method": self.method,
+            "rounds": len(reports),
+            "steps": self.global_step,
+            "trainable_params": max((r.trainable_params for r in reports), default=self._booster.trainable_params()),
+            "distinct_params_touched": self._booster.distinct_params_touched(),
+            "wall_seconds": self._wall_seconds(),
+            "merge_seconds": sum(r.merge_seconds + r.reset_seconds for r in reports),
+            "min_kept_fraction": min(kept) if kept else None,
+            "final_loss": self._last_loss,
+            "lora_rank": self._lora_rank,
+            "boost": asdict(self._boost),
+            "round_reports": [asdict(r) for r in reports],
+        }
+        summary.update(self._summary)
+        return summary

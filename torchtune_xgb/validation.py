@@ -1,0 +1,99 @@
+"""Config checks that run before any weights load; each failure is one line naming the key."""
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torchtune import config as tt_config
+from torchtune.modules.peft import LoRALinear
+
+from torchtune_xgb.boost_config import BoostConfig
+from torchtune_xgb.checkpointing import latest_resume_dir
+from torchtune_xgb.errors import ConfigError
+
+ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "output_proj")
+DTYPES = ("fp32", "bf16")
+
+
+def _positive_int(cfg: DictConfig, key: str, optional: bool = False) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value is None and optional:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{key}: must be an integer ≥ 1, got {value!r}")
+
+
+def _existing(path: Any, key: str, kind: str = "file") -> Path:
+    if path is None:
+        raise ConfigError(f"{key}: missing")
+    p = Path(str(path)).expanduser()
+    ok = p.is_dir() if kind == "dir" else p.is_file()
+    if not ok:
+        raise ConfigError(f"{key}: {kind} not found: {p}")
+    return p
+
+
+def validate_config(cfg: DictConfig) -> BoostConfig:
+    """Check ``cfg`` for the XGBLoRA recipe; return the parsed ``boost`` block.
+
+    Raises ConfigError (one line, starting with the config key) on the first problem. Builds the
+    model on the meta device to check its adapters and block count; loads no weights.
+    """
+    boost = BoostConfig.from_mapping(OmegaConf.to_container(cfg.get("boost") or {}, resolve=True))
+    for key in ("output_dir", "model", "checkpointer", "tokenizer", "optimizer", "lr_scheduler", "dataset"):
+        if OmegaConf.select(cfg, key) is None:
+            raise ConfigError(f"{key}: missing")
+    if cfg.get("dtype") not in DTYPES:
+        raise ConfigError(f"dtype: must be one of {DTYPES}, got {cfg.get('dtype')!r}")
+    for key in ("epochs", "batch_size", "gradient_accumulation_steps"):
+        _positive_int(cfg, key)
+    for key in ("max_steps_per_epoch", "save_every_n_steps", "log_every_n_steps"):
+        _positive_int(cfg, key, optional=True)
+
+    model = cfg.model
+    rank = model.get("lora_rank")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise ConfigError(f"model.lora_rank: must be an integer ≥ 1, got {rank!r}")
+    alpha = model.get("lora_alpha")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
+        raise ConfigError(f"model.lora_alpha: must be a number > 0, got {alpha!r}")
+    targets = model.get("lora_attn_modules")
+    if not isinstance(targets, (list, ListConfig)):
+        raise ConfigError(f"model.lora_attn_modules: must be a list, got {targets!r}")
+    for target in targets:
+        if target not in ATTN_MODULES:
+            raise ConfigError(f"model.lora_attn_modules: unknown target module {target!r} (known: {', '.join(ATTN_MODULES)})")
+    if not targets and not model.get("apply_lora_to_mlp") and not model.get("apply_lora_to_output"):
+        raise ConfigError("model.lora_attn_modules: empty and apply_lora_to_mlp is False: nothing to adapt")
+    if model.get("quantize_base"):
+        raise ConfigError("model.quantize_base: NF4 bases are not supported by this version yet; set it to False")
+    if model.get("use_dora"):
+        raise ConfigError("model.use_dora: XGBLoRA merges plain LoRA updates; DoRA is not supported")
+
+    ckpt = cfg.checkpointer
+    ckpt_dir = _existing(ckpt.get("checkpoint_dir"), "checkpointer.checkpoint_dir", "dir")
+    files = ckpt.get("checkpoint_files")
+    if isinstance(files, (list, ListConfig)):
+        for name in files:
+            _existing(ckpt_dir / str(name), "checkpointer.checkpoint_files")
+    tok_path = cfg.tokenizer.get("path")
+    if tok_path is not None:
+        _existing(tok_path, "tokenizer.path")
+    if cfg.get("resume_from_checkpoint") and latest_resume_dir(cfg.output_dir) is None:
+        raise ConfigError(f"resume_from_checkpoint: no checkpoint under {Path(cfg.output_dir) / 'xgb_resume'}")
+
+    # Build on the meta device: no memory, no weights, but the real module tree.
+    try:
+        with torch.device("meta"):
+            meta_model = tt_config.instantiate(model)
+    except Exception as err:  # a builder rejecting its arguments
+        raise ConfigError(f"model: could not build {model.get('_component_')}: {err}".replace("\n", " ")) from err
+    if not any(isinstance(m, LoRALinear) for m in meta_model.modules()):
+        raise ConfigError(
+            f"model._component_: {model.get('_component_')} has no LoRALinear modules; use a torchtune lora_* builder"
+        )
+    num_blocks = len(getattr(meta_model, "layers", []))
+    if num_blocks:
+        boost.blocks_per_round_count(num_blocks)
+    return boost
