@@ -80,6 +80,31 @@ def tiny_config(root: Path, output_dir: Path, **overrides) -> Dict:
     return cfg
 
 
+def loraxs_overrides(boosted: bool) -> Dict:
+    """Config changes that turn the tiny XGBLoRA config into (boosted) LoRA-XS, rank 4."""
+    over = {"adapter": {"method": "loraxs", "sigma": "input", "init": "normal", "svd": {"method": "exact"}}}
+    if not boosted:
+        over["boost"] = None  # no boosting: one round, exported as a PEFT LoRA too
+    return over
+
+
+def tiny_loraxs_config(root: Path, output_dir: Path, boosted: bool) -> Dict:
+    cfg = tiny_config(root, output_dir, **loraxs_overrides(boosted))
+    cfg["model"].update(lora_rank=4, lora_alpha=4.0)
+    if cfg["boost"] is None:
+        del cfg["boost"]
+    else:
+        cfg["boost"]["basis"] = "rotate"
+    return cfg
+
+
+# name → config builder of each golden end-to-end run (tests/golden/make_golden.py records them)
+GOLDEN_RUNS = {
+    "xgblora": lambda root, out: tiny_config(root, out),
+    "xgblora_xs": lambda root, out: tiny_loraxs_config(root, out, boosted=True),
+}
+
+
 def run_recipe(cfg: Dict, cwd: Path, *extra: str, env_extra: Dict[str, str] = None) -> subprocess.CompletedProcess:
     """``tune run xgblora_finetune --config <cfg>`` in ``cwd`` (not the repo: proves install)."""
     cfg_path = cwd / "config.yaml"

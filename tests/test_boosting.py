@@ -38,7 +38,7 @@ def model_without_adapters(model, tokens):
 @pytest.mark.parametrize("rank", [1, 4])
 def test_merge_leaves_function_unchanged(dtype, rel_tol, rank):
     model = tiny_lora(rank=rank, alpha=2.0 * rank, targets=("q_proj", "k_proj", "v_proj", "output_proj"), mlp=True, dtype=dtype)
-    booster = Booster(model, BoostConfig(steps_per_round=1, blocks_per_round="all"))
+    booster = Booster(model, BoostConfig(steps_per_round=1, blocks_per_round="all")).start()
     perturb_adapters(booster)
     # reference merge by hand, from the weights as they are now
     expected = {
@@ -68,7 +68,7 @@ def test_reinit_resets_only_reinitialised_optimizer_state():
     model = tiny_lora(rank=1, targets=("q_proj", "v_proj"), num_layers=4)
     norm = model.norm.scale
     norm.requires_grad_(True)  # a non-adapter trainable parameter whose state must survive
-    booster = Booster(model, BoostConfig(steps_per_round=1, blocks_per_round=2, seed=3))
+    booster = Booster(model, BoostConfig(steps_per_round=1, blocks_per_round=2, seed=3)).start()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     booster.attach(opt)
     perturb_adapters(booster)
@@ -95,7 +95,7 @@ def test_reinit_resets_only_reinitialised_optimizer_state():
 
 def test_optimizer_reset_none_keeps_state():
     model = tiny_lora(rank=1)
-    booster = Booster(model, BoostConfig(steps_per_round=1, optimizer_reset="none"))
+    booster = Booster(model, BoostConfig(steps_per_round=1, optimizer_reset="none")).start()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     booster.attach(opt)
     perturb_adapters(booster)
@@ -108,7 +108,7 @@ def test_optimizer_reset_none_keeps_state():
 
 def test_unselected_blocks_get_no_gradient():
     model = tiny_lora(rank=1, targets=("q_proj", "v_proj"), mlp=True, num_layers=4)
-    booster = Booster(model, BoostConfig(steps_per_round=5, blocks_per_round=2, seed=11))
+    booster = Booster(model, BoostConfig(steps_per_round=5, blocks_per_round=2, seed=11)).start()
     chosen = set(booster.selected_blocks(0))
     assert len(chosen) == 2
     perturb_adapters(booster)
@@ -132,7 +132,7 @@ def test_unselected_blocks_get_no_gradient():
 def test_block_selection_reproducible_from_seed():
     def selections(seed, bpr=0.34, layers=6):
         model = tiny_lora(rank=1, num_layers=layers)
-        booster = Booster(model, BoostConfig(steps_per_round=1, blocks_per_round=bpr, seed=seed))
+        booster = Booster(model, BoostConfig(steps_per_round=1, blocks_per_round=bpr, seed=seed)).start()
         return [booster.selected_blocks(r) for r in range(20)]
 
     first, again, other = selections(0), selections(0), selections(1)
@@ -144,7 +144,7 @@ def test_block_selection_reproducible_from_seed():
 
 def test_rank_of_cumulative_update_grows_with_rounds():
     model = tiny_lora(rank=1, targets=("q_proj",), num_layers=1)
-    booster = Booster(model, BoostConfig(steps_per_round=1, blocks_per_round="all"))
+    booster = Booster(model, BoostConfig(steps_per_round=1, blocks_per_round="all")).start()
     name = "layers.0.attn.q_proj"
     w0 = booster.modules[name].weight.detach().clone()
     ranks = []
@@ -159,7 +159,7 @@ def test_rank_of_cumulative_update_grows_with_rounds():
 def test_twenty_small_rounds_on_bf16_lose_nothing():
     """Naive bf16 merging drops most of a small round; the merged state keeps it (design.md §2)."""
     model = tiny_lora(rank=1, alpha=1.0, targets=("q_proj",), num_layers=1, dtype=torch.bfloat16)
-    booster = Booster(model, BoostConfig(steps_per_round=1, blocks_per_round="all"))
+    booster = Booster(model, BoostConfig(steps_per_round=1, blocks_per_round="all")).start()
     module: XGBLoRALinear = booster.modules["layers.0.attn.q_proj"]
     w0 = module.weight.detach().clone()
     exact = w0.float().clone()
@@ -191,7 +191,7 @@ def test_twenty_small_rounds_on_bf16_lose_nothing():
 
 def test_finish_folds_partial_round_and_export_includes_live_adapter():
     model = tiny_lora(rank=2, alpha=4.0)
-    booster = Booster(model, BoostConfig(steps_per_round=10))
+    booster = Booster(model, BoostConfig(steps_per_round=10)).start()
     w0 = {n: m.weight.detach().float().clone() for n, m in booster.modules.items()}
     perturb_adapters(booster)
     live = {n: 2.0 * m.lora_b.weight.float() @ m.lora_a.weight.float() for n, m in booster.modules.items()}

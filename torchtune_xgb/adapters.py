@@ -56,6 +56,27 @@ class XGBLoRALinear(LoRALinear):
         a = self.lora_a.weight.detach().float()
         return self.scale * (b @ a)
 
+    def merge_factors(self, merge_rate: float):
+        """(u, v) with u·v = merge_rate · delta_weight(): u = η(α/r)·B (out×r), v = A (r×in)."""
+        u = (merge_rate * self.scale) * self.lora_b.weight.detach().float()
+        return u, self.lora_a.weight.detach().float()
+
+    def has_update(self) -> bool:
+        """False while B = 0 (nothing learned since the last reset)."""
+        return bool(torch.any(self.lora_b.weight.detach()))
+
+    def trainable(self):
+        """The parameters a round trains (and whose optimizer state a reset drops)."""
+        return [self.lora_a.weight, self.lora_b.weight]
+
+    def adapter_state(self) -> Dict[str, torch.Tensor]:
+        return {"lora_a": self.lora_a.weight.detach().cpu(), "lora_b": self.lora_b.weight.detach().cpu()}
+
+    @torch.no_grad()
+    def load_adapter_state(self, state: Dict[str, torch.Tensor]) -> None:
+        self.lora_a.weight.copy_(state["lora_a"])
+        self.lora_b.weight.copy_(state["lora_b"])
+
     @torch.no_grad()
     def reset_adapter(self, generator: Optional[torch.Generator] = None) -> None:
         """Fresh adapter for a new round: A ~ Kaiming-uniform (as torchtune's LoRA init), B = 0.

@@ -7,6 +7,8 @@ from torchtune_xgb.errors import ConfigError
 
 OPTIMIZER_RESETS = ("full", "none")
 LR_RESTARTS = ("jagged", "none", "per_round")
+BASES = ("rotate", "top")
+METHODS = ("xgblora", "loraxs")
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,9 @@ class BoostConfig:
     seed: seeds block selection and adapter re-initialisation (same on every rank, and a pure
         function of (seed, round), so resume is exact).
     base_device: where the exact copy of the original adapted weights is kept ("cpu" default).
+    basis: LoRA-XS only. "rotate": a module's k-th round uses singular block k of the SVD taken
+        once at the start, so the cumulative update gains rank each round; "top": the top-r SVD
+        of the current merged weight each round (paper-faithful; stays within rank r).
     """
 
     steps_per_round: int = 50
@@ -35,6 +40,7 @@ class BoostConfig:
     lr_restart: str = "jagged"
     seed: int = 0
     base_device: str = "cpu"
+    basis: str = "rotate"
 
     @classmethod
     def from_mapping(cls, block: Optional[Mapping[str, Any]]) -> "BoostConfig":
@@ -75,6 +81,8 @@ class BoostConfig:
             )
         if not _is_int(self.seed):
             raise ConfigError(f"boost.seed: must be an integer, got {self.seed!r}")
+        if self.basis not in BASES:
+            raise ConfigError(f"boost.basis: must be one of {BASES}, got {self.basis!r}")
 
     def blocks_per_round_count(self, num_blocks: int) -> int:
         """Resolve ``blocks_per_round`` against the model's number of blocks."""
@@ -90,3 +98,56 @@ class BoostConfig:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """The YAML ``adapter:`` block: which method the rounds train.
+
+    method: "xgblora" (rank-r LoRA, default) or "loraxs" (frozen SVD factors, trainable r×r core).
+    sigma: LoRA-XS: "input" puts Σ in A (paper), "sqrt" puts √Σ on each side.
+    init: LoRA-XS core init, "normal" (N(0, 1e-5²), paper) or "zeros".
+    svd: LoRA-XS: {method: exact | randomized, niter, oversample}.
+    rank, alpha: optional; they must equal model.lora_rank / model.lora_alpha, the one source.
+    """
+
+    method: str = "xgblora"
+    sigma: str = "input"
+    init: str = "normal"
+    svd: Optional[Mapping[str, Any]] = None
+    rank: Optional[int] = None
+    alpha: Optional[float] = None
+
+    @classmethod
+    def from_mapping(cls, block: Optional[Mapping[str, Any]]) -> "AdapterConfig":
+        block = dict(block or {})
+        known = {f.name for f in fields(cls)}
+        for key in block:
+            if key not in known:
+                raise ConfigError(f"adapter.{key}: unknown key (known: {', '.join(sorted(known))})")
+        cfg = cls(**block)
+        cfg.validate()
+        return cfg
+
+    def svd_config(self):
+        from torchtune_xgb.loraxs import SVDConfig
+
+        svd = dict(self.svd or {})
+        known = {f.name for f in fields(SVDConfig)}
+        for key in svd:
+            if key not in known:
+                raise ConfigError(f"adapter.svd.{key}: unknown key (known: {', '.join(sorted(known))})")
+        cfg = SVDConfig(**svd)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        from torchtune_xgb.loraxs import INITS, SIGMAS
+
+        if self.method not in METHODS:
+            raise ConfigError(f"adapter.method: must be one of {METHODS}, got {self.method!r}")
+        if self.sigma not in SIGMAS:
+            raise ConfigError(f"adapter.sigma: must be one of {SIGMAS}, got {self.sigma!r}")
+        if self.init not in INITS:
+            raise ConfigError(f"adapter.init: must be one of {INITS}, got {self.init!r}")
+        self.svd_config()

@@ -8,6 +8,7 @@ rank draws the same and a resumed run continues exactly.
 """
 
 import hashlib
+import math
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -15,10 +16,14 @@ from typing import Dict, List, Optional
 
 import torch
 from torch import nn
+from torchtune import utils
 
-from torchtune_xgb.adapters import XGBLoRALinear, convert_to_xgblora
-from torchtune_xgb.boost_config import BoostConfig
+from torchtune_xgb.adapters import convert_to_xgblora
+from torchtune_xgb.boost_config import AdapterConfig, BoostConfig
+from torchtune_xgb.loraxs import convert_to_loraxs, svd_all, truncated_svd
 from torchtune_xgb.merged_state import MergedState
+
+log = utils.get_logger("INFO")
 
 _BLOCK_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -60,19 +65,26 @@ class RoundReport:
 
 
 class Booster:
-    """Runs the rounds on a model whose LoRA modules it converts to :class:`XGBLoRALinear`.
+    """Runs the rounds on a model whose LoRA modules it converts to the configured adapter.
 
     Args:
         model: a torchtune model built by a ``lora_*`` builder, with the base weights loaded.
         config: the parsed ``boost:`` block.
+        adapter: the parsed ``adapter:`` block (XGBLoRA by default, or LoRA-XS).
 
-    Call :meth:`attach` with the optimizer once it exists, then :meth:`after_optimizer_step`
-    after every optimizer step; it returns a :class:`RoundReport` when a round ended.
+    The constructor converts the modules (XGBLoRALinear in place, or LoRAXSLinear replacing
+    them) and snapshots W0; nothing is trained yet. Then call :meth:`start` once (fresh, or with
+    a saved :meth:`state_dict` to resume), and :meth:`after_optimizer_step` after every
+    optimizer step; it returns a :class:`RoundReport` when a round ended.
     """
 
-    def __init__(self, model: nn.Module, config: BoostConfig):
+    def __init__(self, model: nn.Module, config: BoostConfig, adapter: Optional[AdapterConfig] = None):
         self.config = config
-        self.modules: Dict[str, XGBLoRALinear] = convert_to_xgblora(model)
+        self.adapter = adapter or AdapterConfig()
+        if self.adapter.method == "loraxs":
+            self.modules = convert_to_loraxs(model, self.adapter.sigma, self.adapter.init)
+        else:
+            self.modules = convert_to_xgblora(model)
         self.block_of = {name: block_index(name) for name in self.modules}
         blocks = {b for b in self.block_of.values() if b is not None}
         self.num_blocks = (max(blocks) + 1) if blocks else 0
@@ -81,9 +93,38 @@ class Booster:
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.step = 0
         self.reports: List[RoundReport] = []
-        for module in self.modules.values():
-            module.reset_adapter(seeded_generator(config.seed, "init", 0))
+        self.rounds_trained = {name: 0 for name in self.modules}  # LoRA-XS: next singular block
+        self.svd_factors: Dict[str, tuple] = {}  # LoRA-XS "rotate": the one SVD, CPU fp32
+        self.svd_seconds = 0.0
+        self._wrapped_warned = False
+
+    @property
+    def is_loraxs(self) -> bool:
+        return self.adapter.method == "loraxs"
+
+    def start(self, total_steps: Optional[int] = None, state: Optional[dict] = None) -> "Booster":
+        """Begin round 0, or restore a saved run exactly (the SVD is then loaded, not recomputed).
+
+        ``total_steps`` bounds how many rounds a module can train, i.e. how many singular blocks
+        the LoRA-XS "rotate" basis needs (None: the whole spectrum).
+        """
+        if state is not None:
+            self.load_state_dict(state)
+            return self
+        if self.is_loraxs and self.config.basis == "rotate":
+            max_rounds = math.ceil(total_steps / self.config.steps_per_round) if total_steps else None
+            blocks = {}
+            for name, m in self.modules.items():
+                available = min(m.weight.shape) // m.rank
+                if available < 1:
+                    raise ValueError(f"model.lora_rank: {m.rank} exceeds min(out, in) of {name}")
+                blocks[name] = available if max_rounds is None else min(max_rounds, available)
+            self.svd_factors, self.svd_seconds = svd_all(self.modules, max(blocks.values()), self.adapter.svd_config())
+            log.info(f"LoRA-XS: SVD of {len(self.modules)} modules in {self.svd_seconds:.2f} s")
+        for name, module in self.modules.items():
+            module.reset_adapter(seeded_generator(self.config.seed, f"init:{name}", 0))
         self._activate(0)
+        return self
 
     # --- round structure ---------------------------------------------------------------
     @property
@@ -98,18 +139,37 @@ class Booster:
         gen = seeded_generator(self.config.seed, "select", round_index)
         return sorted(torch.randperm(self.num_blocks, generator=gen)[: self.blocks_per_round].tolist())
 
-    def active_modules(self) -> Dict[str, XGBLoRALinear]:
+    def active_modules(self) -> Dict[str, nn.Module]:
         return {n: m for n, m in self.modules.items() if m.active}
 
     def trainable_params(self) -> int:
         """Adapter parameters that are trained in the current round."""
-        return sum(p.numel() for m in self.active_modules().values() for p in (m.lora_a.weight, m.lora_b.weight))
+        return sum(p.numel() for m in self.active_modules().values() for p in m.trainable())
 
     def _activate(self, round_index: int) -> None:
         chosen = set(self.selected_blocks(round_index))
         for name, module in self.modules.items():
             block = self.block_of[name]
             module.active = block is None or block in chosen
+            if module.active and self.is_loraxs:
+                self._set_loraxs_basis(name, module)
+
+    @torch.no_grad()
+    def _set_loraxs_basis(self, name: str, module) -> None:
+        """The frozen factors for this module's next round (see BoostConfig.basis)."""
+        r = module.rank
+        if self.config.basis == "top":
+            u, s, vh = truncated_svd(self.merged.merged_weight(name), r, self.adapter.svd_config())
+        else:
+            u, s, vh = self.svd_factors[name]
+            available = u.shape[1] // r
+            k = self.rounds_trained[name]
+            if k >= available and not self._wrapped_warned:
+                log.warning(f"LoRA-XS rotate: {name} ran out of singular blocks after {available}; wrapping")
+                self._wrapped_warned = True
+            k %= available
+            u, s, vh = u[:, k * r : (k + 1) * r], s[k * r : (k + 1) * r], vh[k * r : (k + 1) * r]
+        module.set_basis(u.to(module.weight.device), s.to(module.weight.device), vh.to(module.weight.device))
 
     # --- lifecycle ---------------------------------------------------------------------
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
@@ -131,10 +191,9 @@ class Booster:
         start = time.perf_counter()
         for name, module in active.items():
             module.reset_adapter(seeded_generator(self.config.seed, f"reinit:{name}", finished))
+            self.rounds_trained[name] += 1
         if self.optimizer is not None and self.config.optimizer_reset == "full":
-            reset_optimizer_state(
-                self.optimizer, [p for m in active.values() for p in (m.lora_a.weight, m.lora_b.weight)]
-            )
+            reset_optimizer_state(self.optimizer, [p for m in active.values() for p in m.trainable()])
         reset_seconds = time.perf_counter() - start
         report = RoundReport(
             round=finished,
@@ -180,23 +239,31 @@ class Booster:
         return weights
 
     def state_dict(self) -> dict:
+        """Everything needed to continue exactly: step, ledgers, live adapters (LoRA-XS: with
+        their frozen factors), per-module round counts and the LoRA-XS SVD."""
         return {
+            "method": self.adapter.method,
             "step": self.step,
             "merged": self.merged.state_dict(),
             "reports": [asdict(r) for r in self.reports],
-            "adapters": {
-                name: {"lora_a": m.lora_a.weight.detach().cpu(), "lora_b": m.lora_b.weight.detach().cpu()}
-                for name, m in self.modules.items()
-            },
+            "adapters": {name: m.adapter_state() for name, m in self.modules.items()},
+            "rounds_trained": dict(self.rounds_trained),
+            "svd_factors": self.svd_factors,
+            "svd_seconds": self.svd_seconds,
         }
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
+        if state.get("method", "xgblora") != self.adapter.method:
+            raise ValueError(f"adapter.method: the checkpoint was trained with {state.get('method')!r}")
         self.step = int(state["step"])
         self.merged.load_state_dict(state["merged"])
         self.reports = [RoundReport(**r) for r in state["reports"]]
-        for name, tensors in state["adapters"].items():
-            module = self.modules[name]
-            module.lora_a.weight.copy_(tensors["lora_a"])
-            module.lora_b.weight.copy_(tensors["lora_b"])
-        self._activate(self.round)
+        self.rounds_trained = dict(state["rounds_trained"])
+        self.svd_factors = state["svd_factors"]
+        self.svd_seconds = state["svd_seconds"]
+        chosen = set(self.selected_blocks(self.round))
+        for name, module in self.modules.items():
+            module.load_adapter_state(state["adapters"][name])  # the live round's factors as saved
+            block = self.block_of[name]
+            module.active = block is None or block in chosen

@@ -21,11 +21,11 @@ merged rank-1 updates, capped at 4·out·in bytes.
 
 import time
 from dataclasses import dataclass
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 
-from torchtune_xgb.adapters import XGBLoRALinear
+from torch import nn
 
 
 @dataclass
@@ -99,7 +99,7 @@ class MergedState:
     :meth:`load_state_dict` each ``module.weight`` equals ``round(W0 + L)``.
     """
 
-    def __init__(self, modules: Dict[str, XGBLoRALinear], base_device: str = "cpu"):
+    def __init__(self, modules: Dict[str, nn.Module], base_device: str = "cpu"):
         self.modules = modules
         self._base: Dict[str, torch.Tensor] = {}
         self._ledgers: Dict[str, _Ledger] = {}
@@ -131,6 +131,11 @@ class MergedState:
         """Number of stored rank-1 factors (upper bound on rank(L))."""
         return self._ledgers[name].rank_bound
 
+    def factors(self, name: str) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """(U, V) with L = U·V, or None once L is stored dense."""
+        ledger = self._ledgers[name]
+        return None if ledger.dense is not None else (ledger.u, ledger.v)
+
     def touched_modules(self) -> Iterable[str]:
         """Names of modules whose state differs from W0."""
         return [n for n, led in self._ledgers.items() if led.rank_bound > 0]
@@ -138,7 +143,10 @@ class MergedState:
     # --- changing the state ------------------------------------------------------------
     @torch.no_grad()
     def merge_round(self, names: Iterable[str], merge_rate: float = 1.0) -> MergeReport:
-        """Fold ``merge_rate · delta_weight()`` of each named module into its state.
+        """Fold ``merge_rate · delta_weight()`` of each named adapter module into its state.
+
+        Modules provide ``has_update()``, ``merge_factors(rate) -> (u, v)`` and ``delta_weight()``
+        (XGBLoRALinear, LoRAXSLinear).
 
         The adapters themselves are left as they are (the caller re-initialises them). Returns a
         :class:`MergeReport` whose ``kept_fraction`` is measured on the stored state.
@@ -147,12 +155,10 @@ class MergedState:
         kept, merged, sq_norm = 1.0, 0, 0.0
         for name in names:
             module = self.modules[name]
-            b = module.lora_b.weight.detach().float()
-            if not torch.any(b):
-                continue  # B = 0: the round changed nothing here
-            u = (merge_rate * module.scale) * b  # out×r
-            v = module.lora_a.weight.detach().float()  # r×in
-            update = merge_rate * module.delta_weight()
+            if not module.has_update():
+                continue  # the round changed nothing here
+            u, v = module.merge_factors(merge_rate)  # out×r, r×in
+            update = merge_rate * module.delta_weight()  # computed independently of (u, v)
             ledger = self._ledgers[name]
             before = ledger.matrix().clone()
             ledger.add(u, v)

@@ -20,19 +20,20 @@ import json
 import os
 import signal
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torchtune import config, training, utils
+from torchtune.modules.peft import get_adapter_params, get_lora_module_names, set_trainable_params
 from tqdm import tqdm
 
 from torchtune_xgb.boosting import Booster, RoundReport
 from torchtune_xgb.checkpointing import load_resume_state, save_resume_state
 from torchtune_xgb.errors import ConfigError
-from torchtune_xgb.export import fold_merged_weights
+from torchtune_xgb.export import fold_merged_weights, peft_lora_adapter
 from torchtune_xgb.schedules import apply_round_restarts, set_scheduler_step
 from torchtune_xgb.validation import validate_config
 
@@ -46,10 +47,15 @@ KILL_AT_STEP_ENV = "TORCHTUNE_XGB_KILL_AT_STEP"
 class BoostedRecipeMixin:
     """Boosting on top of a torchtune LoRA recipe class (put this first in the bases)."""
 
-    method = "xgblora"
+    @property
+    def method(self) -> str:
+        return self._adapter.method
 
     def __init__(self, cfg: DictConfig) -> None:
-        self._boost = validate_config(cfg)
+        self._boost, self._adapter = validate_config(cfg)
+        self._single_round = cfg.get("boost") is None  # no boosting: one round, the whole run
+        if self._single_round:
+            self._boost = replace(self._boost, lr_restart="none")
         self._resume_boosted = bool(cfg.get("resume_from_checkpoint", False))
         cfg.resume_from_checkpoint = False  # ours, see module docstring
         super().__init__(cfg)
@@ -81,16 +87,24 @@ class BoostedRecipeMixin:
         self._eval_examples = None
         if self._eval_cfg is not None:
             self._eval_examples = config.instantiate(self._eval_cfg.examples)
+        total_steps = self.total_epochs * self._steps_per_epoch
+        if self._single_round:
+            self._booster.config = replace(self._boost, steps_per_round=total_steps)
         if self._resume_boosted:
             self._load_resume()
-        elif self._eval_examples is not None:
+        else:
+            self._booster.start(total_steps=total_steps)
+        if not self._resume_boosted and self._eval_examples is not None:
             self._summary["exact_match_before"] = self._exact_match()
             log.info(f"exact match before training: {self._summary['exact_match_before']:.3f}")
         self._log_boost_setup()
 
     def _setup_model(self, *args, **kwargs):
         model = super()._setup_model(*args, **kwargs)
-        self._booster = Booster(model, self._boost)
+        self._booster = Booster(model, self._boost, self._adapter)
+        # LoRA-XS replaced the LoRA modules: the trainables are now the r×r cores
+        self.adapter_params = get_adapter_params(model)
+        set_trainable_params(model, self.adapter_params)
         return model
 
     def _setup_lr_scheduler(self, cfg_lr_scheduler: DictConfig, num_training_steps: int, last_epoch: int):
@@ -107,8 +121,8 @@ class BoostedRecipeMixin:
     def _log_boost_setup(self) -> None:
         b = self._booster
         log.info(
-            f"XGBLoRA: {len(b.modules)} adapted modules in {b.num_blocks} blocks, "
-            f"{b.blocks_per_round} blocks/round, κ={self._boost.steps_per_round}, "
+            f"{self.method}: {len(b.modules)} adapted modules in {b.num_blocks} blocks, "
+            f"{b.blocks_per_round} blocks/round, κ={b.config.steps_per_round}, "
             f"{b.trainable_params()} trainable params/step, rank {self._lora_rank}"
         )
 
@@ -132,7 +146,7 @@ class BoostedRecipeMixin:
             "optimizer": self._optimizer.state_dict(),
             "global_step": self.global_step,
             "seed": self.seed,
-            "boost": asdict(self._boost),
+            "boost": asdict(self._booster.config),
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "summary": dict(self._summary),
@@ -142,13 +156,13 @@ class BoostedRecipeMixin:
 
     def _load_resume(self) -> None:
         state = load_resume_state(self._output_dir)
-        for key in ("steps_per_round", "seed", "blocks_per_round", "merge_rate"):
-            if state["boost"][key] != getattr(self._boost, key):
+        for key in ("steps_per_round", "seed", "blocks_per_round", "merge_rate", "basis"):
+            if state["boost"].get(key) != getattr(self._booster.config, key):
                 raise ConfigError(
-                    f"boost.{key}: {getattr(self._boost, key)!r} differs from the checkpoint's "
+                    f"boost.{key}: {getattr(self._booster.config, key)!r} differs from the checkpoint's "
                     f"{state['boost'][key]!r}; an exact resume needs the same value"
                 )
-        self._booster.load_state_dict(state["booster"])
+        self._booster.start(state=state["booster"])
         self._optimizer.load_state_dict(state["optimizer"])
         self.global_step = int(state["global_step"])
         self.epochs_run = self.global_step // self._steps_per_epoch
@@ -174,10 +188,30 @@ class BoostedRecipeMixin:
         model_sd = self._model_state_dict()
         if not self._is_main_process():
             return
-        state_dict = fold_merged_weights(model_sd, merged, dtype=self._dtype)
-        self._checkpointer.save_checkpoint(
-            {training.MODEL_KEY: state_dict}, epoch=epoch, intermediate_checkpoint=False, adapter_only=False
-        )
+        ckpt = {training.MODEL_KEY: fold_merged_weights(model_sd, merged, dtype=self._dtype)}
+        ckpt.update(self._peft_export())
+        self._checkpointer.save_checkpoint(ckpt, epoch=epoch, intermediate_checkpoint=False, adapter_only=False)
+
+    def _peft_export(self) -> Dict[str, Any]:
+        """A one-round LoRA-XS run is exactly a rank-r LoRA: export it in PEFT format too."""
+        if not (self._single_round and self.method == "loraxs" and self.epochs_run == self.total_epochs):
+            return {}
+        factors = {name: self._booster.merged.factors(name) for name in self._booster.modules}
+        if any(f is None or f[0].shape[1] != self._lora_rank for f in factors.values()):
+            log.warning("LoRA-XS: merged state is not a single rank-r LoRA; no PEFT adapter exported")
+            return {}
+        adapter_config = {
+            "r": self._lora_rank,
+            "lora_alpha": self._lora_rank,  # (α/r)·R is folded into lora_B: PEFT's scale must be 1
+            "target_modules": get_lora_module_names(
+                self._lora_attn_modules, self._apply_lora_to_mlp, self._apply_lora_to_output
+            ),
+            "peft_type": "LORA",
+        }
+        return {
+            training.ADAPTER_KEY: peft_lora_adapter(factors, dtype=self._dtype),
+            training.ADAPTER_CONFIG: adapter_config,
+        }
 
     # --- training loop --------------------------------------------------------------------
     def _wall_seconds(self) -> float:
@@ -308,7 +342,9 @@ class BoostedRecipeMixin:
             "min_kept_fraction": min(kept) if kept else None,
             "final_loss": self._last_loss,
             "lora_rank": self._lora_rank,
-            "boost": asdict(self._boost),
+            "svd_seconds": self._booster.svd_seconds,
+            "boost": asdict(self._booster.config),
+            "adapter": asdict(self._adapter),
             "round_reports": [asdict(r) for r in reports],
         }
         summary.update(self._summary)

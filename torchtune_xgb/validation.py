@@ -1,14 +1,14 @@
 """Config checks that run before any weights load; each failure is one line naming the key."""
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Tuple
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torchtune import config as tt_config
 from torchtune.modules.peft import LoRALinear
 
-from torchtune_xgb.boost_config import BoostConfig
+from torchtune_xgb.boost_config import AdapterConfig, BoostConfig
 from torchtune_xgb.checkpointing import latest_resume_dir
 from torchtune_xgb.errors import ConfigError
 
@@ -34,13 +34,23 @@ def _existing(path: Any, key: str, kind: str = "file") -> Path:
     return p
 
 
-def validate_config(cfg: DictConfig) -> BoostConfig:
-    """Check ``cfg`` for the XGBLoRA recipe; return the parsed ``boost`` block.
+def _block(cfg: DictConfig, key: str) -> dict:
+    block = cfg.get(key)
+    if block is None:
+        return {}
+    if not isinstance(block, DictConfig):
+        raise ConfigError(f"{key}: must be a mapping of keys, got {block!r}")
+    return OmegaConf.to_container(block, resolve=True)
+
+
+def validate_config(cfg: DictConfig) -> Tuple[BoostConfig, AdapterConfig]:
+    """Check ``cfg`` for the XGBLoRA recipe; return the parsed ``boost`` and ``adapter`` blocks.
 
     Raises ConfigError (one line, starting with the config key) on the first problem. Builds the
     model on the meta device to check its adapters and block count; loads no weights.
     """
-    boost = BoostConfig.from_mapping(OmegaConf.to_container(cfg.get("boost") or {}, resolve=True))
+    boost = BoostConfig.from_mapping(_block(cfg, "boost"))
+    adapter = AdapterConfig.from_mapping(_block(cfg, "adapter"))
     for key in ("output_dir", "model", "checkpointer", "tokenizer", "optimizer", "lr_scheduler", "dataset"):
         if OmegaConf.select(cfg, key) is None:
             raise ConfigError(f"{key}: missing")
@@ -58,6 +68,12 @@ def validate_config(cfg: DictConfig) -> BoostConfig:
     alpha = model.get("lora_alpha")
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
         raise ConfigError(f"model.lora_alpha: must be a number > 0, got {alpha!r}")
+    for key, model_value in (("rank", rank), ("alpha", alpha)):
+        value = getattr(adapter, key)
+        if value is not None and value != model_value:
+            raise ConfigError(
+                f"adapter.{key}: {value!r} differs from model.lora_{key} {model_value!r}; the model key is the one used"
+            )
     targets = model.get("lora_attn_modules")
     if not isinstance(targets, (list, ListConfig)):
         raise ConfigError(f"model.lora_attn_modules: must be a list, got {targets!r}")
@@ -96,4 +112,8 @@ def validate_config(cfg: DictConfig) -> BoostConfig:
     num_blocks = len(getattr(meta_model, "layers", []))
     if num_blocks:
         boost.blocks_per_round_count(num_blocks)
-    return boost
+    if adapter.method == "loraxs":
+        too_small = [n for n, m in meta_model.named_modules() if isinstance(m, LoRALinear) and min(m.in_dim, m.out_dim) < rank]
+        if too_small:
+            raise ConfigError(f"model.lora_rank: {rank} exceeds min(out, in) of {too_small[0]}")
+    return boost, adapter

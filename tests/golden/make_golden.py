@@ -8,20 +8,23 @@ import json
 import tempfile
 from pathlib import Path
 
-from tests.e2e_fixture import losses, run_recipe, tiny_config
+from tests.e2e_fixture import GOLDEN_RUNS, losses, run_recipe
 
-GOLDEN = Path(__file__).with_name("tiny_xgblora_losses.json")
+
+def golden_path(name: str) -> Path:
+    return Path(__file__).with_name(f"tiny_{name}_losses.json")
 
 
 def main() -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        out = root / "out"
-        result = run_recipe(tiny_config(root, out), root)
-        if result.returncode != 0:
-            raise SystemExit(result.stderr[-3000:])
-        GOLDEN.write_text(json.dumps({"losses": losses(out)}, indent=2) + "\n")
-    print(f"wrote {GOLDEN}")
+    for name, make_config in GOLDEN_RUNS.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            out = root / "out"
+            result = run_recipe(make_config(root, out), root)
+            if result.returncode != 0:
+                raise SystemExit(result.stderr[-3000:])
+            golden_path(name).write_text(json.dumps({"losses": losses(out)}, indent=2) + "\n")
+        print(f"wrote {golden_path(name)}")
 
 
 if __name__ == "__main__":

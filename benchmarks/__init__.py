@@ -1,0 +1,1 @@
+"""Benchmarks against torchtune's own recipes (see throughput.py, quality.py)."""
