@@ -98,10 +98,19 @@ def tiny_loraxs_config(root: Path, output_dir: Path, boosted: bool) -> Dict:
     return cfg
 
 
+def tiny_nf4_config(root: Path, output_dir: Path, method: str = "xgblora") -> Dict:
+    """NF4 base (QLoRA-style): bf16 compute, all tiny shapes quantize with fitted scaler blocks."""
+    cfg = tiny_loraxs_config(root, output_dir, boosted=True) if method == "loraxs" else tiny_config(root, output_dir)
+    cfg["model"]["quantize_base"] = True
+    cfg["dtype"] = "bf16"
+    return cfg
+
+
 # name → config builder of each golden end-to-end run (tests/golden/make_golden.py records them)
 GOLDEN_RUNS = {
     "xgblora": lambda root, out: tiny_config(root, out),
     "xgblora_xs": lambda root, out: tiny_loraxs_config(root, out, boosted=True),
+    "xgblora_nf4": lambda root, out: tiny_nf4_config(root, out),
 }
 
 

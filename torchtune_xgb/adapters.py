@@ -22,6 +22,21 @@ from torchao.dtypes.nf4tensor import linear_nf4
 from torchtune.modules.peft import LoRALinear
 
 
+def merged_path(module: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """Output of the merged state carried beside an NF4 weight (None when there is none).
+
+    NF4 weights are never re-quantized with merged rounds (that would destroy them); the
+    merged state is applied in the forward pass instead: x·Vᵀ·Uᵀ, or x·Lᵀ once L is dense.
+    """
+    dense = getattr(module, "merged_dense", None)
+    if dense is not None:
+        return F.linear(x, dense)
+    u = getattr(module, "merged_u", None)
+    if u is None:
+        return None
+    return F.linear(F.linear(x, module.merged_v), u)
+
+
 class XGBLoRALinear(LoRALinear):
     """A ``LoRALinear`` whose adapter can be switched off for a boosting round.
 
@@ -32,16 +47,20 @@ class XGBLoRALinear(LoRALinear):
     active: bool = True
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The frozen base linear (bf16/fp32 or NF4), without the adapter."""
-        if self._quantize_base:
-            out = linear_nf4(input=x, weight=self.weight)
-            return out + self.bias if self.use_bias else out
-        return F.linear(x, self.weight, self.bias)
+        """The frozen base linear plus the merged rounds, without the live adapter."""
+        if not self._quantize_base:
+            return F.linear(x, self.weight, self.bias)  # merged rounds are in the weight
+        out = linear_nf4(input=x, weight=self.weight)
+        if self.use_bias:
+            out = out + self.bias
+        merged = merged_path(self, x)
+        return out if merged is None else out + merged
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_forward(x)
         if not self.active or self.disabled:
-            return self.base_forward(x)
-        return super().forward(x)
+            return out
+        return out + self.scale * self.lora_b(self.lora_a(self.dropout(x)))
 
     @property
     def scale(self) -> float:

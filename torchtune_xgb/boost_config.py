@@ -9,6 +9,7 @@ OPTIMIZER_RESETS = ("full", "none")
 LR_RESTARTS = ("jagged", "none", "per_round")
 BASES = ("rotate", "top")
 METHODS = ("xgblora", "loraxs")
+MERGE_BASES = ("dequantized", "original")
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,10 @@ class AdapterConfig:
     init: LoRA-XS core init, "normal" (N(0, 1e-5²), paper) or "zeros".
     svd: LoRA-XS: {method: exact | randomized, niter, oversample}.
     rank, alpha: optional; they must equal model.lora_rank / model.lora_alpha, the one source.
+    merge_base: NF4 bases only: what the merged rounds are added to at export. "dequantized"
+        (default): the NF4 weights training actually saw, so the export reproduces the trained
+        model; "original": the checkpoint's full-precision weights (closer to the base model, but
+        the rounds were fitted to the quantized one; kept on the CPU).
     """
 
     method: str = "xgblora"
@@ -117,6 +122,7 @@ class AdapterConfig:
     svd: Optional[Mapping[str, Any]] = None
     rank: Optional[int] = None
     alpha: Optional[float] = None
+    merge_base: str = "dequantized"
 
     @classmethod
     def from_mapping(cls, block: Optional[Mapping[str, Any]]) -> "AdapterConfig":
@@ -148,6 +154,8 @@ class AdapterConfig:
             raise ConfigError(f"adapter.method: must be one of {METHODS}, got {self.method!r}")
         if self.sigma not in SIGMAS:
             raise ConfigError(f"adapter.sigma: must be one of {SIGMAS}, got {self.sigma!r}")
+        if self.merge_base not in MERGE_BASES:
+            raise ConfigError(f"adapter.merge_base: must be one of {MERGE_BASES}, got {self.merge_base!r}")
         if self.init not in INITS:
             raise ConfigError(f"adapter.init: must be one of {INITS}, got {self.init!r}")
         self.svd_config()

@@ -78,9 +78,19 @@ class Booster:
     optimizer step; it returns a :class:`RoundReport` when a round ended.
     """
 
-    def __init__(self, model: nn.Module, config: BoostConfig, adapter: Optional[AdapterConfig] = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        config: BoostConfig,
+        adapter: Optional[AdapterConfig] = None,
+        originals: Optional[Dict[str, torch.Tensor]] = None,
+    ):
+        """``originals``: full-precision weights by module name for NF4 bases (the checkpoint's,
+        before quantization): LoRA-XS decomposes them, and ``merge_base="original"`` adds the
+        rounds to them at export."""
         self.config = config
         self.adapter = adapter or AdapterConfig()
+        self.originals = originals
         if self.adapter.method == "loraxs":
             self.modules = convert_to_loraxs(model, self.adapter.sigma, self.adapter.init)
         else:
@@ -89,7 +99,11 @@ class Booster:
         blocks = {b for b in self.block_of.values() if b is not None}
         self.num_blocks = (max(blocks) + 1) if blocks else 0
         self.blocks_per_round = config.blocks_per_round_count(max(self.num_blocks, 1))
-        self.merged = MergedState(self.modules, base_device=config.base_device)
+        self.merged = MergedState(
+            self.modules,
+            base_device=config.base_device,
+            originals=originals if self.adapter.merge_base == "original" else None,
+        )
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.step = 0
         self.reports: List[RoundReport] = []
@@ -119,7 +133,9 @@ class Booster:
                 if available < 1:
                     raise ValueError(f"model.lora_rank: {m.rank} exceeds min(out, in) of {name}")
                 blocks[name] = available if max_rounds is None else min(max_rounds, available)
-            self.svd_factors, self.svd_seconds = svd_all(self.modules, max(blocks.values()), self.adapter.svd_config())
+            self.svd_factors, self.svd_seconds = svd_all(
+                self.modules, max(blocks.values()), self.adapter.svd_config(), weights=self.originals
+            )
             log.info(f"LoRA-XS: SVD of {len(self.modules)} modules in {self.svd_seconds:.2f} s")
         for name, module in self.modules.items():
             module.reset_adapter(seeded_generator(self.config.seed, f"init:{name}", 0))
@@ -159,7 +175,10 @@ class Booster:
         """The frozen factors for this module's next round (see BoostConfig.basis)."""
         r = module.rank
         if self.config.basis == "top":
-            u, s, vh = truncated_svd(self.merged.merged_weight(name), r, self.adapter.svd_config())
+            weight = self.merged.merged_weight(name)
+            if self.originals is not None and name in self.originals:  # NF4: full-precision W0
+                weight = weight - self.merged.base_weight(name) + self.originals[name].float().to(weight.device)
+            u, s, vh = truncated_svd(weight, r, self.adapter.svd_config())
         else:
             u, s, vh = self.svd_factors[name]
             available = u.shape[1] // r

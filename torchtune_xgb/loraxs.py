@@ -108,12 +108,18 @@ class LoRAXSLinear(nn.Module, AdapterModule):
         return self.alpha / self.rank
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._quantize_base:
-            from torchao.dtypes.nf4tensor import linear_nf4
+        """The frozen base linear plus the merged rounds (see adapters.merged_path for NF4)."""
+        if not self._quantize_base:
+            return F.linear(x, self.weight, self.bias)
+        from torchao.dtypes.nf4tensor import linear_nf4
 
-            out = linear_nf4(input=x, weight=self.weight)
-            return out + self.bias if self.bias is not None else out
-        return F.linear(x, self.weight, self.bias)
+        from torchtune_xgb.adapters import merged_path
+
+        out = linear_nf4(input=x, weight=self.weight)
+        if self.bias is not None:
+            out = out + self.bias
+        merged = merged_path(self, x)
+        return out if merged is None else out + merged
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_forward(x)
@@ -189,11 +195,18 @@ def convert_to_loraxs(model: nn.Module, sigma: str = "input", core_init: str = "
     return replaced
 
 
-def svd_all(modules: Dict[str, LoRAXSLinear], blocks: int, svd: SVDConfig) -> Tuple[Dict[str, tuple], float]:
-    """Top ``blocks·r`` SVD of every module's weight (on the CPU, fp32); returns (factors, seconds)."""
+def svd_all(
+    modules: Dict[str, LoRAXSLinear], blocks: int, svd: SVDConfig, weights: Optional[Dict[str, torch.Tensor]] = None
+) -> Tuple[Dict[str, tuple], float]:
+    """Top ``blocks·r`` SVD of every module's weight (fp32; factors kept on the CPU).
+
+    ``weights`` overrides the matrix decomposed per module: an NF4 base is decomposed from the
+    full-precision checkpoint weight it was quantized from. Returns (factors, seconds).
+    """
     start = time.perf_counter()
     factors = {}
     for name, module in modules.items():
-        u, s, vh = truncated_svd(module.weight, blocks * module.rank, svd)
+        weight = weights[name] if weights is not None and name in weights else module.weight
+        u, s, vh = truncated_svd(weight, blocks * module.rank, svd)
         factors[name] = (u.cpu(), s.cpu(), vh.cpu())
     return factors, time.perf_counter() - start

@@ -17,6 +17,13 @@ stored as a dense fp32 matrix instead; both forms are exact up to fp32 arithmeti
 Memory cost (README): ``base_device`` holds one copy of every adapted weight in its checkpoint
 dtype (2 bytes/parameter in bf16); the factors take 4·k·(out+in) bytes per module after k
 merged rank-1 updates, capped at 4·out·in bytes.
+
+NF4 bases: re-quantizing after a merge destroys small updates (kept fraction −0.10 at relative
+size 1e-2, design.md §2), so rounds are never folded into the NF4 tensor. The module's forward
+adds the merged state as a frozen low-rank path instead (``merged_u``/``merged_v``, or
+``merged_dense``; see adapters.merged_path), and W0 is the dequantized NF4 weight (the weights
+training saw, ``merge_base="dequantized"``) or a CPU copy of the checkpoint's full-precision
+weight (``merge_base="original"``). No copy of W0 is kept in the first case.
 """
 
 import time
@@ -24,8 +31,9 @@ from dataclasses import dataclass
 from typing import Dict, Iterable, Optional, Tuple
 
 import torch
-
 from torch import nn
+
+from torchtune_xgb.nf4 import dequantize, is_nf4
 
 
 @dataclass
@@ -99,25 +107,34 @@ class MergedState:
     :meth:`load_state_dict` each ``module.weight`` equals ``round(W0 + L)``.
     """
 
-    def __init__(self, modules: Dict[str, nn.Module], base_device: str = "cpu"):
+    def __init__(
+        self,
+        modules: Dict[str, nn.Module],
+        base_device: str = "cpu",
+        originals: Optional[Dict[str, torch.Tensor]] = None,
+    ):
+        """``originals``: full-precision weights by module name, used as W0 of NF4 modules
+        (``merge_base="original"``); without one, an NF4 module's W0 is its dequantized weight."""
         self.modules = modules
         self._base: Dict[str, torch.Tensor] = {}
         self._ledgers: Dict[str, _Ledger] = {}
         for name, module in modules.items():
-            if module._quantize_base:
-                raise ValueError(
-                    "model.quantize_base: NF4 bases need the ledger-in-forward merged state, "
-                    "which this version does not have yet; set quantize_base: False"
-                )
-            weight = module.weight.detach()
-            self._base[name] = weight.to(device=base_device, copy=True)
+            weight = module.weight
+            if is_nf4(weight):
+                if originals is not None:
+                    self._base[name] = originals[name].detach().to(device=base_device, copy=True)
+            else:
+                self._base[name] = weight.detach().to(device=base_device, copy=True)
             self._ledgers[name] = _Ledger(weight.shape[0], weight.shape[1], weight.device)
 
     # --- reading the state -------------------------------------------------------------
     def base_weight(self, name: str) -> torch.Tensor:
         """W0 of module ``name`` in fp32 on the module's device."""
         module = self.modules[name]
-        return self._base[name].to(device=module.weight.device, dtype=torch.float32)
+        base = self._base.get(name)
+        if base is None:  # NF4, merge base "dequantized": the weights training saw
+            base = dequantize(module.weight)
+        return base.to(device=module.weight.device, dtype=torch.float32)
 
     def delta(self, name: str) -> torch.Tensor:
         """L = S − W0 of module ``name`` (fp32)."""
@@ -172,8 +189,19 @@ class MergedState:
         return MergeReport(kept, time.perf_counter() - start, merged, sq_norm**0.5)
 
     def _rederive(self, name: str, delta: Optional[torch.Tensor] = None) -> None:
-        # one rounding from the exact state, never from the previous working weight
         module = self.modules[name]
+        if is_nf4(module.weight):
+            # never into the NF4 tensor: hand the forward pass the merged state itself
+            ledger = self._ledgers[name]
+            dtype = module.weight.dtype
+            if ledger.dense is not None:
+                module.merged_u = module.merged_v = None
+                module.merged_dense = ledger.dense.to(dtype)
+            else:
+                module.merged_dense = None
+                module.merged_u, module.merged_v = ledger.u.to(dtype), ledger.v.to(dtype)
+            return
+        # one rounding from the exact state, never from the previous working weight
         if delta is None:
             delta = self.delta(name)
         module.weight.data.copy_((self.base_weight(name) + delta).to(module.weight.dtype))

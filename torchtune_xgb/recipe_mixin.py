@@ -27,13 +27,14 @@ from typing import Any, Dict, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torchtune import config, training, utils
-from torchtune.modules.peft import get_adapter_params, get_lora_module_names, set_trainable_params
+from torchtune.modules.peft import LoRALinear, get_adapter_params, get_lora_module_names, set_trainable_params
 from tqdm import tqdm
 
 from torchtune_xgb.boosting import Booster, RoundReport
 from torchtune_xgb.checkpointing import load_resume_state, save_resume_state
 from torchtune_xgb.errors import ConfigError
 from torchtune_xgb.export import fold_merged_weights, peft_lora_adapter
+from torchtune_xgb.nf4 import fitting_nf4_blocks, is_nf4, keep_unquantizable_in_full_precision
 from torchtune_xgb.schedules import apply_round_restarts, set_scheduler_step
 from torchtune_xgb.validation import validate_config
 
@@ -100,8 +101,19 @@ class BoostedRecipeMixin:
         self._log_boost_setup()
 
     def _setup_model(self, *args, **kwargs):
-        model = super()._setup_model(*args, **kwargs)
-        self._booster = Booster(model, self._boost, self._adapter)
+        with fitting_nf4_blocks():  # NF4 shapes torchao's default blocks cannot take (nf4.py)
+            model = super()._setup_model(*args, **kwargs)
+        keep_unquantizable_in_full_precision(model)
+        originals = None
+        if any(is_nf4(getattr(m, "weight", None)) for m in model.modules() if isinstance(m, LoRALinear)):
+            # the checkpoint's full-precision weights: LoRA-XS decomposes them, merge_base=original uses them
+            state = kwargs.get("base_model_state_dict") or {}
+            originals = {
+                n: state[f"{n}.weight"].cpu()
+                for n, m in model.named_modules()
+                if isinstance(m, LoRALinear) and f"{n}.weight" in state
+            }
+        self._booster = Booster(model, self._boost, self._adapter, originals=originals)
         # LoRA-XS replaced the LoRA modules: the trainables are now the r×r cores
         self.adapter_params = get_adapter_params(model)
         set_trainable_params(model, self.adapter_params)

@@ -82,8 +82,8 @@ def validate_config(cfg: DictConfig) -> Tuple[BoostConfig, AdapterConfig]:
             raise ConfigError(f"model.lora_attn_modules: unknown target module {target!r} (known: {', '.join(ATTN_MODULES)})")
     if not targets and not model.get("apply_lora_to_mlp") and not model.get("apply_lora_to_output"):
         raise ConfigError("model.lora_attn_modules: empty and apply_lora_to_mlp is False: nothing to adapt")
-    if model.get("quantize_base"):
-        raise ConfigError("model.quantize_base: NF4 bases are not supported by this version yet; set it to False")
+    if model.get("quantize_base") and cfg.get("dtype") != "bf16":
+        raise ConfigError("dtype: NF4 bases (model.quantize_base: True) need dtype: bf16")
     if model.get("use_dora"):
         raise ConfigError("model.use_dora: XGBLoRA merges plain LoRA updates; DoRA is not supported")
 
@@ -102,7 +102,8 @@ def validate_config(cfg: DictConfig) -> Tuple[BoostConfig, AdapterConfig]:
     # Build on the meta device: no memory, no weights, but the real module tree.
     try:
         with torch.device("meta"):
-            meta_model = tt_config.instantiate(model)
+            # same module tree without NF4 (quantizing meta tensors is neither possible nor needed)
+            meta_model = tt_config.instantiate(model, **({"quantize_base": False} if model.get("quantize_base") else {}))
     except Exception as err:  # a builder rejecting its arguments
         raise ConfigError(f"model: could not build {model.get('_component_')}: {err}".replace("\n", " ")) from err
     if not any(isinstance(m, LoRALinear) for m in meta_model.modules()):

@@ -1,0 +1,55 @@
+"""End to end on an NF4 base (QLoRA-style) through ``tune run xgblora_finetune``."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.e2e_fixture import losses, make_tiny_model_dir, read_metric, run_recipe, tiny_nf4_config
+from torchtune_xgb.recipe_mixin import KILL_AT_STEP_ENV
+
+GOLDEN = json.loads((Path(__file__).parent / "golden" / "tiny_xgblora_nf4_losses.json").read_text())["losses"]
+EXPORT = "epoch_0/model-00001-of-00001.safetensors"
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e_nf4")
+    make_tiny_model_dir(root)
+    return root
+
+
+def test_nf4_golden_losses_kept_fraction_and_resume(root):
+    full = root / "full"
+    result = run_recipe(tiny_nf4_config(root, full), root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert losses(full) == pytest.approx(GOLDEN, rel=1e-3)
+    kept = read_metric(full, "kept_fraction")
+    assert sorted(kept) == [4, 8, 12] and all(v >= 0.99 for v in kept.values())
+    # killed after step 7, resumed from the mid-round checkpoint at step 6
+    out = root / "killed"
+    cfg = tiny_nf4_config(root, out)
+    assert run_recipe(cfg, root, env_extra={KILL_AT_STEP_ENV: "7"}).returncode == -9
+    resumed = run_recipe(cfg, root, "resume_from_checkpoint=True")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = read_metric(full, "loss"), read_metric(out, "loss")
+    for step in range(7, 13):
+        assert b[step] == pytest.approx(a[step], rel=1e-5), step
+    exported, again = load_file(full / EXPORT), load_file(out / EXPORT)
+    base = load_file(make_tiny_model_dir(root) / "model.safetensors")
+    assert exported.keys() == base.keys()
+    for key in exported:
+        assert exported[key].dtype == torch.bfloat16
+        assert torch.allclose(exported[key].float(), again[key].float(), atol=1e-6), key
+
+
+def test_nf4_loraxs_runs_and_decomposes_full_precision_weights(root):
+    out = root / "xs"
+    result = run_recipe(tiny_nf4_config(root, out, method="loraxs"), root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "xgb_summary.json").read_text())
+    assert summary["method"] == "loraxs" and summary["min_kept_fraction"] >= 0.99
+    got = losses(out)
+    assert got[-1] < got[0]

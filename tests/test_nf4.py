@@ -1,0 +1,133 @@
+"""NF4 bases: merged rounds live beside the 4-bit weights, never re-quantized into them."""
+
+import pytest
+import torch
+from torchao.dtypes.nf4tensor import NF4Tensor, to_nf4
+from torchtune import training
+from torchtune.models.llama3_2._component_builders import llama3_2, lora_llama3_2
+from torchtune.modules.peft import LoRALinear
+
+from tests.tiny_model import TINY, tiny_base
+from torchtune_xgb.adapters import convert_to_xgblora
+from torchtune_xgb.boost_config import AdapterConfig, BoostConfig
+from torchtune_xgb.boosting import Booster
+from torchtune_xgb.export import fold_merged_weights
+from torchtune_xgb.merged_state import MergedState
+from torchtune_xgb.nf4 import fitting_nf4_blocks, fitting_scaler_block, keep_unquantizable_in_full_precision
+
+
+def nf4_module(out_dim=256, in_dim=256, seed=0):
+    with training.set_default_dtype(torch.bfloat16), fitting_nf4_blocks():
+        holder = torch.nn.Module()
+        holder.m = LoRALinear(in_dim, out_dim, rank=1, alpha=1.0, quantize_base=True)
+    with torch.no_grad():
+        w = torch.randn(out_dim, in_dim, generator=torch.Generator().manual_seed(seed)) * 0.02
+        holder.m.weight.copy_(w.bfloat16())  # NF4 copy_: quantizes with the tensor's own blocks
+    return convert_to_xgblora(holder)["m"]
+
+
+def kept(after, before, update):
+    return 1 - (torch.linalg.matrix_norm(after - before - update) / torch.linalg.matrix_norm(update)).item()
+
+
+def test_merges_keep_everything_where_requantizing_destroys_them():
+    module = nf4_module()
+    quantized = module.weight.quantized_data.clone()
+    state = MergedState({"m": module})
+    w_deq = module.weight.get_original_weight().float()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 256, generator=gen).bfloat16()
+    total = torch.zeros(256, 256)
+    for _ in range(4):
+        b, a = torch.randn(256, 1, generator=gen), torch.randn(1, 256, generator=gen)
+        scale = 1e-2 * torch.linalg.matrix_norm(w_deq) / torch.linalg.matrix_norm(b @ a)  # ‖ΔW‖/‖W‖ = 1e-2
+        with torch.no_grad():
+            module.lora_b.weight.copy_(b * scale)
+            module.lora_a.weight.copy_(a)
+        update = module.lora_b.weight.float() @ module.lora_a.weight.float()  # α/r = 1
+        report = state.merge_round(["m"])
+        assert report.kept_fraction >= 0.99
+        # the naive alternative, same update: fold into the weights and re-quantize
+        naive = to_nf4((w_deq + total + update).bfloat16(), 64, module.weight.scaler_block_size)
+        naive_kept = kept(naive.get_original_weight().float(), (w_deq + total), update)
+        assert naive_kept < 0.2, naive_kept
+        total += update
+        module.reset_adapter()
+    assert torch.equal(module.weight.quantized_data, quantized)  # the 4-bit weights never changed
+    assert torch.allclose(state.delta("m"), total, atol=1e-6)
+    with torch.no_grad():  # the forward pass uses NF4 + the merged state
+        got = module(x).float()
+    expected = x.float() @ (w_deq + total).T
+    assert torch.linalg.vector_norm(got - expected) / torch.linalg.vector_norm(expected) < 1e-2
+
+
+@pytest.mark.parametrize("numel,scaler", [(576 * 576, 216), (192 * 576, 216), (1536 * 576, 256), (64 * 64, 64), (100, 0)])
+def test_fitting_scaler_block_hand_values(numel, scaler):
+    # 576·576/64 = 5184 = 2⁶·3⁴: the largest divisor ≤ 256 is 216; 1536·576/64 = 13824 = 256·54
+    assert fitting_scaler_block(numel) == scaler
+
+
+def test_shape_nf4_cannot_take_stays_full_precision_with_warning(caplog):
+    with training.set_default_dtype(torch.bfloat16), fitting_nf4_blocks():
+        holder = torch.nn.Module()
+        holder.odd = LoRALinear(10, 10, rank=1, alpha=1.0, quantize_base=True)  # 100 weights
+        holder.fine = LoRALinear(64, 64, rank=1, alpha=1.0, quantize_base=True)
+    assert keep_unquantizable_in_full_precision(holder) == ["odd"]
+    assert isinstance(holder.fine.weight, NF4Tensor) and not isinstance(holder.odd.weight, NF4Tensor)
+    assert holder.odd(torch.randn(2, 10).bfloat16()).shape == (2, 10)
+
+
+def nf4_tiny_model():
+    with training.set_default_dtype(torch.bfloat16), fitting_nf4_blocks():
+        model = lora_llama3_2(lora_attn_modules=["q_proj", "v_proj"], apply_lora_to_mlp=True, lora_rank=2,
+                              lora_alpha=4.0, quantize_base=True, **TINY)
+    base = tiny_base(seed=0).state_dict()
+    model.load_state_dict({k: v.bfloat16() for k, v in base.items()}, strict=False)
+    return model, base
+
+
+@pytest.mark.parametrize("merge_base", ["dequantized", "original"])
+def test_export_reproduces_trained_nf4_model(merge_base):
+    model, base = nf4_tiny_model()
+    names = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    originals = {n: base[f"{n}.weight"].bfloat16() for n in names}
+    booster = Booster(model, BoostConfig(steps_per_round=1), AdapterConfig(merge_base=merge_base), originals=originals).start()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        with torch.no_grad():
+            for m in booster.active_modules().values():
+                m.lora_b.weight.copy_(torch.randn(m.lora_b.weight.shape, generator=gen) * 0.05)
+        booster.end_round()
+    tokens = torch.randint(0, TINY["vocab_size"], (2, 10), generator=gen)
+    with torch.no_grad():
+        live = model(tokens).float()
+    exported = fold_merged_weights(model.state_dict(), booster.merged_weights(), dtype=torch.bfloat16)
+    plain = llama3_2(**TINY).bfloat16()
+    plain.load_state_dict(exported, strict=False)
+    with torch.no_grad():
+        out = plain(tokens).float()
+    rel = (torch.linalg.vector_norm(out - live) / torch.linalg.vector_norm(live)).item()
+    for name in names:
+        base_w = originals[name].float() if merge_base == "original" else model.get_submodule(name).weight.get_original_weight().float()
+        assert torch.allclose(exported[f"{name}.weight"].float(), (base_w + booster.merged.delta(name)).bfloat16().float())
+    if merge_base == "dequantized":
+        assert rel < 2e-2, rel  # bf16 rounding of the folded weights only
+    else:
+        assert rel > 2e-2  # the NF4 quantization error is gone from the export: a different model
+
+
+def test_loraxs_on_nf4_decomposes_the_full_precision_weight():
+    from torchtune_xgb.loraxs import SVDConfig, truncated_svd
+
+    model, base = nf4_tiny_model()
+    names = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    originals = {n: base[f"{n}.weight"].bfloat16() for n in names}
+    nf4_weight = {n: model.get_submodule(n).weight.get_original_weight() for n in names}
+    booster = Booster(model, BoostConfig(steps_per_round=1), AdapterConfig(method="loraxs"), originals=originals)
+    booster.start(total_steps=2)
+    for name in names:
+        _, s, _ = booster.svd_factors[name]
+        _, s_orig, _ = truncated_svd(originals[name], s.numel(), SVDConfig())
+        _, s_nf4, _ = truncated_svd(nf4_weight[name], s.numel(), SVDConfig())
+        assert torch.allclose(s, s_orig)  # the checkpoint's weight, not its 4-bit version
+        assert not torch.allclose(s, s_nf4, rtol=1e-3)
