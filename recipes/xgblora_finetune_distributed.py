@@ -22,10 +22,14 @@ from typing import Any, Dict
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
+from torch import nn
 from torchtune import config, training, utils
 
 from torchtune_xgb.config_names import resolve_config_arg
+from torchtune.modules.peft import get_adapter_params, set_trainable_params
+
 from torchtune_xgb.errors import ConfigError
+from torchtune_xgb.loraxs import convert_to_loraxs
 from torchtune_xgb.paths import register_resolvers
 from torchtune_xgb.recipe_mixin import BoostedRecipeMixin
 from torchtune_xgb.sharding import gather_optimizer_state, gather_rows, load_optimizer_state
@@ -101,22 +105,54 @@ class XGBLoRAFinetuneRecipeDistributed(BoostedRecipeMixin, _torchtune_lora.LoRAF
         self._log_selection(self._booster.round)
 
     def _setup_model(self, *args, **kwargs):
-        with self._cpu_safe_memory_stats():
+        with self._torchtune_setup_patches():
             return super()._setup_model(*args, **kwargs)
 
     @contextlib.contextmanager
-    def _cpu_safe_memory_stats(self):
-        """torchtune logs CUDA memory statistics after model init; on CPU there are none."""
-        if self._device.type == "cuda":
-            yield
-            return
-        saved = training.get_memory_stats, training.log_memory_stats
-        training.get_memory_stats = lambda *a, **k: {}
-        training.log_memory_stats = lambda *a, **k: None
+    def _torchtune_setup_patches(self):
+        """Three narrow hooks into torchtune's ``_setup_model``, for its duration only:
+
+        - on CPU, its CUDA-only memory statistics after model init are skipped;
+        - LoRA-XS modules replace the LoRA modules *before* ``fully_shard`` (FSDP2 manages the
+          parameters of the modules it sharded; a module swapped in afterwards would keep a
+          sharded weight in its forward pass);
+        - the LoRA-XS tensors, which no base checkpoint holds, count as adapter keys when
+          torchtune validates the loaded keys.
+        """
+        saved_training = {k: getattr(training, k) for k in ("get_memory_stats", "log_memory_stats", "shard_model")}
+        saved_validate = _torchtune_lora.validate_missing_and_unexpected_for_lora
+        shard_model = saved_training["shard_model"]
+
+        def shard_after_conversion(model, *args, **kwargs):
+            self._before_sharding(model)
+            return shard_model(model, *args, **kwargs)
+
+        def validate(*args, base_missing=None, **kwargs):
+            base_missing = [k for k in base_missing or [] if not any(f".{x}" in k for x in ("xs_a", "xs_b", "xs_core"))]
+            return saved_validate(*args, base_missing=base_missing, **kwargs)
+
+        if self._device.type != "cuda":
+            training.get_memory_stats = lambda *a, **k: {}
+            training.log_memory_stats = lambda *a, **k: None
+        if self._adapter.method == "loraxs":
+            training.shard_model = shard_after_conversion
+            _torchtune_lora.validate_missing_and_unexpected_for_lora = validate
         try:
             yield
         finally:
-            training.get_memory_stats, training.log_memory_stats = saved
+            for key, value in saved_training.items():
+                setattr(training, key, value)
+            _torchtune_lora.validate_missing_and_unexpected_for_lora = saved_validate
+
+    def _before_sharding(self, model: nn.Module) -> None:
+        """LoRA-XS: swap the (meta) LoRA modules for LoRA-XS ones and give them real, zero tensors
+        (the SVD fills A and B once the base is loaded); A and B stay replicated buffers."""
+        modules = convert_to_loraxs(model, self._adapter.sigma, self._adapter.init)
+        for module in modules.values():
+            for key in ("xs_a", "xs_b"):
+                module.register_buffer(key, torch.zeros_like(getattr(module, key), device=self._device))
+            module.xs_core = nn.Parameter(torch.zeros_like(module.xs_core, device=self._device))
+        set_trainable_params(model, get_adapter_params(model))
 
     # --- training -------------------------------------------------------------------------
     def _loss_step(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:

@@ -91,6 +91,20 @@ def any_nonzero(local_tensor: torch.Tensor, like: torch.Tensor) -> bool:
     return bool(flag.item())
 
 
+def broadcast_from_rank0(compute, shapes, device, like: DTensor) -> tuple:
+    """``compute()`` (a tuple of fp32 tensors of ``shapes``) on rank 0 of ``like``'s mesh, broadcast."""
+    mesh = _row_mesh(like)
+    group = mesh.get_group(0)
+    if mesh.get_local_rank(0) == 0:
+        tensors = [t.float().contiguous().to(device) for t in compute()]
+    else:
+        tensors = [torch.empty(shape, dtype=torch.float32, device=device) for shape in shapes]
+    src = dist.get_global_rank(group, 0)
+    for t in tensors:
+        dist.broadcast(t, src=src, group=group)
+    return tuple(tensors)
+
+
 def world_rank() -> Optional[int]:
     """This process's rank in the default group, or None without one."""
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else None
