@@ -146,3 +146,92 @@ def test_boosted_loraxs_two_processes_match_one(root):
     assert sorted(kept) == [4, 8, 12] and all(v >= 0.99 for v in kept.values())
     summary = json.loads((out / "xgb_summary.json").read_text())
     assert summary["method"] == "loraxs" and summary["trainable_params"] == 5 * 4 * 4
+
+
+# --- in process: one merge on a 2-rank FSDP2 model vs the same merge on one device ---------------
+
+def _fsdp_merge_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from torchtune_xgb.sharding import full, is_sharded
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        def shard(model):
+            for layer in model.layers:
+                fully_shard(layer)
+            fully_shard(model)
+
+        out = _merge_scenario(shard)
+        assert all(is_sharded(p) for p in out["popped"]), "optimizer states are keyed by the sharded params"
+        out["popped"] = len(out["popped"])
+        out["weights"] = {n: full(w) for n, w in out["weights"].items()}
+        out["lora_a"] = {n: full(a) for n, a in out["lora_a"].items()}
+        torch.save(out, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _merge_scenario(shard) -> dict:
+    """Build, shard (or not), train one AdamW step, end the round; return what the checks need."""
+    from tests.tiny_model import tiny_lora
+    from torchtune_xgb.boost_config import BoostConfig
+    from torchtune_xgb.boosting import Booster
+    from torchtune_xgb.sharding import local, local_rows
+
+    model = tiny_lora(rank=1, alpha=2.0, targets=("q_proj", "v_proj"), mlp=True)
+    shard(model)
+    booster = Booster(model, BoostConfig(steps_per_round=1, blocks_per_round=1, seed=3)).start()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    booster.attach(opt)
+    tokens = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # B = 0 after start: give every adapter a non-zero B, the same on any layout
+        gen = torch.Generator().manual_seed(0)
+        for module in booster.modules.values():
+            b = torch.randn(module.lora_b.weight.shape, generator=gen) * 0.05
+            local(module.lora_b.weight).copy_(local_rows(b, module.lora_b.weight))
+    active = {n for n, m in booster.modules.items() if m.active}
+    for module in booster.modules.values():  # train every adapter once, so all have optimizer state
+        module.active = True
+    model(tokens).float().square().mean().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    for name, module in booster.modules.items():
+        module.active = name in active
+    stateful_before = {p for p in opt.state}
+    report = booster.end_round(start_next=False)
+    popped = [p for p in stateful_before if p not in opt.state]
+    kept = [p for p in opt.state]
+    trainables_of = lambda names: {id(p) for n in names for p in booster.modules[n].trainable()}
+    assert {id(p) for p in popped} == trainables_of(active)  # exactly the re-initialised adapters
+    assert {id(p) for p in kept} == trainables_of(set(booster.modules) - active)  # the others keep theirs
+    return {
+        "popped": popped,
+        "active": sorted(active),
+        "kept_fraction": report.kept_fraction,
+        "weights": {n: m.weight.detach() for n, m in booster.modules.items()},
+        "lora_a": {n: m.lora_a.weight.detach() for n, m in booster.modules.items()},
+    }
+
+
+def test_shard_local_merge_and_optimizer_reset_equal_one_device(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_fsdp_merge_worker, args=(2, port, str(tmp_path)), nprocs=2, start_method="spawn")
+    reference = _merge_scenario(lambda m: None)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert got["active"] == reference["active"]  # the same blocks on every rank
+        assert got["popped"] == len(reference["popped"]) > 0
+        assert got["kept_fraction"] == pytest.approx(reference["kept_fraction"], abs=1e-6)
+        for name, weight in reference["weights"].items():
+            assert torch.allclose(got["weights"][name], weight, rtol=0, atol=1e-6), name
+            assert torch.equal(got["lora_a"][name], reference["lora_a"][name]), name  # re-init: same draw
