@@ -41,13 +41,12 @@ def launched_by_torchrun() -> bool:
 
 
 def main() -> int:
+    if launched_by_torchrun():
+        import xgblora_finetune_distributed
+
+        return xgblora_finetune_distributed.main()
     try:
         sys.argv = resolve_config_arg(sys.argv)
-        if launched_by_torchrun():
-            raise ConfigError(
-                "--nproc_per_node: the distributed XGBLoRA recipe is not available in this version; "
-                "run on one device (tune run xgblora_finetune …)"
-            )
         recipe_main()
     except (ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

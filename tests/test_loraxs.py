@@ -135,7 +135,7 @@ def test_save_load_same_outputs_and_resume_does_not_recompute_svd(monkeypatch):
 
     monkeypatch.setattr(loraxs, "truncated_svd", no_svd)
     monkeypatch.setattr("torchtune_xgb.boosting.svd_all", no_svd)
-    monkeypatch.setattr("torchtune_xgb.boosting.truncated_svd", no_svd)
+    monkeypatch.setattr("torchtune_xgb.boosting.truncated_svd_once", no_svd)
     fresh = tiny_lora(rank=4, alpha=4.0, targets=TARGETS, mlp=True)
     again = Booster(fresh, BoostConfig(steps_per_round=3), AdapterConfig(method="loraxs")).start(state=state)
     with torch.no_grad():

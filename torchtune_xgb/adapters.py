@@ -21,6 +21,8 @@ from torch import nn
 from torchao.dtypes.nf4tensor import linear_nf4
 from torchtune.modules.peft import LoRALinear
 
+from torchtune_xgb.sharding import any_nonzero, full, local, local_rows
+
 
 def merged_path(module: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     """Output of the merged state carried beside an NF4 weight (None when there is none).
@@ -70,31 +72,34 @@ class XGBLoRALinear(LoRALinear):
         """The update this adapter adds to the weight, ``(alpha/r)·B·A``, in fp32 (out×in).
 
         This is the one definition of the method's update: merging, export and the tests use it.
+        Under FSDP2 it is this rank's rows of the update (B's local rows times the gathered A).
         """
-        b = self.lora_b.weight.detach().float()
-        a = self.lora_a.weight.detach().float()
+        b = local(self.lora_b.weight.detach()).float()
+        a = full(self.lora_a.weight.detach()).float()
         return self.scale * (b @ a)
 
     def merge_factors(self, merge_rate: float):
         """(u, v) with u·v = merge_rate · delta_weight(): u = η(α/r)·B (out×r), v = A (r×in)."""
-        u = (merge_rate * self.scale) * self.lora_b.weight.detach().float()
-        return u, self.lora_a.weight.detach().float()
+        u = (merge_rate * self.scale) * local(self.lora_b.weight.detach()).float()  # FSDP2: local rows
+        return u, full(self.lora_a.weight.detach()).float()
 
     def has_update(self) -> bool:
         """False while B = 0 (nothing learned since the last reset)."""
-        return bool(torch.any(self.lora_b.weight.detach()))
+        return any_nonzero(local(self.lora_b.weight.detach()), self.lora_b.weight)  # same on every rank
 
     def trainable(self):
         """The parameters a round trains (and whose optimizer state a reset drops)."""
         return [self.lora_a.weight, self.lora_b.weight]
 
     def adapter_state(self) -> Dict[str, torch.Tensor]:
-        return {"lora_a": self.lora_a.weight.detach().cpu(), "lora_b": self.lora_b.weight.detach().cpu()}
+        # FSDP2: gathered, so a resume state has the single-device layout
+        return {"lora_a": full(self.lora_a.weight.detach()).cpu(), "lora_b": full(self.lora_b.weight.detach()).cpu()}
 
     @torch.no_grad()
     def load_adapter_state(self, state: Dict[str, torch.Tensor]) -> None:
-        self.lora_a.weight.copy_(state["lora_a"])
-        self.lora_b.weight.copy_(state["lora_b"])
+        for key in ("lora_a", "lora_b"):
+            weight = getattr(self, key).weight
+            local(weight).copy_(local_rows(state[key], weight))
 
     @torch.no_grad()
     def reset_adapter(self, generator: Optional[torch.Generator] = None) -> None:
@@ -108,8 +113,9 @@ class XGBLoRALinear(LoRALinear):
         # kaiming_uniform_(a=sqrt(5)) as in torchtune/nn.Linear: bound = 1/sqrt(fan_in)
         bound = 1.0 / math.sqrt(a.shape[1])
         fresh = torch.empty(a.shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
-        a.copy_(fresh.to(device=a.device, dtype=a.dtype))
-        self.lora_b.weight.zero_()
+        # FSDP2: every rank draws the whole A and keeps its own rows, so A equals one device's
+        local(a).copy_(local_rows(fresh, a).to(device=local(a).device, dtype=a.dtype))
+        local(self.lora_b.weight).zero_()
 
 
 def convert_to_xgblora(model: nn.Module) -> Dict[str, XGBLoRALinear]:

@@ -20,8 +20,9 @@ from torchtune import utils
 
 from torchtune_xgb.adapters import convert_to_xgblora
 from torchtune_xgb.boost_config import AdapterConfig, BoostConfig
-from torchtune_xgb.loraxs import convert_to_loraxs, svd_all, truncated_svd
+from torchtune_xgb.loraxs import convert_to_loraxs, svd_all, truncated_svd_once
 from torchtune_xgb.merged_state import MergedState
+from torchtune_xgb.sharding import gather_rows
 
 log = utils.get_logger("INFO")
 
@@ -178,7 +179,9 @@ class Booster:
             weight = self.merged.merged_weight(name)
             if self.originals is not None and name in self.originals:  # NF4: full-precision W0
                 weight = weight - self.merged.base_weight(name) + self.originals[name].float().to(weight.device)
-            u, s, vh = truncated_svd(weight, r, self.adapter.svd_config())
+            # FSDP2: gather this module's merged rows once, SVD on rank 0, broadcast
+            merged = gather_rows(weight, module.weight, module.weight.shape[0])
+            u, s, vh = truncated_svd_once(merged, r, self.adapter.svd_config(), module.weight)
         else:
             u, s, vh = self.svd_factors[name]
             available = u.shape[1] // r

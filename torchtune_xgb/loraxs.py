@@ -31,6 +31,7 @@ from torch import nn
 from torchtune.modules.peft import AdapterModule, LoRALinear
 
 from torchtune_xgb.errors import ConfigError
+from torchtune_xgb.sharding import any_nonzero, broadcast_from_rank0, full, local, local_rows
 
 SIGMAS = ("input", "sqrt")
 INITS = ("normal", "zeros")
@@ -130,17 +131,21 @@ class LoRAXSLinear(nn.Module, AdapterModule):
         return out + self.scale * F.linear(h, self.xs_b)  # B R A x
 
     # --- the method's update ------------------------------------------------------------
+    def _b_rows(self) -> torch.Tensor:
+        """B's rows for this rank's rows of W (FSDP2 shards W; B is a replicated buffer)."""
+        return local_rows(self.xs_b, self.weight).float()
+
     def delta_weight(self) -> torch.Tensor:
-        """``(α/r)·B·R·A`` in fp32 (out×in): the one definition of the LoRA-XS update."""
-        return self.scale * (self.xs_b.float() @ self.xs_core.detach().float() @ self.xs_a.float())
+        """``(α/r)·B·R·A`` in fp32 (out×in): the one definition of the LoRA-XS update (FSDP2: local rows)."""
+        return self.scale * (self._b_rows() @ full(self.xs_core.detach()).float() @ self.xs_a.float())
 
     def merge_factors(self, merge_rate: float) -> Tuple[torch.Tensor, torch.Tensor]:
         """(u, v) with u·v = merge_rate · delta_weight(): u = η(α/r)·B·R (out×r), v = A (r×in)."""
-        u = (merge_rate * self.scale) * (self.xs_b.float() @ self.xs_core.detach().float())
+        u = (merge_rate * self.scale) * (self._b_rows() @ full(self.xs_core.detach()).float())
         return u, self.xs_a.float()
 
     def has_update(self) -> bool:
-        return bool(torch.any(self.xs_core.detach()))
+        return any_nonzero(local(self.xs_core.detach()), self.xs_core)
 
     def trainable(self):
         return [self.xs_core]
@@ -165,26 +170,30 @@ class LoRAXSLinear(nn.Module, AdapterModule):
         core = torch.zeros(self.rank, self.rank)
         if self.core_init == "normal":
             core.normal_(0.0, CORE_INIT_STD, generator=generator)
-        self.xs_core.copy_(core.to(self.xs_core.dtype))
+        local(self.xs_core).copy_(local_rows(core, self.xs_core).to(self.xs_core.dtype))  # FSDP2: own rows
 
     def adapter_state(self) -> Dict[str, torch.Tensor]:
-        return {"xs_a": self.xs_a.detach().cpu(), "xs_b": self.xs_b.detach().cpu(), "xs_core": self.xs_core.detach().cpu()}
+        return {"xs_a": self.xs_a.detach().cpu(), "xs_b": self.xs_b.detach().cpu(), "xs_core": full(self.xs_core.detach()).cpu()}
 
     @torch.no_grad()
     def load_adapter_state(self, state: Dict[str, torch.Tensor]) -> None:
         for key in ("xs_a", "xs_b", "xs_core"):
-            getattr(self, key).copy_(state[key])
+            target = getattr(self, key)
+            local(target).copy_(local_rows(state[key], target))
 
 
 def convert_to_loraxs(model: nn.Module, sigma: str = "input", core_init: str = "normal") -> Dict[str, LoRAXSLinear]:
     """Replace every ``LoRALinear`` of a loaded model by a :class:`LoRAXSLinear` sharing its weight.
 
     The factors are not set yet (see :class:`~torchtune_xgb.boosting.Booster`, which owns the SVD).
-    Returns the new modules by qualified name.
+    Returns the new modules by qualified name (modules that already are LoRA-XS, e.g. converted
+    before FSDP2 sharding, are returned as they are).
     """
     replaced: Dict[str, LoRAXSLinear] = {}
     for name, module in list(model.named_modules()):
-        if isinstance(module, LoRALinear):
+        if isinstance(module, LoRAXSLinear):
+            replaced[name] = module
+        elif isinstance(module, LoRALinear):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             new = LoRAXSLinear.from_lora_linear(module, sigma, core_init)
@@ -206,7 +215,17 @@ def svd_all(
     start = time.perf_counter()
     factors = {}
     for name, module in modules.items():
-        weight = weights[name] if weights is not None and name in weights else module.weight
-        u, s, vh = truncated_svd(weight, blocks * module.rank, svd)
+        weight = weights[name] if weights is not None and name in weights else full(module.weight.detach())
+        u, s, vh = truncated_svd_once(weight, blocks * module.rank, svd, module.weight)
         factors[name] = (u.cpu(), s.cpu(), vh.cpu())
     return factors, time.perf_counter() - start
+
+
+def truncated_svd_once(weight: torch.Tensor, k: int, svd: SVDConfig, like: torch.Tensor):
+    """:func:`truncated_svd` of a full matrix; under FSDP2 (``like`` a DTensor) computed on rank 0
+    and broadcast, so every rank holds the same factors (never one randomized SVD per rank)."""
+    if local(like) is like:
+        return truncated_svd(weight, k, svd)
+    k = min(k, *weight.shape)
+    shapes = [(weight.shape[0], k), (k,), (k, weight.shape[1])]
+    return broadcast_from_rank0(lambda: truncated_svd(weight, k, svd), shapes, weight.device, like)

@@ -14,6 +14,9 @@ the training dtype, and rounding never accumulates across rounds.
 Once a module's factors would take more memory than a dense matrix (k·(out+in) ≥ out·in), L is
 stored as a dense fp32 matrix instead; both forms are exact up to fp32 arithmetic.
 
+Under FSDP2 the state is sharded like the weights: W0 and U hold this rank's rows of the weight,
+V is replicated (see sharding.py); only the resume state and the export gather rows.
+
 Memory cost (README): ``base_device`` holds one copy of every adapted weight in its checkpoint
 dtype (2 bytes/parameter in bf16); the factors take 4·k·(out+in) bytes per module after k
 merged rank-1 updates, capped at 4·out·in bytes.
@@ -34,6 +37,7 @@ import torch
 from torch import nn
 
 from torchtune_xgb.nf4 import dequantize, is_nf4
+from torchtune_xgb.sharding import all_sum, gather_rows, local, local_rows
 
 
 @dataclass
@@ -57,14 +61,15 @@ class MergeReport:
 class _Ledger:
     """Exact record L of one module's merged updates: factors U (out×k), V (k×in), or dense."""
 
-    def __init__(self, out_dim: int, in_dim: int, device: torch.device):
+    def __init__(self, out_dim: int, in_dim: int, device: torch.device, full_out: Optional[int] = None):
         self.u = torch.zeros(out_dim, 0, device=device)
         self.v = torch.zeros(0, in_dim, device=device)
         self.dense: Optional[torch.Tensor] = None
+        self.full_out = out_dim if full_out is None else full_out  # all ranks' rows (FSDP2)
 
     @property
     def rank_bound(self) -> int:
-        return self.u.shape[1] if self.dense is None else min(self.dense.shape)
+        return self.u.shape[1] if self.dense is None else min(self.full_out, self.dense.shape[1])
 
     def matrix(self) -> torch.Tensor:
         return self.dense if self.dense is not None else self.u @ self.v
@@ -75,7 +80,7 @@ class _Ledger:
             return
         self.u = torch.cat([self.u, u], dim=1)
         self.v = torch.cat([self.v, v], dim=0)
-        out_dim, in_dim = self.u.shape[0], self.v.shape[1]
+        out_dim, in_dim = self.full_out, self.v.shape[1]  # the same decision on every rank
         if self.u.shape[1] * (out_dim + in_dim) >= out_dim * in_dim:
             self.dense = self.u @ self.v
             self.u = self.u[:, :0]
@@ -119,13 +124,13 @@ class MergedState:
         self._base: Dict[str, torch.Tensor] = {}
         self._ledgers: Dict[str, _Ledger] = {}
         for name, module in modules.items():
-            weight = module.weight
-            if is_nf4(weight):
+            weight = local(module.weight.detach())  # FSDP2: this rank's rows
+            if is_nf4(weight):  # (NF4 is single-device for now: no sharded NF4 here)
                 if originals is not None:
                     self._base[name] = originals[name].detach().to(device=base_device, copy=True)
             else:
-                self._base[name] = weight.detach().to(device=base_device, copy=True)
-            self._ledgers[name] = _Ledger(weight.shape[0], weight.shape[1], weight.device)
+                self._base[name] = weight.to(device=base_device, copy=True)
+            self._ledgers[name] = _Ledger(weight.shape[0], weight.shape[1], weight.device, module.weight.shape[0])
 
     # --- reading the state -------------------------------------------------------------
     def base_weight(self, name: str) -> torch.Tensor:
@@ -134,7 +139,7 @@ class MergedState:
         base = self._base.get(name)
         if base is None:  # NF4, merge base "dequantized": the weights training saw
             base = dequantize(module.weight)
-        return base.to(device=module.weight.device, dtype=torch.float32)
+        return base.to(device=local(module.weight).device, dtype=torch.float32)
 
     def delta(self, name: str) -> torch.Tensor:
         """L = S − W0 of module ``name`` (fp32)."""
@@ -180,13 +185,21 @@ class MergedState:
             before = ledger.matrix().clone()
             ledger.add(u, v)
             after = ledger.matrix()
-            update_norm = torch.linalg.matrix_norm(update).item()
-            lost = torch.linalg.matrix_norm(after - before - update).item()
+            update_norm = self._norm(update, module.weight)
+            lost = self._norm(after - before - update, module.weight)
             kept = min(kept, 1.0 - lost / update_norm)
             sq_norm += update_norm**2
             merged += 1
             self._rederive(name, after)
         return MergeReport(kept, time.perf_counter() - start, merged, sq_norm**0.5)
+
+    @staticmethod
+    def _norm(rows: torch.Tensor, weight: torch.Tensor) -> float:
+        """Frobenius norm of a matrix whose rows are sharded like ``weight`` (summed over ranks)."""
+        norm = torch.linalg.matrix_norm(rows)
+        if local(weight) is weight:
+            return norm.item()
+        return all_sum(norm.square(), weight).sqrt().item()
 
     def _rederive(self, name: str, delta: Optional[torch.Tensor] = None) -> None:
         module = self.modules[name]
@@ -204,12 +217,21 @@ class MergedState:
         # one rounding from the exact state, never from the previous working weight
         if delta is None:
             delta = self.delta(name)
-        module.weight.data.copy_((self.base_weight(name) + delta).to(module.weight.dtype))
+        local(module.weight.data).copy_((self.base_weight(name) + delta).to(module.weight.dtype))
 
     # --- checkpointing -----------------------------------------------------------------
     def state_dict(self) -> Dict[str, Dict[str, torch.Tensor]]:
-        """The ledgers (not W0: resume reloads the original base checkpoint)."""
-        return {name: led.state() for name, led in self._ledgers.items() if led.rank_bound > 0}
+        """The ledgers (not W0: resume reloads the original base checkpoint).
+
+        Under FSDP2 the rows of U (or of a dense L) are gathered (a collective: call on every
+        rank), so the saved state has the single-device layout whatever the world size.
+        """
+        out = {}
+        for name, led in self._ledgers.items():
+            if led.rank_bound > 0:
+                weight = self.modules[name].weight
+                out[name] = {k: (v if k == "v" else gather_rows(v, weight, led.full_out).cpu()) for k, v in led.state().items()}
+        return out
 
     def load_state_dict(self, state: Dict[str, Dict[str, torch.Tensor]]) -> None:
         """Restore ledgers saved by :meth:`state_dict` and re-derive the working weights."""
@@ -217,5 +239,6 @@ class MergedState:
         if unknown:
             raise ValueError(f"merged state has modules the model lacks: {sorted(unknown)[:3]}")
         for name, ledger_state in state.items():
-            self._ledgers[name].load(ledger_state)
+            weight = self.modules[name].weight
+            self._ledgers[name].load({k: (v if k == "v" else local_rows(v, weight)) for k, v in ledger_state.items()})
             self._rederive(name)

@@ -12,8 +12,9 @@ Mixed in front of torchtune's recipe class (loaded by path, see torchtune_recipe
   checkpoints every ``save_every_n_steps`` and exact mid-epoch resume;
 - ``save_checkpoint``: exports the folded merged model in the checkpointer's format.
 
-Subclasses for other launch modes override the small hooks ``_scale_grads``,
-``_is_main_process``, ``_model_state_dict`` and ``_merged_weights``.
+Subclasses for other launch modes override the small hooks ``_scale_grads``, ``_reduce_loss``,
+``_is_main_process``, ``_model_state_dict``, ``_merged_weights``, ``_optimizer_state_dict`` and
+``_load_optimizer_state``.
 """
 
 import json
@@ -72,6 +73,16 @@ class BoostedRecipeMixin:
 
     def _scale_grads(self, num_tokens: torch.Tensor) -> None:
         training.scale_grads(self._model, 1 / num_tokens)
+
+    def _reduce_loss(self, running_loss: torch.Tensor) -> torch.Tensor:
+        """The step's token-weighted loss sum over all ranks (one process: as is)."""
+        return running_loss
+
+    def _optimizer_state_dict(self) -> Dict[str, Any]:
+        return self._optimizer.state_dict()
+
+    def _load_optimizer_state(self, state: Dict[str, Any]) -> None:
+        self._optimizer.load_state_dict(state)
 
     def _model_state_dict(self) -> Dict[str, torch.Tensor]:
         return {k: v.cpu() for k, v in self._model.state_dict().items()}
@@ -155,7 +166,7 @@ class BoostedRecipeMixin:
     def _resume_state(self) -> Dict[str, Any]:
         return {
             "booster": self._booster.state_dict(),
-            "optimizer": self._optimizer.state_dict(),
+            "optimizer": self._optimizer_state_dict(),
             "global_step": self.global_step,
             "seed": self.seed,
             "boost": asdict(self._booster.config),
@@ -175,7 +186,7 @@ class BoostedRecipeMixin:
                     f"{state['boost'][key]!r}; an exact resume needs the same value"
                 )
         self._booster.start(state=state["booster"])
-        self._optimizer.load_state_dict(state["optimizer"])
+        self._load_optimizer_state(state["optimizer"])
         self.global_step = int(state["global_step"])
         self.epochs_run = self.global_step // self._steps_per_epoch
         set_scheduler_step(self._lr_scheduler, self.global_step)
@@ -244,6 +255,8 @@ class BoostedRecipeMixin:
         grad_norm = None
         if self._clip_grad_norm is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(self._model.parameters(), max_norm=float(self._clip_grad_norm))
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+                grad_norm = grad_norm.full_tensor()
         lr = self._optimizer.param_groups[0]["lr"]
         round_index = self._booster.round
         trainable = self._booster.trainable_params()
@@ -253,7 +266,7 @@ class BoostedRecipeMixin:
         self._lr_scheduler.step()
         self.global_step += 1
         return {
-            "loss": running_loss.item() / num_tokens.item(),
+            "loss": self._reduce_loss(running_loss.detach()).item() / num_tokens.item(),
             "lr": lr,
             "num_tokens": int(num_tokens),
             "round": round_index,

@@ -1,0 +1,224 @@
+"""``tune run --nproc_per_node N xgblora_finetune --config …``: XGBLoRA with FSDP2.
+
+torchtune launches an unknown recipe name with ``torchrun -m NAME`` when ``--nproc_per_node`` is
+given; ``xgblora_finetune`` then dispatches here (``xgblora_finetune_distributed`` works as a
+name too). Multi-node: plain torchrun rendezvous, see the README.
+
+The class is torchtune's ``LoRAFinetuneRecipeDistributed`` (loaded by path) with the same
+:class:`~torchtune_xgb.recipe_mixin.BoostedRecipeMixin` as the single-device recipe; this file
+only fills the launch-mode hooks: rank-0 I/O, cross-rank loss/token reduction, gathered state
+for resume and export. Merges are shard-local (see torchtune_xgb/sharding.py).
+
+On machines without CUDA the process group uses gloo, and torchtune's CUDA-only memory
+statistics are skipped, so the recipe runs (and is tested) on CPU.
+"""
+
+import contextlib
+import json
+import os
+import sys
+from typing import Any, Dict
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+from torch import nn
+from torchtune import config, training, utils
+
+from torchtune_xgb.config_names import resolve_config_arg
+from torchtune.modules.peft import get_adapter_params, set_trainable_params
+
+from torchtune_xgb.errors import ConfigError
+from torchtune_xgb.loraxs import convert_to_loraxs
+from torchtune_xgb.paths import register_resolvers
+from torchtune_xgb.recipe_mixin import BoostedRecipeMixin
+from torchtune_xgb.sharding import gather_optimizer_state, gather_rows, load_optimizer_state
+from torchtune_xgb.torchtune_recipes import load_recipe_module
+
+register_resolvers()
+_torchtune_lora = load_recipe_module("lora_finetune_distributed")
+log = utils.get_logger("INFO")
+
+# Debug aid for the tests: each rank appends "round blocks" lines to <value>.rank<R>.
+SELECTION_LOG_ENV = "TORCHTUNE_XGB_SELECTION_LOG"
+
+
+def process_group_backend() -> str:
+    """NCCL for CUDA tensors where there is CUDA, gloo for CPU tensors always."""
+    return "cuda:nccl,cpu:gloo" if torch.cuda.is_available() else "gloo"
+
+
+class _NoLogger:
+    """Metric logger of ranks other than 0 (torchtune creates the real one on rank 0 only)."""
+
+    def log_dict(self, *args, **kwargs) -> None:
+        pass
+
+    def log(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class XGBLoRAFinetuneRecipeDistributed(BoostedRecipeMixin, _torchtune_lora.LoRAFinetuneRecipeDistributed):
+    """torchtune's FSDP2 LoRA recipe with boosted rank-r rounds (see BoostedRecipeMixin)."""
+
+    # --- launch-mode hooks ----------------------------------------------------------------
+    def _is_main_process(self) -> bool:
+        return self._is_rank_zero
+
+    def _scale_grads(self, num_tokens: torch.Tensor) -> None:
+        dist.all_reduce(num_tokens)  # in place: the step's loss is normalised by all ranks' tokens
+        # FSDP2's reduce-scatter averages over ranks: multiply the world size back in
+        training.scale_grads(self._model, self.world_size / num_tokens)
+
+    def _reduce_loss(self, running_loss: torch.Tensor) -> torch.Tensor:
+        running_loss = running_loss.clone()
+        dist.all_reduce(running_loss)
+        return running_loss
+
+    def _optimizer_state_dict(self) -> Dict[str, Any]:
+        return gather_optimizer_state(self._optimizer)
+
+    def _load_optimizer_state(self, state: Dict[str, Any]) -> None:
+        load_optimizer_state(self._optimizer, state)
+
+    def _model_state_dict(self) -> Dict[str, torch.Tensor]:
+        return training.gather_cpu_state_dict(self._model, self._is_rank_zero, device=self._device)
+
+    def _merged_weights(self) -> Dict[str, torch.Tensor]:
+        """Export is the one place full weights are gathered: one module at a time, kept on rank 0."""
+        weights = {}
+        for name, rows in self._booster.merged_weights().items():
+            weight = self._booster.modules[name].weight
+            gathered = gather_rows(rows, weight, weight.shape[0]).cpu()
+            if self._is_rank_zero:
+                weights[name] = gathered
+        return weights
+
+    # --- setup ----------------------------------------------------------------------------
+    def setup(self, cfg: DictConfig) -> None:
+        if not self._is_rank_zero:
+            self._metric_logger = _NoLogger()
+        super().setup(cfg)
+        self._log_selection(self._booster.round)
+
+    def _setup_model(self, *args, **kwargs):
+        with self._torchtune_setup_patches():
+            return super()._setup_model(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _torchtune_setup_patches(self):
+        """Three narrow hooks into torchtune's ``_setup_model``, for its duration only:
+
+        - on CPU, its CUDA-only memory statistics after model init are skipped;
+        - LoRA-XS modules replace the LoRA modules *before* ``fully_shard`` (FSDP2 manages the
+          parameters of the modules it sharded; a module swapped in afterwards would keep a
+          sharded weight in its forward pass);
+        - the LoRA-XS tensors, which no base checkpoint holds, count as adapter keys when
+          torchtune validates the loaded keys.
+        """
+        saved_training = {k: getattr(training, k) for k in ("get_memory_stats", "log_memory_stats", "shard_model")}
+        saved_validate = _torchtune_lora.validate_missing_and_unexpected_for_lora
+        shard_model = saved_training["shard_model"]
+
+        def shard_after_conversion(model, *args, **kwargs):
+            self._before_sharding(model)
+            return shard_model(model, *args, **kwargs)
+
+        def validate(*args, base_missing=None, **kwargs):
+            base_missing = [k for k in base_missing or [] if not any(f".{x}" in k for x in ("xs_a", "xs_b", "xs_core"))]
+            return saved_validate(*args, base_missing=base_missing, **kwargs)
+
+        if self._device.type != "cuda":
+            training.get_memory_stats = lambda *a, **k: {}
+            training.log_memory_stats = lambda *a, **k: None
+        if self._adapter.method == "loraxs":
+            training.shard_model = shard_after_conversion
+            _torchtune_lora.validate_missing_and_unexpected_for_lora = validate
+        try:
+            yield
+        finally:
+            for key, value in saved_training.items():
+                setattr(training, key, value)
+            _torchtune_lora.validate_missing_and_unexpected_for_lora = saved_validate
+
+    def _before_sharding(self, model: nn.Module) -> None:
+        """LoRA-XS: swap the (meta) LoRA modules for LoRA-XS ones and give them real, zero tensors
+        (the SVD fills A and B once the base is loaded); A and B stay replicated buffers."""
+        modules = convert_to_loraxs(model, self._adapter.sigma, self._adapter.init)
+        for module in modules.values():
+            for key in ("xs_a", "xs_b"):
+                module.register_buffer(key, torch.zeros_like(getattr(module, key), device=self._device))
+            module.xs_core = nn.Parameter(torch.zeros_like(module.xs_core, device=self._device))
+        set_trainable_params(model, get_adapter_params(model))
+
+    # --- training -------------------------------------------------------------------------
+    def _loss_step(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """Token-mean loss of one micro-batch (as torchtune's single-device ``_loss_step``)."""
+        labels = batch.pop("labels")
+        with self.activations_handling_ctx:
+            logits = self._model(**batch)
+        labels = torch.hstack((labels[..., 1:], self.ignore_labels_cache[: labels.shape[0]]))
+        if not isinstance(logits, list):
+            labels = labels.reshape(-1)
+            logits = logits.reshape(-1, logits.size(-1))
+        loss = self._loss_fn(logits, labels)
+        del logits
+        return loss
+
+    def _log_round(self, report) -> None:
+        super()._log_round(report)
+        self._log_selection(self._booster.round)
+
+    def _log_selection(self, round_index: int) -> None:
+        """With TORCHTUNE_XGB_SELECTION_LOG set, record the blocks this rank switched on."""
+        path = os.environ.get(SELECTION_LOG_ENV)
+        if not path:
+            return
+        b = self._booster
+        active = sorted({b.block_of[n] for n, m in b.modules.items() if m.active and b.block_of[n] is not None})
+        with open(f"{path}.rank{self.rank}", "a") as f:
+            f.write(json.dumps({"round": round_index, "selected": b.selected_blocks(round_index), "active": active}) + "\n")
+
+
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    """Train with XGBLoRA under FSDP2; config keys as torchtune's distributed LoRA recipe plus ``boost:``."""
+    if not training.is_distributed():
+        raise ConfigError(
+            "--nproc_per_node: the distributed recipe needs a distributed launcher "
+            "(tune run --nproc_per_node N xgblora_finetune …, or torchrun)"
+        )
+    if cfg.get("model", {}).get("quantize_base"):
+        raise ConfigError(
+            "model.quantize_base: NF4 bases are single-device only in this version "
+            "(torchao's NF4 shards need rank-consistent scalers under FSDP2); run without --nproc_per_node"
+        )
+    dist.init_process_group(process_group_backend())
+    try:
+        if cfg.get("fsdp_cpu_offload", False):
+            training.set_torch_num_threads()
+        config.log_config(recipe_name="XGBLoRAFinetuneRecipeDistributed", cfg=cfg)
+        recipe = XGBLoRAFinetuneRecipeDistributed(cfg=cfg)
+        recipe.setup(cfg=cfg)
+        recipe.train()
+        recipe.cleanup()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def main() -> int:
+    try:
+        sys.argv = resolve_config_arg(sys.argv)
+        recipe_main()
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
