@@ -12,8 +12,7 @@ import sys
 from omegaconf import DictConfig
 from torchtune import config
 
-from torchtune_xgb.config_names import resolve_config_arg
-from torchtune_xgb.errors import ConfigError
+from torchtune_xgb.config_names import run_entry_point
 from torchtune_xgb.paths import register_resolvers
 from torchtune_xgb.recipe_mixin import BoostedRecipeMixin
 from torchtune_xgb.torchtune_recipes import load_recipe_module
@@ -45,13 +44,7 @@ def main() -> int:
         import xgblora_finetune_distributed
 
         return xgblora_finetune_distributed.main()
-    try:
-        sys.argv = resolve_config_arg(sys.argv)
-        recipe_main()
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_entry_point(recipe_main)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from torch import nn
 from torchtune import config, training, utils
 
-from torchtune_xgb.config_names import resolve_config_arg
+from torchtune_xgb.config_names import run_entry_point
 from torchtune.modules.peft import get_adapter_params, set_trainable_params
 
 from torchtune_xgb.errors import ConfigError
@@ -211,13 +211,7 @@ def recipe_main(cfg: DictConfig) -> None:
 
 
 def main() -> int:
-    try:
-        sys.argv = resolve_config_arg(sys.argv)
-        recipe_main()
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_entry_point(recipe_main)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 from typing import Dict, List
 
-import torch
 import yaml
 
 from tests.helpers import build_tiny_tokenizer_json

@@ -39,6 +39,18 @@ def merged_path(module: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     return F.linear(F.linear(x, module.merged_v), u)
 
 
+def frozen_base_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The frozen base linear of an adapter module plus its merged rounds, without the live
+    adapter: dense bases hold the merged rounds in the weight itself, NF4 ones beside it."""
+    if not module._quantize_base:
+        return F.linear(x, module.weight, module.bias)
+    out = linear_nf4(input=x, weight=module.weight)
+    if module.bias is not None:
+        out = out + module.bias
+    merged = merged_path(module, x)
+    return out if merged is None else out + merged
+
+
 class XGBLoRALinear(LoRALinear):
     """A ``LoRALinear`` whose adapter can be switched off for a boosting round.
 
@@ -48,18 +60,8 @@ class XGBLoRALinear(LoRALinear):
 
     active: bool = True
 
-    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The frozen base linear plus the merged rounds, without the live adapter."""
-        if not self._quantize_base:
-            return F.linear(x, self.weight, self.bias)  # merged rounds are in the weight
-        out = linear_nf4(input=x, weight=self.weight)
-        if self.use_bias:
-            out = out + self.bias
-        merged = merged_path(self, x)
-        return out if merged is None else out + merged
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_forward(x)
+        out = frozen_base_forward(self, x)
         if not self.active or self.disabled:
             return out
         return out + self.scale * self.lora_b(self.lora_a(self.dropout(x)))

@@ -46,14 +46,7 @@ class BoostConfig:
     @classmethod
     def from_mapping(cls, block: Optional[Mapping[str, Any]]) -> "BoostConfig":
         """Build from the config's ``boost`` mapping; raise ConfigError naming the bad key."""
-        block = dict(block or {})
-        known = {f.name for f in fields(cls)}
-        for key in block:
-            if key not in known:
-                raise ConfigError(f"boost.{key}: unknown key (known: {', '.join(sorted(known))})")
-        cfg = cls(**block)
-        cfg.validate()
-        return cfg
+        return _build(cls, "boost", block)
 
     def validate(self) -> None:
         if not _is_int(self.steps_per_round) or self.steps_per_round < 1:
@@ -97,6 +90,18 @@ class BoostConfig:
         return max(1, min(num_blocks, round(bpr * num_blocks)))
 
 
+def _build(cls, prefix: str, block: Optional[Mapping[str, Any]]):
+    """``cls(**block)`` validated; an unknown key (a typo) is an error naming it, not ignored."""
+    block = dict(block or {})
+    known = {f.name for f in fields(cls)}
+    for key in block:
+        if key not in known:
+            raise ConfigError(f"{prefix}.{key}: unknown key (known: {', '.join(sorted(known))})")
+    cfg = cls(**block)
+    cfg.validate()
+    return cfg
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -126,26 +131,13 @@ class AdapterConfig:
 
     @classmethod
     def from_mapping(cls, block: Optional[Mapping[str, Any]]) -> "AdapterConfig":
-        block = dict(block or {})
-        known = {f.name for f in fields(cls)}
-        for key in block:
-            if key not in known:
-                raise ConfigError(f"adapter.{key}: unknown key (known: {', '.join(sorted(known))})")
-        cfg = cls(**block)
-        cfg.validate()
-        return cfg
+        """Build from the config's ``adapter`` mapping; raise ConfigError naming the bad key."""
+        return _build(cls, "adapter", block)
 
     def svd_config(self):
         from torchtune_xgb.loraxs import SVDConfig
 
-        svd = dict(self.svd or {})
-        known = {f.name for f in fields(SVDConfig)}
-        for key in svd:
-            if key not in known:
-                raise ConfigError(f"adapter.svd.{key}: unknown key (known: {', '.join(sorted(known))})")
-        cfg = SVDConfig(**svd)
-        cfg.validate()
-        return cfg
+        return _build(SVDConfig, "adapter.svd", self.svd)
 
     def validate(self) -> None:
         from torchtune_xgb.loraxs import INITS, SIGMAS

@@ -3,6 +3,7 @@
     tune-xgb ls                                   recipes and packaged configs
     tune-xgb cp NAME DEST                         copy a packaged config to edit it
     tune-xgb prepare smollm2-135m-instruct [--output DIR] [--force]
+    tune-xgb plot OUTPUT_DIR [--out PNG]          loss curve with merge boundaries (needs matplotlib)
 """
 
 import argparse
@@ -58,6 +59,23 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plot(args: argparse.Namespace) -> int:
+    try:
+        from torchtune_xgb.plot import plot_run
+
+        path = plot_run(args.output_dir, args.out)
+    except ModuleNotFoundError as err:
+        if (err.name or "").split(".")[0] != "matplotlib":
+            raise
+        print("error: tune-xgb plot needs matplotlib: pip install matplotlib", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tune-xgb", description="torchtune_xgb helpers")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -72,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--output", type=Path, default=None)
     prep.add_argument("--force", action="store_true")
     prep.set_defaults(func=_prepare)
+    plot = sub.add_parser("plot", help="loss vs step of a run, merges marked (PNG; needs matplotlib)")
+    plot.add_argument("output_dir", type=Path)
+    plot.add_argument("--out", type=Path, default=None, help="PNG path (default OUTPUT_DIR/loss.png)")
+    plot.set_defaults(func=_plot)
     return parser
 
 

@@ -5,9 +5,10 @@ names equalled one of its configs, so none does); for a plugin the string is a p
 our names before torchtune's parser sees the argument.
 """
 
+import sys
 from importlib import resources
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 RECIPES = {
     "xgblora_finetune": "XGBLoRA / LoRA-XS fine-tuning; one device, or FSDP2 under --nproc_per_node",
@@ -46,3 +47,17 @@ def resolve_config_arg(argv: List[str]) -> List[str]:
         elif arg.startswith("--config="):
             out[i] = "--config=" + resolve_config(arg.split("=", 1)[1])
     return out
+
+
+def run_entry_point(recipe_main: Callable[[], None]) -> int:
+    """Run a ``@config.parse`` recipe main with our config names resolved; a config mistake
+    (:class:`ConfigError`, a missing file) ends as one ``error:`` line and exit code 2."""
+    from torchtune_xgb.errors import ConfigError
+
+    try:
+        sys.argv = resolve_config_arg(sys.argv)
+        recipe_main()
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchtune.modules.peft import AdapterModule, LoRALinear
 
+from torchtune_xgb.adapters import frozen_base_forward
 from torchtune_xgb.errors import ConfigError
 from torchtune_xgb.sharding import any_nonzero, broadcast_from_rank0, full, local, local_rows
 
@@ -108,22 +109,8 @@ class LoRAXSLinear(nn.Module, AdapterModule):
     def scale(self) -> float:
         return self.alpha / self.rank
 
-    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The frozen base linear plus the merged rounds (see adapters.merged_path for NF4)."""
-        if not self._quantize_base:
-            return F.linear(x, self.weight, self.bias)
-        from torchao.dtypes.nf4tensor import linear_nf4
-
-        from torchtune_xgb.adapters import merged_path
-
-        out = linear_nf4(input=x, weight=self.weight)
-        if self.bias is not None:
-            out = out + self.bias
-        merged = merged_path(self, x)
-        return out if merged is None else out + merged
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_forward(x)
+        out = frozen_base_forward(self, x)
         if not self.active or self.disabled:
             return out
         h = F.linear(self.dropout(x), self.xs_a)  # A x

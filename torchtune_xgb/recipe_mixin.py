@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torchtune import config, training, utils
 from torchtune.modules.peft import LoRALinear, get_adapter_params, get_lora_module_names, set_trainable_params
 from tqdm import tqdm
