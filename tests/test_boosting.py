@@ -59,7 +59,10 @@ def test_merge_leaves_function_unchanged(dtype, rel_tol, rank):
     assert effect > 10 * rel, (effect, rel)
     assert report.kept_fraction > 0.999
     for name, m in booster.modules.items():
-        assert torch.equal(m.weight, expected[name].to(dtype)), name  # one rounding from the exact sum
+        if dtype == torch.bfloat16:
+            assert torch.equal(m.weight, expected[name].to(dtype)), name  # one rounding from the exact sum
+        else:  # fp32 merges in place: equal up to fp32 arithmetic
+            torch.testing.assert_close(m.weight, expected[name], rtol=0, atol=1e-6)
         assert not torch.any(m.lora_b.weight)  # re-initialised: B = 0 …
     # … so the model's output did not move at the re-init either: checked by `after` above
 

@@ -104,6 +104,10 @@ class _Ledger:
 class MergedState:
     """Exact merged state S = W0 + L for every adapted module.
 
+    bf16 (any non-fp32) weights: W0 copied to ``base_device``, L in the ledger, weight =
+    round(W0 + L). fp32 weights: S is the weight itself (merged in place, no copy of W0), the
+    ledger records L for resume. NF4 weights: see the module docstring.
+
     Args:
         modules: the adapted modules by name (their weights must already hold the loaded base).
         base_device: where the copy of W0 lives ("cpu" keeps it off the accelerator).
@@ -123,11 +127,16 @@ class MergedState:
         self.modules = modules
         self._base: Dict[str, torch.Tensor] = {}
         self._ledgers: Dict[str, _Ledger] = {}
+        # fp32 weights are their own exact state: an fp32 merge keeps ~all of even a 1e-4 update
+        # (24-bit mantissa), so they are merged in place and need no copy of W0
+        self._in_place = set()
         for name, module in modules.items():
             weight = local(module.weight.detach())  # FSDP2: this rank's rows
             if is_nf4(weight):  # (NF4 is single-device for now: no sharded NF4 here)
                 if originals is not None:
                     self._base[name] = originals[name].detach().to(device=base_device, copy=True)
+            elif weight.dtype == torch.float32:
+                self._in_place.add(name)
             else:
                 self._base[name] = weight.to(device=base_device, copy=True)
             self._ledgers[name] = _Ledger(weight.shape[0], weight.shape[1], weight.device, module.weight.shape[0])
@@ -136,6 +145,8 @@ class MergedState:
     def base_weight(self, name: str) -> torch.Tensor:
         """W0 of module ``name`` in fp32 on the module's device."""
         module = self.modules[name]
+        if name in self._in_place:
+            return local(module.weight.detach()) - self.delta(name)
         base = self._base.get(name)
         if base is None:  # NF4, merge base "dequantized": the weights training saw
             base = dequantize(module.weight)
@@ -146,7 +157,9 @@ class MergedState:
         return self._ledgers[name].matrix()
 
     def merged_weight(self, name: str) -> torch.Tensor:
-        """S = W0 + L of module ``name`` (fp32)."""
+        """S = W0 + L of module ``name`` (fp32; a new tensor the caller may change)."""
+        if name in self._in_place:
+            return local(self.modules[name].weight.detach()).clone()
         return self.base_weight(name) + self.delta(name)
 
     def ledger_rank(self, name: str) -> int:
@@ -182,15 +195,23 @@ class MergedState:
             u, v = module.merge_factors(merge_rate)  # out×r, r×in
             update = merge_rate * module.delta_weight()  # computed independently of (u, v)
             ledger = self._ledgers[name]
-            before = ledger.matrix().clone()
-            ledger.add(u, v)
-            after = ledger.matrix()
+            if name in self._in_place:  # the state is the weight itself; the ledger is for resume
+                weight = local(module.weight.data)
+                before = weight.clone()
+                weight.addmm_(u, v)
+                ledger.add(u, v)
+                after = weight
+            else:
+                before = ledger.matrix().clone()
+                ledger.add(u, v)
+                after = ledger.matrix()
             update_norm = self._norm(update, module.weight)
             lost = self._norm(after - before - update, module.weight)
             kept = min(kept, 1.0 - lost / update_norm)
             sq_norm += update_norm**2
             merged += 1
-            self._rederive(name, after)
+            if name not in self._in_place:
+                self._rederive(name, after)
         return MergeReport(kept, time.perf_counter() - start, merged, sq_norm**0.5)
 
     @staticmethod
@@ -213,6 +234,9 @@ class MergedState:
             else:
                 module.merged_dense = None
                 module.merged_u, module.merged_v = ledger.u.to(dtype), ledger.v.to(dtype)
+            return
+        if name in self._in_place:  # only after a resume: the weight is the freshly loaded W0
+            local(module.weight.data).add_(self.delta(name))
             return
         # one rounding from the exact state, never from the previous working weight
         if delta is None:

@@ -1,0 +1,47 @@
+"""A Llama-3.2-1B-shaped model with random weights, for throughput runs on a GPU.
+
+Speed and memory do not depend on the weights' values, and no 1B checkpoint can be downloaded
+here, so ``--model 1b-random`` builds torchtune's ``llama3_2_1b`` (16 layers, dim 2048, FFN 8192,
+32/8 heads, vocabulary 128256, tied embedding) with random bf16 weights and saves it once as an
+HF directory in the cache, with the SmolLM2 tokenizer (its ids are < 49152, inside the vocabulary).
+"""
+
+from pathlib import Path
+
+from torchtune_xgb.paths import cache_path
+
+NAME = "llama3_2-1b-random"
+LLAMA3_2_1B = dict(
+    vocab_size=128_256,
+    num_layers=16,
+    num_heads=32,
+    num_kv_heads=8,
+    embed_dim=2048,
+    intermediate_dim=8192,
+    max_seq_len=131_072,
+    rope_base=500_000,
+    norm_eps=1e-5,
+)
+
+
+def random_1b_dir() -> Path:
+    """Path of the HF directory (built on first use, ~2.5 GB in bf16, seeded: same every time)."""
+    out = cache_path(NAME)
+    if (out / "config.json").exists():
+        return out
+    import torch
+    from torchtune import training
+    from torchtune.models.llama3_2 import llama3_2_1b
+
+    from torchtune_xgb.hf_io import llama_hf_config, save_hf_checkpoint
+
+    tokenizer_json = cache_path("smollm2-135m-instruct") / "tokenizer.json"
+    if not tokenizer_json.exists():
+        raise FileNotFoundError(f"{tokenizer_json}: run `tune-xgb prepare smollm2-135m-instruct` first")
+    print(f"building a random 1B-shaped llama3_2 in {out} (once)")
+    torch.manual_seed(0)
+    with training.set_default_dtype(torch.bfloat16):
+        model = llama3_2_1b()
+    config = llama_hf_config(**LLAMA3_2_1B, tie_word_embeddings=True, torch_dtype="bfloat16")
+    save_hf_checkpoint(model.state_dict(), out, config, tokenizer_json=tokenizer_json)
+    return out
