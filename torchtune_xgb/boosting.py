@@ -112,6 +112,7 @@ class Booster:
         self.svd_factors: Dict[str, tuple] = {}  # LoRA-XS "rotate": the one SVD, CPU fp32
         self.svd_seconds = 0.0
         self._wrapped_warned = False
+        self._trainable = 0
 
     @property
     def is_loraxs(self) -> bool:
@@ -160,15 +161,23 @@ class Booster:
         return {n: m for n, m in self.modules.items() if m.active}
 
     def trainable_params(self) -> int:
-        """Adapter parameters that are trained in the current round."""
-        return sum(p.numel() for m in self.active_modules().values() for p in m.trainable())
+        """Adapter parameters that are trained in the current round (counted when it starts)."""
+        return self._trainable
 
-    def _activate(self, round_index: int) -> None:
+    def _set_active(self, round_index: int) -> None:
+        """Gate each module on or off for ``round_index`` (modules outside blocks: always on)."""
         chosen = set(self.selected_blocks(round_index))
         for name, module in self.modules.items():
             block = self.block_of[name]
             module.active = block is None or block in chosen
-            if module.active and self.is_loraxs:
+        # counted here, once a round, so the training step's logging does not walk the modules
+        self._trainable = sum(p.numel() for m in self.active_modules().values() for p in m.trainable())
+
+    def _activate(self, round_index: int) -> None:
+        """Start ``round_index``: gate the modules and give LoRA-XS ones their round's basis."""
+        self._set_active(round_index)
+        if self.is_loraxs:
+            for name, module in self.active_modules().items():
                 self._set_loraxs_basis(name, module)
 
     @torch.no_grad()
@@ -284,8 +293,6 @@ class Booster:
         self.rounds_trained = dict(state["rounds_trained"])
         self.svd_factors = state["svd_factors"]
         self.svd_seconds = state["svd_seconds"]
-        chosen = set(self.selected_blocks(self.round))
         for name, module in self.modules.items():
             module.load_adapter_state(state["adapters"][name])  # the live round's factors as saved
-            block = self.block_of[name]
-            module.active = block is None or block in chosen
+        self._set_active(self.round)

@@ -202,7 +202,9 @@ class MergedState:
                 ledger.add(u, v)
                 after = weight
             else:
-                before = ledger.matrix().clone()
+                before = ledger.matrix()
+                if ledger.dense is not None:
+                    before = before.clone()  # the dense ledger is updated in place below
                 ledger.add(u, v)
                 after = ledger.matrix()
             update_norm = self._norm(update, module.weight)
