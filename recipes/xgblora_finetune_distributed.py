@@ -17,7 +17,7 @@ import contextlib
 import json
 import os
 import sys
-from typing import Any, Dict
+from typing import Any, Dict, Iterator, Tuple
 
 import torch
 import torch.distributed as dist
@@ -87,15 +87,16 @@ class XGBLoRAFinetuneRecipeDistributed(BoostedRecipeMixin, _torchtune_lora.LoRAF
     def _model_state_dict(self) -> Dict[str, torch.Tensor]:
         return training.gather_cpu_state_dict(self._model, self._is_rank_zero, device=self._device)
 
-    def _merged_weights(self) -> Dict[str, torch.Tensor]:
-        """Export is the one place full weights are gathered: one module at a time, kept on rank 0."""
-        weights = {}
-        for name, rows in self._booster.merged_weights().items():
+    def _merged_weights(self) -> Iterator[Tuple[str, torch.Tensor]]:
+        """Export is the one place full weights are gathered: one module at a time, on rank 0.
+
+        Every rank must drain this iterator (each step is a collective); other ranks get
+        ``(name, None)``.
+        """
+        for name, rows in self._booster.export_weights(self._dtype):
             weight = self._booster.modules[name].weight
             gathered = gather_rows(rows, weight, weight.shape[0]).cpu()
-            if self._is_rank_zero:
-                weights[name] = gathered
-        return weights
+            yield name, (gathered if self._is_rank_zero else None)
 
     # --- setup ----------------------------------------------------------------------------
     def setup(self, cfg: DictConfig) -> None:

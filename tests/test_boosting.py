@@ -190,6 +190,9 @@ def test_twenty_small_rounds_on_bf16_lose_nothing():
     assert naive_error > 0.3, naive_error  # the failure the merged state exists to prevent
     # the forward weight is one rounding of the exact state: no accumulation over 20 rounds
     assert torch.equal(module.weight, exact.bfloat16())
+    # and so is the streamed bf16 export, which reuses that weight instead of a second copy
+    streamed = dict(booster.export_weights(torch.bfloat16))["layers.0.attn.q_proj"]
+    assert torch.equal(streamed, exact.bfloat16())
 
 
 def test_finish_folds_partial_round_and_export_includes_live_adapter():
@@ -208,3 +211,23 @@ def test_finish_folds_partial_round_and_export_includes_live_adapter():
     for name in live:
         assert torch.allclose(folded[name], w0[name] + live[name], atol=1e-6)
     assert booster.finish() is None  # idempotent: nothing left to fold
+
+
+def test_streamed_export_includes_live_adapter_and_copies_nothing_once_folded():
+    model = tiny_lora(rank=2, alpha=4.0)
+    booster = Booster(model, BoostConfig(steps_per_round=10)).start()
+    w0 = {n: m.weight.detach().float().clone() for n, m in booster.modules.items()}
+    perturb_adapters(booster)
+    live = {n: 2.0 * m.lora_b.weight.float() @ m.lora_a.weight.float() for n, m in booster.modules.items()}
+    stream = booster.export_weights(torch.float32)
+    name, first = next(stream)  # lazily: one module at a time
+    assert torch.allclose(first, w0[name] + live[name], atol=1e-6)
+    assert first.data_ptr() != booster.modules[name].weight.data_ptr()  # live term: a new sum
+    for name, weight in stream:
+        assert torch.allclose(weight, w0[name] + live[name], atol=1e-6)
+    booster.step = 3
+    booster.finish()
+    for name, weight in booster.export_weights(torch.float32):
+        assert torch.allclose(weight, w0[name] + live[name], atol=1e-6)
+        # fp32 weights are the exact state: the export shares them rather than copying the model
+        assert weight.data_ptr() == booster.modules[name].weight.data_ptr()

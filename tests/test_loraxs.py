@@ -150,3 +150,35 @@ def test_torchtune_lora_helpers_never_see_loraxs_as_lora():
     sd = model.state_dict()
     assert any(k.endswith("xs_core") for k in sd) and any(k.endswith("xs_a") for k in sd)
     assert get_adapter_state_dict(sd) == {}  # nothing named like a LoRA, so nothing merged as one
+
+
+def test_last_round_starts_no_successor_and_finish_leaves_exactly_the_merged_state(monkeypatch):
+    """After the last step nothing live is left: no basis for a round that never trains (no SVD),
+    no freshly initialised N(0, 1e-5²) core in the export, and the output is W0 + Σ B·R·A."""
+    from torchtune_xgb import boosting
+
+    calls = []
+    real_svd = boosting.truncated_svd_once
+    monkeypatch.setattr(boosting, "truncated_svd_once", lambda *a, **k: calls.append(1) or real_svd(*a, **k))
+    model, booster = xs_booster(rank=4, basis="top", kappa=2, total_steps=4)
+    n = len(booster.modules)
+    assert len(calls) == n  # round 0's bases
+    w0 = {name: m.weight.detach().clone() for name, m in booster.modules.items()}
+    expected = {name: w.clone() for name, w in w0.items()}
+    for round_index in range(2):
+        set_cores(booster, seed=round_index)
+        for name, m in booster.modules.items():  # the paper's update, α/r = 1 here
+            expected[name] += m.xs_b @ m.xs_core.detach() @ m.xs_a
+        booster.after_optimizer_step()
+        booster.after_optimizer_step()
+    assert len(calls) == 2 * n  # round 1's bases, and none for a round 2
+    assert booster.finish() is None  # nothing partial to fold
+    assert not booster.active_modules()
+    for name, weight in booster.export_weights(torch.float32):
+        assert torch.allclose(weight, expected[name], atol=1e-6)
+        assert not torch.allclose(weight, w0[name], atol=1e-4)  # two rounds really arrived
+    plain = tiny_lora(rank=4, targets=TARGETS, mlp=True)
+    with torch.no_grad():
+        for name, w in expected.items():
+            plain.get_submodule(name).weight.copy_(w)
+        assert rel(model(TOKENS), plain(TOKENS)) < 1e-5

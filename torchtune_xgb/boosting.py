@@ -12,7 +12,7 @@ import math
 import re
 import time
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -122,8 +122,10 @@ class Booster:
         """Begin round 0, or restore a saved run exactly (the SVD is then loaded, not recomputed).
 
         ``total_steps`` bounds how many rounds a module can train, i.e. how many singular blocks
-        the LoRA-XS "rotate" basis needs (None: the whole spectrum).
+        the LoRA-XS "rotate" basis needs (None: the whole spectrum); the round that ends on the
+        last step starts no successor (no basis, no SVD for a round that never trains).
         """
+        self.total_steps = total_steps
         if state is not None:
             self.load_state_dict(state)
             return self
@@ -211,7 +213,7 @@ class Booster:
         self.step += 1
         if self.step % self.config.steps_per_round:
             return None
-        return self.end_round(start_next=True)
+        return self.end_round(start_next=self.total_steps is None or self.step < self.total_steps)
 
     def end_round(self, start_next: bool = True) -> RoundReport:
         """Merge the active adapters now (also used to fold a final partial round)."""
@@ -243,11 +245,18 @@ class Booster:
         return report
 
     def finish(self) -> Optional[RoundReport]:
-        """Fold a partial last round (steps not a multiple of κ) so nothing trained is lost."""
+        """End training: fold a partial last round (steps not a multiple of κ) so nothing trained
+        is lost, then switch every adapter off, so the model is exactly its merged state (what
+        the export writes and what the evaluation after training measures). Returns the partial
+        round's report, or None if there was none."""
         already_merged = bool(self.reports) and self.reports[-1].step == self.step
-        if self.step % self.config.steps_per_round == 0 or already_merged:
-            return None
-        return self.end_round(start_next=False)
+        report = None
+        if self.step % self.config.steps_per_round and not already_merged:
+            report = self.end_round(start_next=False)
+        for module in self.modules.values():
+            module.active = False
+        self._trainable = 0
+        return report
 
     # --- accounting and checkpoint -----------------------------------------------------
     def distinct_params_touched(self) -> int:
@@ -268,6 +277,20 @@ class Booster:
                 weight += self.config.merge_rate * module.delta_weight()
             weights[name] = weight.cpu()
         return weights
+
+    @torch.no_grad()
+    def export_weights(self, dtype: torch.dtype) -> Iterator[Tuple[str, torch.Tensor]]:
+        """(module name, round(W0 + L + live adapter) in ``dtype``), one module at a time.
+
+        What an export writes, streamed: each weight is produced only when the consumer asks for
+        it, so at most one module's fp32 sum exists at once, and none when the working weight is
+        already exact (see :meth:`MergedState.export_weight`). Under FSDP2: this rank's rows.
+        """
+        for name, module in self.modules.items():
+            live = None
+            if module.active and module.has_update():
+                live = self.config.merge_rate * module.delta_weight()
+            yield name, self.merged.export_weight(name, dtype, live)
 
     def state_dict(self) -> dict:
         """Everything needed to continue exactly: step, ledgers, live adapters (LoRA-XS: with

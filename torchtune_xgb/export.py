@@ -6,7 +6,7 @@ once. The result has the plain model's keys only, so torchtune's ``generate`` (o
 after the checkpointer's conversion) loads it into the non-LoRA model class.
 """
 
-from typing import Dict, Mapping
+from typing import Dict, Iterable, Mapping, Tuple, Union
 
 import torch
 
@@ -16,22 +16,28 @@ ADAPTER_KEY_MARKERS = ("lora_a", "lora_b", "lora_magnitude", "magnitude", ".xs_a
 
 def fold_merged_weights(
     model_state_dict: Mapping[str, torch.Tensor],
-    merged_weights: Mapping[str, torch.Tensor],
+    merged_weights: Union[Mapping[str, torch.Tensor], Iterable[Tuple[str, torch.Tensor]]],
     dtype: torch.dtype,
 ) -> Dict[str, torch.Tensor]:
     """Return a plain state dict (CPU tensors, adapter keys removed).
 
     Args:
         model_state_dict: the training model's state dict (with ``lora_*`` keys).
-        merged_weights: module name → full-precision merged weight (out×in), e.g. W0 + L + B·A.
+        merged_weights: module name → merged weight (out×in), e.g. W0 + L + B·A: a mapping, or
+            (name, weight) pairs from an iterator, consumed one at a time so a streamed export
+            (``Booster.export_weights``) never holds more than one full-precision module.
         dtype: dtype of the written weights (the checkpoint dtype).
+
+    Weights already on the CPU in ``dtype`` are used as they are (no copy); the result must be
+    treated as read-only.
     """
     out: Dict[str, torch.Tensor] = {}
     for key, value in model_state_dict.items():
         if any(marker in key for marker in ADAPTER_KEY_MARKERS):
             continue
         out[key] = value.detach().cpu()
-    for module_name, weight in merged_weights.items():
+    pairs = merged_weights.items() if isinstance(merged_weights, Mapping) else merged_weights
+    for module_name, weight in pairs:
         key = f"{module_name}.weight"
         if key not in out:
             raise KeyError(f"merged weight for {module_name} has no '{key}' in the model state dict")

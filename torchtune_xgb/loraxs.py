@@ -63,10 +63,12 @@ def truncated_svd(weight: torch.Tensor, k: int, svd: SVDConfig) -> Tuple[torch.T
     k = min(k, *w.shape)
     if svd.method == "exact":
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
-        return u[:, :k], s[:k], vh[:k]
+        # clone: a slice would keep the whole out×min(out,in) factor alive (the model's size again
+        # once every module's factors are kept for the rotate basis)
+        return u[:, :k].clone(), s[:k].clone(), vh[:k].clone()
     q = min(k + svd.oversample, *w.shape)
     u, s, v = torch.svd_lowrank(w, q=q, niter=svd.niter)
-    return u[:, :k], s[:k], v[:, :k].T
+    return u[:, :k].clone(), s[:k].clone(), v[:, :k].T.clone()
 
 
 class LoRAXSLinear(nn.Module, AdapterModule):

@@ -162,6 +162,22 @@ class MergedState:
             return local(self.modules[name].weight.detach()).clone()
         return self.base_weight(name) + self.delta(name)
 
+    def export_weight(self, name: str, dtype: torch.dtype, live: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """round(S + live) in ``dtype`` (this rank's rows), for export; read-only.
+
+        ``live`` is an fp32 update not merged yet (a partial round). Without one, the working
+        weight already *is* round(S) (fp32: S itself; bf16: re-derived from S after every merge),
+        so it is returned without a copy: exporting costs no second copy of the model. Otherwise
+        (NF4, a live update, another dtype) S is summed in fp32 for this module only and cast once.
+        """
+        weight = local(self.modules[name].weight.detach())
+        if live is None and not is_nf4(weight) and weight.dtype == dtype:
+            return weight
+        merged = self.merged_weight(name)
+        if live is not None:
+            merged += live
+        return merged.to(dtype)
+
     def ledger_rank(self, name: str) -> int:
         """Number of stored rank-1 factors (upper bound on rank(L))."""
         return self._ledgers[name].rank_bound

@@ -23,7 +23,7 @@ import signal
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig
@@ -87,8 +87,9 @@ class BoostedRecipeMixin:
     def _model_state_dict(self) -> Dict[str, torch.Tensor]:
         return {k: v.cpu() for k, v in self._model.state_dict().items()}
 
-    def _merged_weights(self) -> Dict[str, torch.Tensor]:
-        return self._booster.merged_weights()
+    def _merged_weights(self) -> Iterator[Tuple[str, torch.Tensor]]:
+        """(module name, merged weight in the checkpoint dtype), streamed one module at a time."""
+        return self._booster.export_weights(self._dtype)
 
     # --- setup ----------------------------------------------------------------------------
     def setup(self, cfg: DictConfig) -> None:
@@ -185,7 +186,7 @@ class BoostedRecipeMixin:
                     f"boost.{key}: {getattr(self._booster.config, key)!r} differs from the checkpoint's "
                     f"{state['boost'][key]!r}; an exact resume needs the same value"
                 )
-        self._booster.start(state=state["booster"])
+        self._booster.start(total_steps=self.total_epochs * self._steps_per_epoch, state=state["booster"])
         self._load_optimizer_state(state["optimizer"])
         self.global_step = int(state["global_step"])
         self.epochs_run = self.global_step // self._steps_per_epoch
@@ -207,9 +208,11 @@ class BoostedRecipeMixin:
     # --- export ---------------------------------------------------------------------------
     def save_checkpoint(self, epoch: int) -> None:
         """Write the merged full model to ``output_dir/epoch_{epoch}`` via the checkpointer."""
-        merged = self._merged_weights()
         model_sd = self._model_state_dict()
+        merged = self._merged_weights()  # an iterator: under FSDP2 every rank must drain it
         if not self._is_main_process():
+            for _ in merged:
+                pass
             return
         ckpt = {training.MODEL_KEY: fold_merged_weights(model_sd, merged, dtype=self._dtype)}
         ckpt.update(self._peft_export())
