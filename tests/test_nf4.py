@@ -101,7 +101,12 @@ def test_export_reproduces_trained_nf4_model(merge_base):
     tokens = torch.randint(0, TINY["vocab_size"], (2, 10), generator=gen)
     with torch.no_grad():
         live = model(tokens).float()
-    exported = fold_merged_weights(model.state_dict(), booster.merged_weights(), dtype=torch.bfloat16)
+    # a QLoRA run holds no full-precision copy of the model: none for "dequantized", and for
+    # "original" the checkpoint's tensors themselves (taken over, not copied)
+    assert booster.originals is None
+    held = booster.merged._base
+    assert (held == {}) if merge_base == "dequantized" else all(held[n].data_ptr() == originals[n].data_ptr() for n in names)
+    exported = fold_merged_weights(model.state_dict(), booster.export_weights(torch.bfloat16), dtype=torch.bfloat16)
     plain = llama3_2(**TINY).bfloat16()
     plain.load_state_dict(exported, strict=False)
     with torch.no_grad():
@@ -125,6 +130,7 @@ def test_loraxs_on_nf4_decomposes_the_full_precision_weight():
     nf4_weight = {n: model.get_submodule(n).weight.get_original_weight() for n in names}
     booster = Booster(model, BoostConfig(steps_per_round=1), AdapterConfig(method="loraxs"), originals=originals)
     booster.start(total_steps=2)
+    assert booster.originals is None  # "rotate" took its one SVD: the references are dropped
     for name in names:
         _, s, _ = booster.svd_factors[name]
         _, s_orig, _ = truncated_svd(originals[name], s.numel(), SVDConfig())

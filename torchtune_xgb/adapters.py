@@ -29,14 +29,16 @@ def merged_path(module: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
 
     NF4 weights are never re-quantized with merged rounds (that would destroy them); the
     merged state is applied in the forward pass instead: x·Vᵀ·Uᵀ, or x·Lᵀ once L is dense.
+    The attributes are the fp32 ledger itself, cast per call: a rank-k cast is cheap next to
+    NF4's own dequantization, and keeping no second (bf16) copy saves a third of the ledger.
     """
     dense = getattr(module, "merged_dense", None)
     if dense is not None:
-        return F.linear(x, dense)
+        return F.linear(x, dense.to(x.dtype))
     u = getattr(module, "merged_u", None)
     if u is None:
         return None
-    return F.linear(F.linear(x, module.merged_v), u)
+    return F.linear(F.linear(x, module.merged_v.to(x.dtype)), u.to(x.dtype))
 
 
 def frozen_base_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

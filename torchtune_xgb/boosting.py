@@ -88,10 +88,12 @@ class Booster:
     ):
         """``originals``: full-precision weights by module name for NF4 bases (the checkpoint's,
         before quantization): LoRA-XS decomposes them, and ``merge_base="original"`` adds the
-        rounds to them at export."""
+        rounds to them at export. References are kept only while needed (a QLoRA run must not
+        hold a full-precision copy of the model): by the "top" basis for the whole run, by
+        "rotate" until :meth:`start` has taken its SVD, and by the merged state for "original"."""
         self.config = config
         self.adapter = adapter or AdapterConfig()
-        self.originals = originals
+        self.originals = originals if self.adapter.method == "loraxs" else None
         if self.adapter.method == "loraxs":
             self.modules = convert_to_loraxs(model, self.adapter.sigma, self.adapter.init)
         else:
@@ -128,6 +130,8 @@ class Booster:
         self.total_steps = total_steps
         if state is not None:
             self.load_state_dict(state)
+            if self.config.basis != "top":
+                self.originals = None  # the saved SVD is used, never recomputed
             return self
         if self.is_loraxs and self.config.basis == "rotate":
             max_rounds = math.ceil(total_steps / self.config.steps_per_round) if total_steps else None
@@ -144,6 +148,8 @@ class Booster:
         for name, module in self.modules.items():
             module.reset_adapter(seeded_generator(self.config.seed, f"init:{name}", 0))
         self._activate(0)
+        if self.config.basis != "top":
+            self.originals = None  # the one SVD is taken
         return self
 
     # --- round structure ---------------------------------------------------------------

@@ -133,8 +133,8 @@ class MergedState:
         for name, module in modules.items():
             weight = local(module.weight.detach())  # FSDP2: this rank's rows
             if is_nf4(weight):  # (NF4 is single-device for now: no sharded NF4 here)
-                if originals is not None:
-                    self._base[name] = originals[name].detach().to(device=base_device, copy=True)
+                if originals is not None:  # taken over, not copied (the caller's dict is dropped)
+                    self._base[name] = originals[name].detach().to(device=base_device)
             elif weight.dtype == torch.float32:
                 self._in_place.add(name)
             else:
@@ -244,14 +244,14 @@ class MergedState:
         module = self.modules[name]
         if is_nf4(module.weight):
             # never into the NF4 tensor: hand the forward pass the merged state itself
+            # (references to the ledger, not copies: merged_path casts them per call)
             ledger = self._ledgers[name]
-            dtype = module.weight.dtype
             if ledger.dense is not None:
                 module.merged_u = module.merged_v = None
-                module.merged_dense = ledger.dense.to(dtype)
+                module.merged_dense = ledger.dense
             else:
                 module.merged_dense = None
-                module.merged_u, module.merged_v = ledger.u.to(dtype), ledger.v.to(dtype)
+                module.merged_u, module.merged_v = ledger.u, ledger.v
             return
         if name in self._in_place:  # only after a resume: the weight is the freshly loaded W0
             local(module.weight.data).add_(self.delta(name))
