@@ -187,6 +187,13 @@ class MergedState:
         ledger = self._ledgers[name]
         return None if ledger.dense is not None else (ledger.u, ledger.v)
 
+    def nbytes(self) -> int:
+        """Memory the merged state holds (this rank): the ledgers plus any copies of W0."""
+        tensors = list(self._base.values())
+        for led in self._ledgers.values():
+            tensors += [led.u, led.v] + ([led.dense] if led.dense is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def touched_modules(self) -> Iterable[str]:
         """Names of modules whose state differs from W0."""
         return [n for n, led in self._ledgers.items() if led.rank_bound > 0]

@@ -368,6 +368,7 @@ class BoostedRecipeMixin:
             "wall_seconds": self._wall_seconds(),
             "merge_seconds": sum(r.merge_seconds + r.reset_seconds for r in reports),
             "min_kept_fraction": min(kept) if kept else None,
+            "merged_state_bytes": self._booster.merged.nbytes(),
             "final_loss": self._last_loss,
             "lora_rank": self._lora_rank,
             "svd_seconds": self._booster.svd_seconds,
