@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from torchtune_xgb.nf4 import dequantize, is_nf4
-from torchtune_xgb.sharding import all_sum, gather_rows, local, local_rows
+from torchtune_xgb.sharding import all_sum, gather_rows, local, local_rows, rows_like
 
 
 @dataclass
@@ -132,9 +132,10 @@ class MergedState:
         self._in_place = set()
         for name, module in modules.items():
             weight = local(module.weight.detach())  # FSDP2: this rank's rows
-            if is_nf4(weight):  # (NF4 is single-device for now: no sharded NF4 here)
-                if originals is not None:
-                    self._base[name] = originals[name].detach().to(device=base_device, copy=True)
+            if is_nf4(weight):
+                if originals is not None:  # full-size checkpoint weights: keep this rank's rows
+                    rows = local_rows(originals[name].detach(), module.weight)
+                    self._base[name] = rows.to(device=base_device, copy=True)
             elif weight.dtype == torch.float32:
                 self._in_place.add(name)
             else:
@@ -149,7 +150,7 @@ class MergedState:
             return local(module.weight.detach()) - self.delta(name)
         base = self._base.get(name)
         if base is None:  # NF4, merge base "dequantized": the weights training saw
-            base = dequantize(module.weight)
+            base = dequantize(local(module.weight))
         return base.to(device=local(module.weight).device, dtype=torch.float32)
 
     def delta(self, name: str) -> torch.Tensor:
@@ -167,7 +168,7 @@ class MergedState:
         return self._ledgers[name].rank_bound
 
     def factors(self, name: str) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-        """(U, V) with L = U·V, or None once L is stored dense."""
+        """(U, V) with L = U·V (FSDP2: this rank's rows of U), or None once L is stored dense."""
         ledger = self._ledgers[name]
         return None if ledger.dense is not None else (ledger.u, ledger.v)
 
@@ -226,16 +227,18 @@ class MergedState:
 
     def _rederive(self, name: str, delta: Optional[torch.Tensor] = None) -> None:
         module = self.modules[name]
-        if is_nf4(module.weight):
-            # never into the NF4 tensor: hand the forward pass the merged state itself
+        if is_nf4(local(module.weight)):
+            # never into the NF4 tensor: hand the forward pass the merged state itself (FSDP2: the
+            # rows of U or L stay sharded like the weight; adapters.merged_path gathers them)
             ledger = self._ledgers[name]
             dtype = module.weight.dtype
+            sharded = lambda rows: rows_like(rows.to(dtype), module.weight, ledger.full_out)  # noqa: E731
             if ledger.dense is not None:
                 module.merged_u = module.merged_v = None
-                module.merged_dense = ledger.dense.to(dtype)
+                module.merged_dense = sharded(ledger.dense)
             else:
                 module.merged_dense = None
-                module.merged_u, module.merged_v = ledger.u.to(dtype), ledger.v.to(dtype)
+                module.merged_u, module.merged_v = sharded(ledger.u), ledger.v.to(dtype)
             return
         if name in self._in_place:  # only after a resume: the weight is the freshly loaded W0
             local(module.weight.data).add_(self.delta(name))
