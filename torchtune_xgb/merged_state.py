@@ -172,6 +172,13 @@ class MergedState:
         ledger = self._ledgers[name]
         return None if ledger.dense is not None else (ledger.u, ledger.v)
 
+    def gathered_factors(self, name: str) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`factors` with all rows of U (FSDP2: gathered, a collective: call on every rank)."""
+        ledger = self._ledgers[name]
+        if ledger.dense is not None:
+            return None
+        return gather_rows(ledger.u, self.modules[name].weight, ledger.full_out), ledger.v
+
     def touched_modules(self) -> Iterable[str]:
         """Names of modules whose state differs from W0."""
         return [n for n, led in self._ledgers.items() if led.rank_bound > 0]

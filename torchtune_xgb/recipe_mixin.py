@@ -209,17 +209,21 @@ class BoostedRecipeMixin:
         """Write the merged full model to ``output_dir/epoch_{epoch}`` via the checkpointer."""
         merged = self._merged_weights()
         model_sd = self._model_state_dict()
+        peft = self._peft_export()  # gathers under FSDP2: every rank takes part, rank 0 writes
         if not self._is_main_process():
             return
         ckpt = {training.MODEL_KEY: fold_merged_weights(model_sd, merged, dtype=self._dtype)}
-        ckpt.update(self._peft_export())
+        ckpt.update(peft)
         self._checkpointer.save_checkpoint(ckpt, epoch=epoch, intermediate_checkpoint=False, adapter_only=False)
 
     def _peft_export(self) -> Dict[str, Any]:
-        """A one-round LoRA-XS run is exactly a rank-r LoRA: export it in PEFT format too."""
+        """A one-round LoRA-XS run is exactly a rank-r LoRA: export it in PEFT format too.
+
+        Call on every rank (FSDP2: the rows of each U are gathered); returns the checkpointer's
+        adapter entries, or {} when the run is not a finished one-round LoRA-XS run."""
         if not (self._single_round and self.method == "loraxs" and self.epochs_run == self.total_epochs):
             return {}
-        factors = {name: self._booster.merged.factors(name) for name in self._booster.modules}
+        factors = {name: self._booster.merged.gathered_factors(name) for name in self._booster.modules}
         if any(f is None or f[0].shape[1] != self._lora_rank for f in factors.values()):
             log.warning("LoRA-XS: merged state is not a single rank-r LoRA; no PEFT adapter exported")
             return {}
