@@ -35,6 +35,7 @@ from tests.e2e_fixture import (
     TUNE, losses, make_tiny_model_dir, read_metric, run_recipe, tiny_config, tiny_loraxs_config, tiny_nf4_config,
 )
 from torchtune_xgb.recipe_mixin import KILL_AT_STEP_ENV
+from torchtune_xgb.sharding import DTensor, Shard
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -284,9 +285,29 @@ def _fsdp_merge_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         out["popped"] = len(out["popped"])
         out["weights"] = {n: full(w) for n, w in out["weights"].items()}
         out["lora_a"] = {n: full(a) for n, a in out["lora_a"].items()}
+        out["frozen_linear"] = _frozen_linear_scenario(shard=True)
         torch.save(out, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def _frozen_linear_scenario(shard: bool) -> dict:
+    """The NF4 merged path's x·Lᵀ with L's rows sharded (gathered in forward and backward) or not."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from torchtune_xgb.sharding import linear_frozen, local_rows, rows_like
+
+    gen = torch.Generator().manual_seed(5)
+    ledger, x = torch.randn(6, 4, generator=gen), torch.randn(3, 4, generator=gen).requires_grad_()
+    weight = ledger
+    if shard:
+        mesh = init_device_mesh("cpu", (2,))
+        template = DTensor.from_local(torch.zeros(3, 4), mesh, [Shard(0)], run_check=False)
+        weight = rows_like(local_rows(ledger, template), template, 6)
+        assert weight.to_local().shape == (3, 4)
+    out = linear_frozen(x, weight)
+    (out * torch.arange(6.0)).sum().backward()
+    return {"out": out.detach(), "grad": x.grad}
 
 
 def _merge_scenario(shard) -> dict:
@@ -346,6 +367,8 @@ def test_shard_local_merge_and_optimizer_reset_equal_one_device(tmp_path):
         assert got["active"] == reference["active"]  # the same blocks on every rank
         assert got["popped"] == len(reference["popped"]) > 0
         assert got["kept_fraction"] == pytest.approx(reference["kept_fraction"], abs=1e-6)
+        for key, value in _frozen_linear_scenario(shard=False).items():  # the merged path of NF4 modules
+            assert torch.allclose(got["frozen_linear"][key], value, rtol=0, atol=1e-6), key
         for name, weight in reference["weights"].items():
             assert torch.allclose(got["weights"][name], weight, rtol=0, atol=1e-6), name
             assert torch.equal(got["lora_a"][name], reference["lora_a"][name]), name  # re-init: same draw
