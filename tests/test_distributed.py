@@ -34,6 +34,7 @@ from safetensors.torch import load_file
 from tests.e2e_fixture import (
     TUNE, losses, make_tiny_model_dir, read_metric, run_recipe, tiny_config, tiny_loraxs_config, tiny_nf4_config,
 )
+from tests.tiny_model import TINY
 from torchtune_xgb.recipe_mixin import KILL_AT_STEP_ENV
 from torchtune_xgb.sharding import DTensor, Shard
 
@@ -216,9 +217,13 @@ def test_nf4_export_under_fsdp_equals_single_device(root, nf4_fsdp, single_proce
             assert not torch.allclose(b[key].float(), base[key].float(), atol=1e-3), key
 
 
-def test_nf4_resume_under_fsdp_matches_uninterrupted(root, nf4_fsdp):
+def test_nf4_resume_under_fsdp_matches_uninterrupted_and_exports_onto_the_originals(root, nf4_fsdp):
+    from torchtune.models.convert_weights import tune_to_hf
+
     out = root / "nf4_killed"
     cfg = no_eval(tiny_nf4_config(root, out))
+    # merge_base only changes what the export adds the merged rounds to, never the training
+    cfg["adapter"] = {"merge_base": "original"}
     # κ = 4, resume state every 3 steps: both ranks SIGKILLed after step 7, resumed from step 6
     killed = run_distributed(cfg, root, env_extra={KILL_AT_STEP_ENV: "7"})
     assert killed.returncode != 0
@@ -230,9 +235,22 @@ def test_nf4_resume_under_fsdp_matches_uninterrupted(root, nf4_fsdp):
     assert sorted(again) == list(range(1, 13))
     for step in range(7, 13):
         assert again[step] == pytest.approx(full[step], rel=1e-6), step
-    a, b = load_file(nf4_fsdp / EXPORT), load_file(out / EXPORT)
-    for key in a:
-        assert torch.allclose(a[key].float(), b[key].float(), rtol=0, atol=1e-6), key
+    ledgers, uninterrupted = _ledgers(out), _ledgers(nf4_fsdp)
+    for name in uninterrupted:
+        assert torch.allclose(ledgers[name], uninterrupted[name], rtol=0, atol=1e-7), name
+    # merge_base=original: export = checkpoint weight + L (each rank's rows of both), in HF layout
+    base = load_file(make_tiny_model_dir(root) / "model.safetensors")
+    dims = dict(num_heads=TINY["num_heads"], num_kv_heads=TINY["num_kv_heads"], dim=TINY["embed_dim"])
+    delta = tune_to_hf({f"{n}.weight": d for n, d in ledgers.items()}, **dims)
+    exported, dequantized = load_file(out / EXPORT), load_file(nf4_fsdp / EXPORT)
+    assert delta.keys() < exported.keys() and len(delta) == 10
+    for key in exported:
+        if key in delta:  # one bf16 rounding of the fp32 sum: at most one bf16 step apart
+            expected = (base[key].float() + delta[key]).bfloat16().float()
+            assert torch.allclose(exported[key].float(), expected, rtol=2**-7, atol=0), key
+            assert not torch.allclose(exported[key].float(), dequantized[key].float(), atol=1e-3), key
+        else:
+            assert torch.equal(exported[key], dequantized[key]), key
 
 
 def test_nf4_loraxs_two_processes_match_one(root, single_process_run):
