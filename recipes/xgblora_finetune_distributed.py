@@ -34,7 +34,7 @@ from torchtune_xgb.nf4 import is_nf4
 from torchtune_xgb.paths import register_resolvers
 from torchtune_xgb.recipe_mixin import BoostedRecipeMixin
 from torchtune_xgb.sharding import gather_optimizer_state, gather_rows, load_optimizer_state, local
-from torchtune_xgb.nf4_sharding import nf4_dtensor_shard, prepare_nf4_for_row_sharding
+from torchtune_xgb.nf4_sharding import clean_name, nf4_dtensor_shard, prepare_nf4_for_row_sharding
 from torchtune_xgb.torchtune_recipes import load_recipe_module
 
 register_resolvers()
@@ -132,11 +132,12 @@ class XGBLoRAFinetuneRecipeDistributed(BoostedRecipeMixin, _torchtune_lora.LoRAF
             return shard_model(model, *args, **kwargs)
 
         def load_with_nf4_shards(model, full_sd, device, strict=False, cpu_offload=False):
-            nf4_keys = {k for k, v in model.state_dict().items() if is_nf4(local(v))}
+            sharded = model.state_dict()
+            nf4_keys = {k for k, v in sharded.items() if is_nf4(local(v))} & full_sd.keys()
             rest = {k: v for k, v in full_sd.items() if k not in nf4_keys}  # the caller's dict stays whole
             result = load_full(model, rest, device, strict=strict, cpu_offload=cpu_offload)
-            loaded = self._load_nf4_shards(model, {k: full_sd[k] for k in nf4_keys & full_sd.keys()}, device, cpu_offload)
-            result.missing_keys[:] = [k for k in result.missing_keys if k not in loaded]
+            self._load_nf4_shards(model, {k: (sharded[k], full_sd[k]) for k in nf4_keys}, device, cpu_offload)
+            result.missing_keys[:] = [k for k in result.missing_keys if clean_name(k) not in nf4_keys]
             return result
 
         def validate(*args, base_missing=None, **kwargs):
@@ -176,20 +177,18 @@ class XGBLoRAFinetuneRecipeDistributed(BoostedRecipeMixin, _torchtune_lora.LoRAF
             module.xs_core = nn.Parameter(torch.zeros_like(module.xs_core, device=self._device))
         set_trainable_params(model, get_adapter_params(model))
 
-    def _load_nf4_shards(self, model: nn.Module, full_sd: Dict[str, torch.Tensor], device, cpu_offload: bool):
-        """Load NF4 weights from full checkpoint tensors: each rank quantizes the whole tensor as one
-        device would and keeps its rows (nf4.py); returns the loaded keys.
+    @staticmethod
+    def _load_nf4_shards(model: nn.Module, weights: Dict[str, tuple], device, cpu_offload: bool) -> None:
+        """Load NF4 weights, ``{key: (current sharded NF4 parameter, full checkpoint tensor)}``: each
+        rank quantizes the whole tensor as one device would and keeps its rows (nf4_sharding.py).
 
-        torchtune's own NF4 branch re-quantizes in the training dtype with the shard's (smaller)
-        scaler blocks, which is not the single-device weight."""
-        sharded = model.state_dict()
+        torchtune's own NF4 branch re-quantizes in the training dtype with the shard's (possibly
+        smaller) scaler blocks, which is not the single-device weight."""
         shards = {}
-        for key, tensor in full_sd.items():
-            shards[key] = nn.Parameter(nf4_dtensor_shard(sharded[key], tensor, device), requires_grad=False)
-            if cpu_offload:
-                shards[key] = nn.Parameter(shards[key].cpu(), requires_grad=False)
+        for key, (sharded, tensor) in weights.items():
+            shard = nf4_dtensor_shard(sharded, tensor, device)
+            shards[key] = nn.Parameter(shard.cpu() if cpu_offload else shard, requires_grad=False)
         model.load_state_dict(shards, strict=False, assign=True)
-        return set(shards)
 
     # --- training -------------------------------------------------------------------------
     def _loss_step(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:

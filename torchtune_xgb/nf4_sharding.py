@@ -18,12 +18,9 @@ from typing import List
 import torch
 from torch import nn
 
+from torchtune_xgb.export import clean_name
 from torchtune_xgb.nf4 import fitting_scaler_block, is_nf4, nf4_from_fields, nf4_row_shard, quantize_full, shard_scaler_block
 from torchtune_xgb.sharding import DTensor, local, row_mesh
-
-
-def _readable(name: str) -> str:
-    return name.replace("._checkpoint_wrapped_module", "").replace("_checkpoint_wrapped_module.", "")
 
 
 def prepare_nf4_for_row_sharding(model: nn.Module, world: int) -> List[str]:
@@ -39,7 +36,7 @@ def prepare_nf4_for_row_sharding(model: nn.Module, world: int) -> List[str]:
         if weight is None or not is_nf4(weight):
             continue
         rows, cols = weight.shape
-        sub = shard_scaler_block(_readable(name), (rows, cols), weight.block_size, weight.scaler_block_size, world)
+        sub = shard_scaler_block(clean_name(name), (rows, cols), weight.block_size, weight.scaler_block_size, world)
         if sub == weight.scaler_block_size:
             continue
         n_blocks = rows * cols // weight.block_size
@@ -52,7 +49,7 @@ def prepare_nf4_for_row_sharding(model: nn.Module, world: int) -> List[str]:
             ),
             requires_grad=False,
         )
-        changed.append(_readable(name))
+        changed.append(clean_name(name))
     return changed
 
 

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from torchtune_xgb.boosting import Booster, RoundReport
 from torchtune_xgb.checkpointing import load_resume_state, save_resume_state
 from torchtune_xgb.errors import ConfigError
-from torchtune_xgb.export import fold_merged_weights, peft_lora_adapter
+from torchtune_xgb.export import clean_name, fold_merged_weights, peft_lora_adapter
 from torchtune_xgb.loraxs import LoRAXSLinear
 from torchtune_xgb.nf4 import fitting_nf4_blocks, is_nf4, keep_unquantizable_in_full_precision
 from torchtune_xgb.schedules import apply_round_restarts, set_scheduler_step
@@ -120,10 +120,13 @@ class BoostedRecipeMixin:
         originals = None
         # LoRA modules, or LoRA-XS ones where the distributed recipe converted them before sharding
         adapted = {n: m for n, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAXSLinear))}
-        if any(is_nf4(local(m.weight)) for m in adapted.values()):
-            # the checkpoint's full-precision weights: LoRA-XS decomposes them, merge_base=original uses them
+        needs_originals = self.method == "loraxs" or self._adapter.merge_base == "original"
+        if needs_originals and any(is_nf4(local(m.weight)) for m in adapted.values()):
+            # the checkpoint's full-precision weights: LoRA-XS decomposes them, merge_base=original
+            # uses them; otherwise nothing keeps them (they would stay in memory for the whole run)
             state = kwargs.get("base_model_state_dict") or {}
-            originals = {n: state[f"{n}.weight"].cpu() for n in adapted if f"{n}.weight" in state}
+            keys = {n: f"{clean_name(n)}.weight" for n in adapted}  # module names may carry AC's wrapper
+            originals = {n: state[k].cpu() for n, k in keys.items() if k in state}
         self._booster = Booster(model, self._boost, self._adapter, originals=originals)
         # LoRA-XS replaced the LoRA modules: the trainables are now the r×r cores
         self.adapter_params = get_adapter_params(model)
