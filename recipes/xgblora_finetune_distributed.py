@@ -11,6 +11,10 @@ for resume and export. Merges are shard-local (see torchtune_xgb/sharding.py).
 
 On machines without CUDA the process group uses gloo, and torchtune's CUDA-only memory
 statistics are skipped, so the recipe runs (and is tested) on CPU.
+
+NF4 bases (``model.quantize_base: True``) are sharded as row slices of the single-device
+quantization (torchtune_xgb/nf4_sharding.py); their merged rounds stay beside the NF4 weight with
+the ledger rows sharded like it (adapters.merged_path gathers them in the forward).
 """
 
 import contextlib

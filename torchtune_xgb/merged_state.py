@@ -26,7 +26,9 @@ size 1e-2, design.md §2), so rounds are never folded into the NF4 tensor. The m
 adds the merged state as a frozen low-rank path instead (``merged_u``/``merged_v``, or
 ``merged_dense``; see adapters.merged_path), and W0 is the dequantized NF4 weight (the weights
 training saw, ``merge_base="dequantized"``) or a CPU copy of the checkpoint's full-precision
-weight (``merge_base="original"``). No copy of W0 is kept in the first case.
+weight (``merge_base="original"``). No copy of W0 is kept in the first case. Under FSDP2 the
+NF4 weight, the ledger rows of U (or of dense L) and the original's copy are sharded alike; the
+forward pass gathers the rows it needs (sharding.linear_frozen).
 """
 
 import time
