@@ -34,11 +34,12 @@ from torchtune.modules.peft import get_adapter_params, set_trainable_params
 
 from torchtune_xgb.errors import ConfigError
 from torchtune_xgb.loraxs import convert_to_loraxs
+from torchtune_xgb.export import clean_name
 from torchtune_xgb.nf4 import is_nf4
+from torchtune_xgb.nf4_sharding import nf4_dtensor_shard, prepare_nf4_for_row_sharding
 from torchtune_xgb.paths import register_resolvers
 from torchtune_xgb.recipe_mixin import BoostedRecipeMixin
 from torchtune_xgb.sharding import gather_optimizer_state, gather_rows, load_optimizer_state, local
-from torchtune_xgb.nf4_sharding import clean_name, nf4_dtensor_shard, prepare_nf4_for_row_sharding
 from torchtune_xgb.torchtune_recipes import load_recipe_module
 
 register_resolvers()

@@ -23,7 +23,7 @@ the single-device weight.
 
 import contextlib
 import math
-from typing import Iterator, List, Optional
+from typing import Iterator, List
 
 import torch
 from torch import nn
@@ -129,8 +129,9 @@ def shard_scaler_block(name: str, shape, block_size: int, scaler_block_size: int
     return math.gcd(scaler_block_size, rows // world * cols // block_size)
 
 
-def quantize_full(tensor: torch.Tensor, block_size: int, scaler_block_size: int, dtype: torch.dtype,
-                  device: torch.device) -> NF4Tensor:
+def quantize_full(
+    tensor: torch.Tensor, block_size: int, scaler_block_size: int, dtype: torch.dtype, device: torch.device
+) -> NF4Tensor:
     """The NF4 quantization one device makes when it loads ``tensor`` into an NF4 weight of
     ``dtype``: quantized from the checkpoint tensor as given (NF4Tensor's ``copy_`` quantizes its
     source before casting), then held in ``dtype``."""
@@ -161,19 +162,22 @@ def nf4_row_shard(full: NF4Tensor, rank: int, world: int, scaler_block_size: int
         "quantization_factor": blocks // scaler_block_size,
     }
     fields = {"quantized_data": full.quantized_data, "quantized_scalers": full.quantized_scalers, "quantization_factor": factors}
-    local = {k: fields[k][rank * n : (rank + 1) * n].clone() for k, n in per_shard.items()}  # not views of the whole
+    sliced = {k: fields[k][rank * n : (rank + 1) * n].clone() for k, n in per_shard.items()}  # not views of the whole
     return nf4_from_fields(
         (shard_rows, cols), full.dtype, full.block_size, scaler_block_size,
-        local["quantized_scalers"], local["quantization_factor"], full.scaler_mean.clone(),
-        local["quantized_data"], full.nf4.clone(),
+        sliced["quantized_scalers"], sliced["quantization_factor"], full.scaler_mean.clone(),
+        sliced["quantized_data"], full.nf4.clone(),
     )
 
 
-def nf4_from_fields(shape, dtype, block_size, scaler_block_size, quantized_scalers, quantization_factor, scaler_mean,
-         quantized_data, nf4, device: Optional[torch.device] = None) -> NF4Tensor:
-    """An NF4Tensor from its fields (torchao's constructor; contiguous, no grad)."""
+def nf4_from_fields(
+    shape, dtype, block_size, scaler_block_size, quantized_scalers, quantization_factor, scaler_mean, quantized_data, nf4
+) -> NF4Tensor:
+    """An NF4Tensor of ``shape`` (2-D, contiguous, no grad, on ``quantized_data``'s device) from its
+    fields, through torchao's constructor. Its block count is its own (a torchao chunk keeps its
+    parent's, which is what makes ``copy_`` into a chunk recurse)."""
     shape = torch.Size(shape)
-    meta = SubclassTensorArgs(shape, (shape[1], 1), 0, dtype, device or quantized_data.device, False)
+    meta = SubclassTensorArgs(shape, (shape[1], 1), 0, dtype, quantized_data.device, False)
     n_blocks = shape.numel() // block_size
     return NF4Tensor(meta, block_size, n_blocks, scaler_block_size, quantized_scalers, quantization_factor,
                      scaler_mean, quantized_data, nf4)
