@@ -11,6 +11,10 @@ for resume and export. Merges are shard-local (see torchtune_xgb/sharding.py).
 
 On machines without CUDA the process group uses gloo, and torchtune's CUDA-only memory
 statistics are skipped, so the recipe runs (and is tested) on CPU.
+
+NF4 bases (``model.quantize_base: True``) are sharded as row slices of the single-device
+quantization (torchtune_xgb/nf4_sharding.py); their merged rounds stay beside the NF4 weight with
+the ledger rows sharded like it (adapters.merged_path gathers them in the forward).
 """
 
 import contextlib
@@ -30,9 +34,12 @@ from torchtune.modules.peft import get_adapter_params, set_trainable_params
 
 from torchtune_xgb.errors import ConfigError
 from torchtune_xgb.loraxs import convert_to_loraxs
+from torchtune_xgb.export import clean_name
+from torchtune_xgb.nf4 import is_nf4
+from torchtune_xgb.nf4_sharding import nf4_dtensor_shard, prepare_nf4_for_row_sharding
 from torchtune_xgb.paths import register_resolvers
 from torchtune_xgb.recipe_mixin import BoostedRecipeMixin
-from torchtune_xgb.sharding import gather_optimizer_state, gather_rows, load_optimizer_state
+from torchtune_xgb.sharding import gather_optimizer_state, gather_rows, load_optimizer_state, local
 from torchtune_xgb.torchtune_recipes import load_recipe_module
 
 register_resolvers()
@@ -111,22 +118,33 @@ class XGBLoRAFinetuneRecipeDistributed(BoostedRecipeMixin, _torchtune_lora.LoRAF
 
     @contextlib.contextmanager
     def _torchtune_setup_patches(self):
-        """Three narrow hooks into torchtune's ``_setup_model``, for its duration only:
+        """Narrow hooks into torchtune's ``_setup_model``, for its duration only:
 
         - on CPU, its CUDA-only memory statistics after model init are skipped;
-        - LoRA-XS modules replace the LoRA modules *before* ``fully_shard`` (FSDP2 manages the
-          parameters of the modules it sharded; a module swapped in afterwards would keep a
-          sharded weight in its forward pass);
+        - just before ``fully_shard``, :meth:`_before_sharding` runs on the meta model (LoRA-XS
+          modules replace the LoRA ones; NF4 weights get scaler blocks that the shards can hold);
+        - NF4 weights are loaded by :meth:`_load_nf4_shards`, everything else by torchtune;
         - the LoRA-XS tensors, which no base checkpoint holds, count as adapter keys when
           torchtune validates the loaded keys.
         """
-        saved_training = {k: getattr(training, k) for k in ("get_memory_stats", "log_memory_stats", "shard_model")}
+        names = ("get_memory_stats", "log_memory_stats", "shard_model", "load_from_full_model_state_dict")
+        saved_training = {k: getattr(training, k) for k in names}
         saved_validate = _torchtune_lora.validate_missing_and_unexpected_for_lora
         shard_model = saved_training["shard_model"]
+        load_full = saved_training["load_from_full_model_state_dict"]
 
         def shard_after_conversion(model, *args, **kwargs):
             self._before_sharding(model)
             return shard_model(model, *args, **kwargs)
+
+        def load_with_nf4_shards(model, full_sd, device, strict=False, cpu_offload=False):
+            sharded = model.state_dict()
+            nf4_keys = {k for k, v in sharded.items() if is_nf4(local(v))} & full_sd.keys()
+            rest = {k: v for k, v in full_sd.items() if k not in nf4_keys}  # the caller's dict stays whole
+            result = load_full(model, rest, device, strict=strict, cpu_offload=cpu_offload)
+            self._load_nf4_shards(model, {k: (sharded[k], full_sd[k]) for k in nf4_keys}, device, cpu_offload)
+            result.missing_keys[:] = [k for k in result.missing_keys if clean_name(k) not in nf4_keys]
+            return result
 
         def validate(*args, base_missing=None, **kwargs):
             base_missing = [k for k in base_missing or [] if not any(f".{x}" in k for x in ("xs_a", "xs_b", "xs_core"))]
@@ -135,8 +153,9 @@ class XGBLoRAFinetuneRecipeDistributed(BoostedRecipeMixin, _torchtune_lora.LoRAF
         if self._device.type != "cuda":
             training.get_memory_stats = lambda *a, **k: {}
             training.log_memory_stats = lambda *a, **k: None
+        training.shard_model = shard_after_conversion
+        training.load_from_full_model_state_dict = load_with_nf4_shards
         if self._adapter.method == "loraxs":
-            training.shard_model = shard_after_conversion
             _torchtune_lora.validate_missing_and_unexpected_for_lora = validate
         try:
             yield
@@ -146,14 +165,36 @@ class XGBLoRAFinetuneRecipeDistributed(BoostedRecipeMixin, _torchtune_lora.LoRAF
             _torchtune_lora.validate_missing_and_unexpected_for_lora = saved_validate
 
     def _before_sharding(self, model: nn.Module) -> None:
+        """On the meta model, just before ``fully_shard``."""
+        if self._adapter.method == "loraxs":
+            self._convert_to_loraxs(model)
+        prepare_nf4_for_row_sharding(model, dist.get_world_size())
+
+    def _convert_to_loraxs(self, model: nn.Module) -> None:
         """LoRA-XS: swap the (meta) LoRA modules for LoRA-XS ones and give them real, zero tensors
-        (the SVD fills A and B once the base is loaded); A and B stay replicated buffers."""
+        (the SVD fills A and B once the base is loaded); A and B stay replicated buffers.
+
+        Before ``fully_shard``: FSDP2 manages the parameters of the modules it sharded; a module
+        swapped in afterwards would keep a sharded weight in its forward pass."""
         modules = convert_to_loraxs(model, self._adapter.sigma, self._adapter.init)
         for module in modules.values():
             for key in ("xs_a", "xs_b"):
                 module.register_buffer(key, torch.zeros_like(getattr(module, key), device=self._device))
             module.xs_core = nn.Parameter(torch.zeros_like(module.xs_core, device=self._device))
         set_trainable_params(model, get_adapter_params(model))
+
+    @staticmethod
+    def _load_nf4_shards(model: nn.Module, weights: Dict[str, tuple], device, cpu_offload: bool) -> None:
+        """Load NF4 weights, ``{key: (current sharded NF4 parameter, full checkpoint tensor)}``: each
+        rank quantizes the whole tensor as one device would and keeps its rows (nf4_sharding.py).
+
+        torchtune's own NF4 branch re-quantizes in the training dtype with the shard's (possibly
+        smaller) scaler blocks, which is not the single-device weight."""
+        shards = {}
+        for key, (sharded, tensor) in weights.items():
+            shard = nf4_dtensor_shard(sharded, tensor, device)
+            shards[key] = nn.Parameter(shard.cpu() if cpu_offload else shard, requires_grad=False)
+        model.load_state_dict(shards, strict=False, assign=True)
 
     # --- training -------------------------------------------------------------------------
     def _loss_step(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -191,11 +232,6 @@ def recipe_main(cfg: DictConfig) -> None:
         raise ConfigError(
             "--nproc_per_node: the distributed recipe needs a distributed launcher "
             "(tune run --nproc_per_node N xgblora_finetune …, or torchrun)"
-        )
-    if cfg.get("model", {}).get("quantize_base"):
-        raise ConfigError(
-            "model.quantize_base: NF4 bases are single-device only in this version "
-            "(torchao's NF4 shards need rank-consistent scalers under FSDP2); run without --nproc_per_node"
         )
     dist.init_process_group(process_group_backend())
     try:

@@ -38,5 +38,26 @@ def smollm2_tokenizer_json(smollm2_dir):
 
 
 # ---------------------------------------------------------------------------------------------
-# (other fixtures below)
+# One-process end-to-end runs shared by several test files (the references of the FSDP2 tests)
 # ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def single_process_run(tmp_path_factory):
+    """``run(name)`` → output dir of ``tune run xgblora_finetune`` with ``e2e_fixture.SHARED_RUNS[name]``
+    on one process; each name runs once per session (each run is 10-15 s on 2 cores)."""
+    from tests.e2e_fixture import SHARED_RUNS, make_tiny_model_dir, run_recipe
+
+    root = tmp_path_factory.mktemp("shared_runs")
+    make_tiny_model_dir(root)
+    done = {}
+
+    def run(name: str):
+        if name not in done:
+            out = root / name
+            result = run_recipe(SHARED_RUNS[name](root, out), root)
+            assert result.returncode == 0, result.stderr[-3000:]
+            done[name] = out
+        return done[name]
+
+    return run

@@ -113,6 +113,15 @@ GOLDEN_RUNS = {
 }
 
 
+# name → config builder of the one-process runs that several test files compare against; each
+# runs once per test session (conftest.single_process_run)
+SHARED_RUNS = {
+    "xgblora_nf4": lambda root, out: tiny_nf4_config(root, out),
+    "loraxs_nf4": lambda root, out: tiny_nf4_config(root, out, method="loraxs"),
+    "loraxs_plain": lambda root, out: tiny_loraxs_config(root, out, boosted=False),
+}
+
+
 def run_recipe(cfg: Dict, cwd: Path, *extra: str, env_extra: Dict[str, str] = None) -> subprocess.CompletedProcess:
     """``tune run xgblora_finetune --config <cfg>`` in ``cwd`` (not the repo: proves install)."""
     cfg_path = cwd / "config.yaml"

@@ -8,7 +8,17 @@ What differs is only the order of floating-point sums (per-rank padding, the glo
 FSDP's reduce-scatter), measured at ≤ 2e-7 relative on the losses; the tolerances below (1e-5 on
 losses, 1e-5 absolute on weights of scale 0.02) leave room for other CPUs' kernels.
 
-Select with ``pytest -m distributed``; the whole file takes about 2-3 minutes on 2 CPU cores.
+NF4 bases (``model.quantize_base: True``, bf16 compute) are compared with the one-process runs
+of the same configs (``conftest.single_process_run``). Each rank loads its rows of the one
+single-device quantization, so the frozen NF4 weights are bit for bit the single-device ones;
+what differs is bf16 arithmetic in another order (batch split, reductions), which bf16 Adam
+amplifies in the adapters. Measured on 2 CPU cores: losses ≤ 3.4e-5 relative (LoRA-XS on NF4:
+≤ 1.8e-5), the fp32 merged ledgers ≤ 2.2% relative per module, exported bf16 weights ≤ 8.5e-4
+absolute (a few bf16 steps). Leaving the merged rounds out of the sharded forward moves the
+losses by 1.2e-2 relative, so the tolerances below (2e-4 on losses, 5% on ledgers, 2e-3 on
+exported weights) still separate a right run from a wrong one.
+
+Select with ``pytest -m distributed``; the whole file takes about 4 minutes on 2 CPU cores.
 """
 
 import json
@@ -21,8 +31,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.e2e_fixture import TUNE, losses, make_tiny_model_dir, read_metric, run_recipe, tiny_config, tiny_loraxs_config
+from tests.e2e_fixture import (
+    TUNE, losses, make_tiny_model_dir, read_metric, run_recipe, tiny_config, tiny_loraxs_config, tiny_nf4_config,
+)
+from tests.tiny_model import TINY
 from torchtune_xgb.recipe_mixin import KILL_AT_STEP_ENV
+from torchtune_xgb.sharding import DTensor, Shard
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -33,6 +47,10 @@ EXPORT = "epoch_0/model-00001-of-00001.safetensors"
 SELECTION_LOG_ENV = "TORCHTUNE_XGB_SELECTION_LOG"
 LOSS_REL = 1e-5
 WEIGHT_ATOL = 1e-5
+NF4_LOSS_REL = 2e-4
+NF4_LEDGER_REL = 0.05
+NF4_WEIGHT_ATOL = 2e-3
+ADAPTED = ("q_proj", "v_proj", "mlp.")  # the tiny config's LoRA targets (HF names)
 GLOBAL_BATCH = 4  # the tiny config's batch on one process
 
 
@@ -148,6 +166,121 @@ def test_boosted_loraxs_two_processes_match_one(root):
     assert summary["method"] == "loraxs" and summary["trainable_params"] == 5 * 4 * 4
 
 
+# --- NF4 bases under FSDP2 --------------------------------------------------------------------------
+
+def _ledgers(output_dir: Path) -> dict:
+    """Merged state L = U·V (fp32, single-device layout) per module, from the last resume state."""
+    state = torch.load(output_dir / "xgb_resume" / "step_00000012" / "state.pt", weights_only=False)
+    merged = state["booster"]["merged"]
+    return {n: (s["dense"] if "dense" in s else s["u"] @ s["v"]) for n, s in merged.items()}
+
+
+@pytest.fixture(scope="module")
+def nf4_fsdp(root):
+    """Two processes, NF4 XGBLoRA (the one-process reference: single_process_run("xgblora_nf4"))."""
+    out = root / "nf4_fsdp"
+    result = run_distributed(no_eval(tiny_nf4_config(root, out)), root)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return out
+
+
+def test_nf4_two_processes_match_one_over_three_merges(nf4_fsdp, single_process_run):
+    single = single_process_run("xgblora_nf4")
+    one, two = losses(single), losses(nf4_fsdp)
+    assert len(one) == len(two) == 12
+    assert two == pytest.approx(one, rel=NF4_LOSS_REL)
+    assert two != pytest.approx(GOLDEN_XGB, rel=1e-3)  # really the NF4 model, not the fp32 one
+    kept = read_metric(nf4_fsdp, "kept_fraction")
+    assert sorted(kept) == [4, 8, 12] and all(v >= 0.99 for v in kept.values())
+    # the merged state itself (fp32, gathered from both ranks' rows): the same updates
+    l1, l2 = _ledgers(single), _ledgers(nf4_fsdp)
+    assert l1.keys() == l2.keys() and len(l1) == 10
+    for name in l1:
+        rel = torch.linalg.matrix_norm(l2[name] - l1[name]) / torch.linalg.matrix_norm(l1[name])
+        assert rel < NF4_LEDGER_REL, (name, rel.item())
+
+
+def test_nf4_export_under_fsdp_equals_single_device(root, nf4_fsdp, single_process_run):
+    single = single_process_run("xgblora_nf4")
+    a, b = load_file(single / EXPORT), load_file(nf4_fsdp / EXPORT)
+    base = load_file(make_tiny_model_dir(root) / "model.safetensors")
+    assert a.keys() == b.keys() == base.keys()  # same layout: plain model keys, no adapter keys
+    files = lambda d: sorted(p.name for p in (d / "epoch_0").iterdir())
+    assert files(single) == files(nf4_fsdp)
+    for key in a:
+        assert a[key].shape == b[key].shape and a[key].dtype == b[key].dtype == torch.bfloat16, key
+        if any(t in key for t in ADAPTED):  # NF4 + merged rounds, trained in bf16 on another split
+            assert torch.allclose(a[key].float(), b[key].float(), rtol=0, atol=NF4_WEIGHT_ATOL), (key, (a[key] - b[key]).abs().max())
+        else:  # untouched weights: every rank's NF4 rows are the single-device quantization, bit for bit
+            assert torch.equal(a[key], b[key]), key
+        if key.endswith("proj.weight"):  # NF4 (and merged) weights: not the checkpoint's values
+            assert not torch.allclose(b[key].float(), base[key].float(), atol=1e-3), key
+
+
+def test_nf4_resume_under_fsdp_matches_uninterrupted_and_exports_onto_the_originals(root, nf4_fsdp):
+    from torchtune.models.convert_weights import tune_to_hf
+
+    out = root / "nf4_killed"
+    cfg = no_eval(tiny_nf4_config(root, out))
+    # merge_base only changes what the export adds the merged rounds to, never the training
+    cfg["adapter"] = {"merge_base": "original"}
+    # κ = 4, resume state every 3 steps: both ranks SIGKILLed after step 7, resumed from step 6
+    killed = run_distributed(cfg, root, env_extra={KILL_AT_STEP_ENV: "7"})
+    assert killed.returncode != 0
+    assert not (out / "epoch_0").exists()
+    resumed = run_distributed(cfg, root, "resume_from_checkpoint=True")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "Resumed at step 6" in resumed.stderr + resumed.stdout
+    full, again = read_metric(nf4_fsdp, "loss"), read_metric(out, "loss")
+    assert sorted(again) == list(range(1, 13))
+    for step in range(7, 13):
+        assert again[step] == pytest.approx(full[step], rel=1e-6), step
+    ledgers, uninterrupted = _ledgers(out), _ledgers(nf4_fsdp)
+    for name in uninterrupted:
+        assert torch.allclose(ledgers[name], uninterrupted[name], rtol=0, atol=1e-7), name
+    # merge_base=original: export = checkpoint weight + L (each rank's rows of both), in HF layout
+    base = load_file(make_tiny_model_dir(root) / "model.safetensors")
+    dims = dict(num_heads=TINY["num_heads"], num_kv_heads=TINY["num_kv_heads"], dim=TINY["embed_dim"])
+    delta = tune_to_hf({f"{n}.weight": d for n, d in ledgers.items()}, **dims)
+    exported, dequantized = load_file(out / EXPORT), load_file(nf4_fsdp / EXPORT)
+    assert delta.keys() < exported.keys() and len(delta) == 10
+    for key in exported:
+        if key in delta:  # one bf16 rounding of the fp32 sum: at most one bf16 step apart
+            expected = (base[key].float() + delta[key]).bfloat16().float()
+            assert torch.allclose(exported[key].float(), expected, rtol=2**-7, atol=0), key
+            assert not torch.allclose(exported[key].float(), dequantized[key].float(), atol=1e-3), key
+        else:
+            assert torch.equal(exported[key], dequantized[key]), key
+
+
+def test_nf4_loraxs_two_processes_match_one(root, single_process_run):
+    out = root / "nf4_xs"
+    result = run_distributed(no_eval(tiny_nf4_config(root, out, method="loraxs")), root)
+    assert result.returncode == 0, result.stderr[-4000:]
+    single = single_process_run("loraxs_nf4")
+    assert losses(out) == pytest.approx(losses(single), rel=NF4_LOSS_REL)
+    kept = read_metric(out, "kept_fraction")
+    assert sorted(kept) == [4, 8, 12] and all(v >= 0.99 for v in kept.values())
+    summary = json.loads((out / "xgb_summary.json").read_text())
+    assert summary["method"] == "loraxs" and summary["trainable_params"] == 5 * 4 * 4
+
+
+def test_plain_loraxs_peft_adapter_under_fsdp_equals_single_device(root, single_process_run):
+    out = root / "xs_plain"
+    result = run_distributed(no_eval(tiny_loraxs_config(root, out, boosted=False)), root)
+    assert result.returncode == 0, result.stderr[-4000:]
+    single = single_process_run("loraxs_plain")
+    a = load_file(single / "epoch_0" / "adapter_model.safetensors")
+    b = load_file(out / "epoch_0" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and sum(".lora_B." in k for k in a) == 10
+    for key in a:
+        assert a[key].shape == b[key].shape, key  # all rows of U, not one rank's
+        assert torch.allclose(a[key], b[key], rtol=0, atol=1e-6), (key, (a[key] - b[key]).abs().max())
+        assert b[key].abs().amax(dim=1).min() > 0, key  # no row left empty
+    config = lambda d: json.loads((d / "epoch_0" / "adapter_config.json").read_text())
+    assert config(single) == config(out)
+
+
 # --- in process: one merge on a 2-rank FSDP2 model vs the same merge on one device ---------------
 
 def _fsdp_merge_worker(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -170,9 +303,29 @@ def _fsdp_merge_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         out["popped"] = len(out["popped"])
         out["weights"] = {n: full(w) for n, w in out["weights"].items()}
         out["lora_a"] = {n: full(a) for n, a in out["lora_a"].items()}
+        out["frozen_linear"] = _frozen_linear_scenario(shard=True)
         torch.save(out, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def _frozen_linear_scenario(shard: bool) -> dict:
+    """The NF4 merged path's x·Lᵀ with L's rows sharded (gathered in forward and backward) or not."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from torchtune_xgb.sharding import linear_frozen, local_rows, rows_like
+
+    gen = torch.Generator().manual_seed(5)
+    ledger, x = torch.randn(6, 4, generator=gen), torch.randn(3, 4, generator=gen).requires_grad_()
+    weight = ledger
+    if shard:
+        mesh = init_device_mesh("cpu", (2,))
+        template = DTensor.from_local(torch.zeros(3, 4), mesh, [Shard(0)], run_check=False)
+        weight = rows_like(local_rows(ledger, template), template, 6)
+        assert weight.to_local().shape == (3, 4)
+    out = linear_frozen(x, weight)
+    (out * torch.arange(6.0)).sum().backward()
+    return {"out": out.detach(), "grad": x.grad}
 
 
 def _merge_scenario(shard) -> dict:
@@ -232,6 +385,8 @@ def test_shard_local_merge_and_optimizer_reset_equal_one_device(tmp_path):
         assert got["active"] == reference["active"]  # the same blocks on every rank
         assert got["popped"] == len(reference["popped"]) > 0
         assert got["kept_fraction"] == pytest.approx(reference["kept_fraction"], abs=1e-6)
+        for key, value in _frozen_linear_scenario(shard=False).items():  # the merged path of NF4 modules
+            assert torch.allclose(got["frozen_linear"][key], value, rtol=0, atol=1e-6), key
         for name, weight in reference["weights"].items():
             assert torch.allclose(got["weights"][name], weight, rtol=0, atol=1e-6), name
             assert torch.equal(got["lora_a"][name], reference["lora_a"][name]), name  # re-init: same draw

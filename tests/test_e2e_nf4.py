@@ -21,10 +21,8 @@ def root(tmp_path_factory):
     return root
 
 
-def test_nf4_golden_losses_kept_fraction_and_resume(root):
-    full = root / "full"
-    result = run_recipe(tiny_nf4_config(root, full), root)
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_nf4_golden_losses_kept_fraction_and_resume(root, single_process_run):
+    full = single_process_run("xgblora_nf4")  # tiny_nf4_config(...) on one process
     assert losses(full) == pytest.approx(GOLDEN, rel=1e-3)
     kept = read_metric(full, "kept_fraction")
     assert sorted(kept) == [4, 8, 12] and all(v >= 0.99 for v in kept.values())
@@ -45,10 +43,8 @@ def test_nf4_golden_losses_kept_fraction_and_resume(root):
         assert torch.allclose(exported[key].float(), again[key].float(), atol=1e-6), key
 
 
-def test_nf4_loraxs_runs_and_decomposes_full_precision_weights(root):
-    out = root / "xs"
-    result = run_recipe(tiny_nf4_config(root, out, method="loraxs"), root)
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_nf4_loraxs_runs_and_decomposes_full_precision_weights(single_process_run):
+    out = single_process_run("loraxs_nf4")  # tiny_nf4_config(..., method="loraxs") on one process
     summary = json.loads((out / "xgb_summary.json").read_text())
     assert summary["method"] == "loraxs" and summary["min_kept_fraction"] >= 0.99
     got = losses(out)

@@ -137,3 +137,76 @@ def test_loraxs_on_nf4_decomposes_the_full_precision_weight():
         _, s_nf4, _ = truncated_svd(nf4_weight[name], s.numel(), SVDConfig())
         assert torch.allclose(s, s_orig)  # the checkpoint's weight, not its 4-bit version
         assert not torch.allclose(s, s_nf4, rtol=1e-3)
+
+
+# --- FSDP2: row shards of one quantization (no process group needed) ------------------------------
+
+def single_device_nf4(weight: torch.Tensor) -> NF4Tensor:
+    """What one device holds after loading ``weight`` into an NF4 LoRALinear (torchtune's path)."""
+    out_dim, in_dim = weight.shape
+    with training.set_default_dtype(torch.bfloat16), fitting_nf4_blocks():
+        module = LoRALinear(in_dim, out_dim, rank=1, alpha=1.0, quantize_base=True)
+    module.load_state_dict({"weight": weight}, strict=False)  # NF4 copy_: quantizes the source as given
+    return module.weight
+
+
+class _Group:  # what NF4Tensor.fsdp_pre_all_gather asks of a mesh: the group size
+    def __init__(self, size):
+        self._size = size
+
+    def get_group(self):
+        return self
+
+    def size(self):
+        return self._size
+
+
+@pytest.mark.parametrize("shape,world", [((64, 64), 2), ((128, 64), 4), ((192, 576), 2), ((192, 576), 3)])
+def test_row_shards_rebuild_the_single_device_weight_bit_for_bit(shape, world):
+    from torchtune_xgb.nf4 import nf4_row_shard, quantize_full, shard_scaler_block
+
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(3)) * 0.02  # fp32 checkpoint tensor
+    reference = single_device_nf4(weight)
+    full = quantize_full(weight, 64, fitting_scaler_block(weight.numel()), torch.bfloat16, torch.device("cpu"))
+    for field in ("quantized_data", "quantized_scalers", "quantization_factor", "scaler_mean", "nf4"):
+        assert torch.equal(getattr(full, field), getattr(reference, field)), field
+    sub = shard_scaler_block("m", shape, 64, full.scaler_block_size, world)
+    shards = [nf4_row_shard(full, rank, world, sub) for rank in range(world)]
+    expected = reference.get_original_weight()
+    rows = shape[0] // world
+    for rank, shard in enumerate(shards):
+        assert shard.shape == (rows, shape[1]) and shard.scaler_block_size == sub
+        assert torch.equal(shard.get_original_weight(), expected[rank * rows : (rank + 1) * rows])
+    # FSDP2's all-gather: every rank's fields concatenated, rebuilt with the *local* metadata
+    gathered_fields = [torch.cat(parts) for parts in zip(*[s.fsdp_pre_all_gather(_Group(world))[0] for s in shards])]
+    _, metadata = shards[-1].fsdp_pre_all_gather(_Group(world))
+    gathered, _ = shards[-1].fsdp_post_all_gather(tuple(gathered_fields), metadata, torch.bfloat16)
+    assert torch.equal(gathered.get_original_weight(), expected)
+
+
+def test_shard_scaler_block_splits_scaler_blocks_and_names_unsplittable_modules():
+    from torchtune_xgb.errors import ConfigError
+    from torchtune_xgb.nf4 import shard_scaler_block
+
+    # 64×64: 64 blocks in one scaler block of 64; two shards of 32 blocks → scaler blocks of 32
+    assert shard_scaler_block("q", (64, 64), 64, 64, 2) == 32
+    # SmolLM2 q_proj 576×576 on 2 ranks: 2592 blocks per shard, 216 divides it → unchanged
+    assert shard_scaler_block("q", (576, 576), 64, 216, 2) == 216
+    with pytest.raises(ConfigError, match=r"model.quantize_base: layers.0.attn.k_proj \(3×64\)"):
+        shard_scaler_block("layers.0.attn.k_proj", (3, 64), 64, 3, 2)  # rows not divisible
+    with pytest.raises(ConfigError, match="whole NF4 blocks"):
+        shard_scaler_block("m", (2, 32), 64, 1, 2)  # a shard of 32 values cuts a 64-value block
+
+
+def test_meta_nf4_weights_get_shard_sized_scaler_blocks_before_sharding():
+    from torchtune_xgb.errors import ConfigError
+    from torchtune_xgb.nf4_sharding import prepare_nf4_for_row_sharding
+
+    with training.set_default_dtype(torch.bfloat16), fitting_nf4_blocks(), torch.device("meta"):
+        model = lora_llama3_2(lora_attn_modules=["q_proj", "v_proj"], lora_rank=2, lora_alpha=4.0, quantize_base=True, **TINY)
+    changed = prepare_nf4_for_row_sharding(model, world=2)
+    assert "layers.0.attn.q_proj" in changed  # 64×64: its one scaler block of 64 would be cut in two
+    q = model.layers[0].attn.q_proj.weight
+    assert isinstance(q, NF4Tensor) and q.is_meta and q.scaler_block_size == 32 and q.quantization_factor.numel() == 2
+    with pytest.raises(ConfigError, match=r"model.quantize_base: layers.0.attn.q_proj \(64×64\) cannot be split over 3 ranks"):
+        prepare_nf4_for_row_sharding(model, world=3)

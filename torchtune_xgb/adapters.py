@@ -21,7 +21,7 @@ from torch import nn
 from torchao.dtypes.nf4tensor import linear_nf4
 from torchtune.modules.peft import LoRALinear
 
-from torchtune_xgb.sharding import any_nonzero, full, local, local_rows
+from torchtune_xgb.sharding import any_nonzero, full, linear_frozen, local, local_rows
 
 
 def merged_path(module: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
@@ -29,16 +29,19 @@ def merged_path(module: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
 
     NF4 weights are never re-quantized with merged rounds (that would destroy them); the
     merged state is applied in the forward pass instead: x·Vᵀ·Uᵀ, or x·Lᵀ once L is dense.
-    The attributes are the fp32 ledger itself, cast per call: a rank-k cast is cheap next to
-    NF4's own dequantization, and keeping no second (bf16) copy saves a third of the ledger.
+    Under FSDP2 U (or L) is row-sharded like the weight while the forward runs on the gathered
+    weight, so its rows are gathered here (in the forward and again in the backward; see
+    sharding.linear_frozen); V is replicated. The attributes are the fp32 ledger itself, cast per
+    call: a rank-k cast is cheap next to NF4's own dequantization, and no second (bf16) copy of
+    the ledger is kept.
     """
     dense = getattr(module, "merged_dense", None)
     if dense is not None:
-        return F.linear(x, dense.to(x.dtype))
+        return linear_frozen(x, dense)
     u = getattr(module, "merged_u", None)
     if u is None:
         return None
-    return F.linear(F.linear(x, module.merged_v.to(x.dtype)), u.to(x.dtype))
+    return linear_frozen(F.linear(x, module.merged_v.to(x.dtype)), u)
 
 
 def frozen_base_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from torchtune_xgb.adapters import convert_to_xgblora
 from torchtune_xgb.boost_config import AdapterConfig, BoostConfig
 from torchtune_xgb.loraxs import convert_to_loraxs, svd_all, truncated_svd_once
 from torchtune_xgb.merged_state import MergedState
-from torchtune_xgb.sharding import gather_rows
+from torchtune_xgb.sharding import gather_rows, local_rows
 
 log = utils.get_logger("INFO")
 
@@ -194,8 +194,9 @@ class Booster:
         r = module.rank
         if self.config.basis == "top":
             weight = self.merged.merged_weight(name)
-            if self.originals is not None and name in self.originals:  # NF4: full-precision W0
-                weight = weight - self.merged.base_weight(name) + self.originals[name].float().to(weight.device)
+            if self.originals is not None and name in self.originals:  # NF4: full-precision W0 (FSDP2: its rows)
+                original = local_rows(self.originals[name], module.weight).float().to(weight.device)
+                weight = weight - self.merged.base_weight(name) + original
             # FSDP2: gather this module's merged rows once, SVD on rank 0, broadcast
             merged = gather_rows(weight, module.weight, module.weight.shape[0])
             u, s, vh = truncated_svd_once(merged, r, self.adapter.svd_config(), module.weight)

@@ -14,6 +14,12 @@ import torch
 ADAPTER_KEY_MARKERS = ("lora_a", "lora_b", "lora_magnitude", "magnitude", ".xs_a", ".xs_b", ".xs_core")
 
 
+def clean_name(name: str) -> str:
+    """A module or parameter name as state dicts spell it: without the wrapper that activation
+    checkpointing inserts (``layers.0._checkpoint_wrapped_module.attn`` → ``layers.0.attn``)."""
+    return name.replace("._checkpoint_wrapped_module", "").replace("_checkpoint_wrapped_module.", "")
+
+
 def fold_merged_weights(
     model_state_dict: Mapping[str, torch.Tensor],
     merged_weights: Union[Mapping[str, torch.Tensor], Iterable[Tuple[str, torch.Tensor]]],
@@ -38,7 +44,7 @@ def fold_merged_weights(
         out[key] = value.detach().cpu()
     pairs = merged_weights.items() if isinstance(merged_weights, Mapping) else merged_weights
     for module_name, weight in pairs:
-        key = f"{module_name}.weight"
+        key = f"{clean_name(module_name)}.weight"
         if key not in out:
             raise KeyError(f"merged weight for {module_name} has no '{key}' in the model state dict")
         out[key] = weight.detach().to(device="cpu", dtype=dtype)
@@ -54,6 +60,7 @@ def peft_lora_adapter(factors: Mapping[str, "tuple[torch.Tensor, torch.Tensor]"]
     """
     out: Dict[str, torch.Tensor] = {}
     for name, (u, v) in factors.items():
+        name = clean_name(name)
         out[f"{name}.lora_a.weight"] = v.detach().to(device="cpu", dtype=dtype).contiguous()
         out[f"{name}.lora_b.weight"] = u.detach().to(device="cpu", dtype=dtype).contiguous()
     return out

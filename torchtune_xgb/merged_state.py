@@ -26,7 +26,9 @@ size 1e-2, design.md §2), so rounds are never folded into the NF4 tensor. The m
 adds the merged state as a frozen low-rank path instead (``merged_u``/``merged_v``, or
 ``merged_dense``; see adapters.merged_path), and W0 is the dequantized NF4 weight (the weights
 training saw, ``merge_base="dequantized"``) or a CPU copy of the checkpoint's full-precision
-weight (``merge_base="original"``). No copy of W0 is kept in the first case.
+weight (``merge_base="original"``). No copy of W0 is kept in the first case. Under FSDP2 the
+NF4 weight, the ledger rows of U (or of dense L) and the original's copy are sharded alike; the
+forward pass gathers the rows it needs (sharding.linear_frozen).
 """
 
 import time
@@ -37,7 +39,7 @@ import torch
 from torch import nn
 
 from torchtune_xgb.nf4 import dequantize, is_nf4
-from torchtune_xgb.sharding import all_sum, gather_rows, local, local_rows
+from torchtune_xgb.sharding import all_sum, gather_rows, local, local_rows, rows_like
 
 
 @dataclass
@@ -132,9 +134,13 @@ class MergedState:
         self._in_place = set()
         for name, module in modules.items():
             weight = local(module.weight.detach())  # FSDP2: this rank's rows
-            if is_nf4(weight):  # (NF4 is single-device for now: no sharded NF4 here)
-                if originals is not None:  # taken over, not copied (the caller's dict is dropped)
-                    self._base[name] = originals[name].detach().to(device=base_device)
+            if is_nf4(weight):
+                if originals is not None:  # full-size checkpoint weights: keep this rank's rows
+                    rows = local_rows(originals[name].detach(), module.weight)
+                    # taken over, not copied (the caller's dict is dropped); a slice of rows would
+                    # keep the whole tensor alive, so a shard is cloned
+                    sharded = rows.numel() != originals[name].numel()
+                    self._base[name] = rows.to(device=base_device, copy=sharded)
             elif weight.dtype == torch.float32:
                 self._in_place.add(name)
             else:
@@ -149,7 +155,7 @@ class MergedState:
             return local(module.weight.detach()) - self.delta(name)
         base = self._base.get(name)
         if base is None:  # NF4, merge base "dequantized": the weights training saw
-            base = dequantize(module.weight)
+            base = dequantize(local(module.weight))
         return base.to(device=local(module.weight).device, dtype=torch.float32)
 
     def delta(self, name: str) -> torch.Tensor:
@@ -183,7 +189,7 @@ class MergedState:
         return self._ledgers[name].rank_bound
 
     def factors(self, name: str) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-        """(U, V) with L = U·V, or None once L is stored dense."""
+        """(U, V) with L = U·V (FSDP2: this rank's rows of U), or None once L is stored dense."""
         ledger = self._ledgers[name]
         return None if ledger.dense is not None else (ledger.u, ledger.v)
 
@@ -193,6 +199,13 @@ class MergedState:
         for led in self._ledgers.values():
             tensors += [led.u, led.v] + ([led.dense] if led.dense is not None else [])
         return sum(t.numel() * t.element_size() for t in tensors)
+
+    def gathered_factors(self, name: str) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`factors` with all rows of U (FSDP2: gathered, a collective: call on every rank)."""
+        ledger = self._ledgers[name]
+        if ledger.dense is not None:
+            return None
+        return gather_rows(ledger.u, self.modules[name].weight, ledger.full_out), ledger.v
 
     def touched_modules(self) -> Iterable[str]:
         """Names of modules whose state differs from W0."""
@@ -249,16 +262,18 @@ class MergedState:
 
     def _rederive(self, name: str, delta: Optional[torch.Tensor] = None) -> None:
         module = self.modules[name]
-        if is_nf4(module.weight):
-            # never into the NF4 tensor: hand the forward pass the merged state itself
-            # (references to the ledger, not copies: merged_path casts them per call)
+        if is_nf4(local(module.weight)):
+            # never into the NF4 tensor: hand the forward pass the merged state itself (FSDP2: the
+            # rows of U or L stay sharded like the weight; adapters.merged_path gathers them).
+            # References to the fp32 ledger, not copies: merged_path casts them per call.
             ledger = self._ledgers[name]
+            sharded = lambda rows: rows_like(rows, module.weight, ledger.full_out)  # noqa: E731
             if ledger.dense is not None:
                 module.merged_u = module.merged_v = None
-                module.merged_dense = ledger.dense
+                module.merged_dense = sharded(ledger.dense)
             else:
                 module.merged_dense = None
-                module.merged_u, module.merged_v = ledger.u, ledger.v
+                module.merged_u, module.merged_v = sharded(ledger.u), ledger.v
             return
         if name in self._in_place:  # only after a resume: the weight is the freshly loaded W0
             local(module.weight.data).add_(self.delta(name))

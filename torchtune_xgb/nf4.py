@@ -12,16 +12,27 @@ that module a plain linear with one warning naming it.
 
 Loading the checkpoint afterwards re-quantizes through NF4Tensor's ``copy_``, which reuses each
 tensor's own block sizes, so the choice made here holds for the real weights.
+
+FSDP2 (:func:`shard_scaler_block`, :func:`nf4_row_shard`): every rank quantizes the *whole*
+weight exactly as one device does and keeps its rows of that one quantization. A rank's rows must
+hold whole 64-value blocks; a scaler block that a shard boundary would cut is split into smaller
+scaler blocks carrying the same quantization factor, so the dequantized values are unchanged and
+FSDP's all-gather (which reuses the local ``scaler_mean`` and scaler block size) rebuilds exactly
+the single-device weight.
 """
 
 import contextlib
+import math
 from typing import Iterator, List
 
 import torch
 from torch import nn
-from torchao.dtypes.nf4tensor import NF4Tensor
+from torchao.dtypes.nf4tensor import NF4Tensor, SubclassTensorArgs
 from torchao.dtypes.nf4tensor import to_nf4 as _ao_to_nf4
 from torchtune import utils
+
+from torchtune_xgb.errors import ConfigError
+from torchtune_xgb.sharding import local
 
 log = utils.get_logger("INFO")
 
@@ -66,14 +77,13 @@ def keep_unquantizable_in_full_precision(model: nn.Module) -> List[str]:
     Returns their names; logs one warning naming them.
     """
     from torchtune.modules.low_precision import FrozenNF4Linear
-    from torchtune.modules.peft import LoRALinear
 
     kept = []
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
-        if weight is None or isinstance(weight, NF4Tensor):
+        if weight is None or isinstance(local(weight), NF4Tensor):  # FSDP2: an NF4 shard in a DTensor
             continue
-        if isinstance(module, LoRALinear) and module._quantize_base:
+        if getattr(module, "_quantize_base", False):  # LoRALinear, or LoRA-XS converted before FSDP2 sharding
             module._quantize_base = False
             kept.append(name)
         elif isinstance(module, FrozenNF4Linear):
@@ -88,9 +98,86 @@ def keep_unquantizable_in_full_precision(model: nn.Module) -> List[str]:
 
 
 def is_nf4(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is an NF4 tensor (pass ``sharding.local(weight)`` for an FSDP2 weight)."""
     return isinstance(tensor, NF4Tensor)
 
 
 def dequantize(tensor: torch.Tensor) -> torch.Tensor:
-    """The weights an NF4 tensor represents (what training saw), in its original dtype."""
+    """The weights an NF4 tensor represents (what training saw), in its original dtype; under
+    FSDP2 pass this rank's shard (``sharding.local(weight)``) and get its rows."""
     return tensor.get_original_weight() if isinstance(tensor, NF4Tensor) else tensor
+
+
+# --- FSDP2: row shards of one quantization -----------------------------------------------------
+
+
+def shard_scaler_block(name: str, shape, block_size: int, scaler_block_size: int, world: int) -> int:
+    """Scaler block of each rank's row shard of an NF4 weight of ``shape`` quantized with
+    (``block_size``, ``scaler_block_size``), split over ``world`` ranks.
+
+    Returns the largest divisor of ``scaler_block_size`` that tiles every shard (so a shard holds
+    whole scaler blocks). Raises ConfigError naming module ``name`` if the rows do not split evenly
+    or a shard would cut a 64-value quantization block.
+    """
+    rows, cols = shape
+    if rows % world or (rows // world * cols) % block_size:
+        raise ConfigError(
+            f"model.quantize_base: {name} ({rows}×{cols}) cannot be split over {world} ranks into whole "
+            f"NF4 blocks of {block_size} values (needs rows divisible by {world} and rows/{world}·{cols} "
+            f"divisible by {block_size}); use another --nproc_per_node or quantize_base: False"
+        )
+    return math.gcd(scaler_block_size, rows // world * cols // block_size)
+
+
+def quantize_full(
+    tensor: torch.Tensor, block_size: int, scaler_block_size: int, dtype: torch.dtype, device: torch.device
+) -> NF4Tensor:
+    """The NF4 quantization one device makes when it loads ``tensor`` into an NF4 weight of
+    ``dtype``: quantized from the checkpoint tensor as given (NF4Tensor's ``copy_`` quantizes its
+    source before casting), then held in ``dtype``."""
+    quantized = _ao_to_nf4(tensor.to(device), block_size, scaler_block_size)
+    return nf4_from_fields(
+        quantized.shape, dtype, block_size, scaler_block_size,
+        quantized.quantized_scalers, quantized.quantization_factor.to(dtype), quantized.scaler_mean.to(dtype),
+        quantized.quantized_data, quantized.nf4.to(dtype),
+    )
+
+
+def nf4_row_shard(full: NF4Tensor, rank: int, world: int, scaler_block_size: int) -> NF4Tensor:
+    """Rank ``rank``'s rows (torch.chunk of ``world`` even chunks) of ``full`` as an NF4 tensor with
+    scaler blocks of ``scaler_block_size`` (from :func:`shard_scaler_block`).
+
+    The shard's fields are slices of ``full``'s (each quantization factor repeated for the smaller
+    scaler blocks it is split into) and its ``scaler_mean`` is ``full``'s, so dequantizing the
+    shards and stacking them gives exactly ``full``'s dequantized weight.
+    """
+    rows, cols = full.shape
+    shard_rows = rows // world
+    blocks = shard_rows * cols // full.block_size
+    split = full.scaler_block_size // scaler_block_size  # sub-blocks per full scaler block
+    factors = full.quantization_factor.repeat_interleave(split)
+    per_shard = {
+        "quantized_data": shard_rows * cols // 2,  # two 4-bit codes per byte
+        "quantized_scalers": blocks,
+        "quantization_factor": blocks // scaler_block_size,
+    }
+    fields = {"quantized_data": full.quantized_data, "quantized_scalers": full.quantized_scalers, "quantization_factor": factors}
+    sliced = {k: fields[k][rank * n : (rank + 1) * n].clone() for k, n in per_shard.items()}  # not views of the whole
+    return nf4_from_fields(
+        (shard_rows, cols), full.dtype, full.block_size, scaler_block_size,
+        sliced["quantized_scalers"], sliced["quantization_factor"], full.scaler_mean.clone(),
+        sliced["quantized_data"], full.nf4.clone(),
+    )
+
+
+def nf4_from_fields(
+    shape, dtype, block_size, scaler_block_size, quantized_scalers, quantization_factor, scaler_mean, quantized_data, nf4
+) -> NF4Tensor:
+    """An NF4Tensor of ``shape`` (2-D, contiguous, no grad, on ``quantized_data``'s device) from its
+    fields, through torchao's constructor. Its block count is its own (a torchao chunk keeps its
+    parent's, which is what makes ``copy_`` into a chunk recurse)."""
+    shape = torch.Size(shape)
+    meta = SubclassTensorArgs(shape, (shape[1], 1), 0, dtype, quantized_data.device, False)
+    n_blocks = shape.numel() // block_size
+    return NF4Tensor(meta, block_size, n_blocks, scaler_block_size, quantized_scalers, quantization_factor,
+                     scaler_mean, quantized_data, nf4)

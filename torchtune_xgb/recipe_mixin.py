@@ -34,9 +34,11 @@ from tqdm import tqdm
 from torchtune_xgb.boosting import Booster, RoundReport
 from torchtune_xgb.checkpointing import load_resume_state, save_resume_state
 from torchtune_xgb.errors import ConfigError
-from torchtune_xgb.export import fold_merged_weights, peft_lora_adapter
+from torchtune_xgb.export import clean_name, fold_merged_weights, peft_lora_adapter
+from torchtune_xgb.loraxs import LoRAXSLinear
 from torchtune_xgb.nf4 import fitting_nf4_blocks, is_nf4, keep_unquantizable_in_full_precision
 from torchtune_xgb.schedules import apply_round_restarts, set_scheduler_step
+from torchtune_xgb.sharding import local
 from torchtune_xgb.validation import validate_config
 
 log = utils.get_logger("INFO")
@@ -117,14 +119,15 @@ class BoostedRecipeMixin:
             model = super()._setup_model(*args, **kwargs)
         keep_unquantizable_in_full_precision(model)
         originals = None
-        if any(is_nf4(getattr(m, "weight", None)) for m in model.modules() if isinstance(m, LoRALinear)):
-            # the checkpoint's full-precision weights: LoRA-XS decomposes them, merge_base=original uses them
+        # LoRA modules, or LoRA-XS ones where the distributed recipe converted them before sharding
+        adapted = {n: m for n, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAXSLinear))}
+        needs_originals = self.method == "loraxs" or self._adapter.merge_base == "original"
+        if needs_originals and any(is_nf4(local(m.weight)) for m in adapted.values()):
+            # the checkpoint's full-precision weights: LoRA-XS decomposes them, merge_base=original
+            # uses them; otherwise nothing keeps them (they would stay in memory for the whole run)
             state = kwargs.get("base_model_state_dict") or {}
-            originals = {
-                n: state[f"{n}.weight"].cpu()
-                for n, m in model.named_modules()
-                if isinstance(m, LoRALinear) and f"{n}.weight" in state
-            }
+            keys = {n: f"{clean_name(n)}.weight" for n in adapted}  # module names may carry AC's wrapper
+            originals = {n: state[k].cpu() for n, k in keys.items() if k in state}
         self._booster = Booster(model, self._boost, self._adapter, originals=originals)
         # LoRA-XS replaced the LoRA modules: the trainables are now the r×r cores
         self.adapter_params = get_adapter_params(model)
@@ -210,19 +213,23 @@ class BoostedRecipeMixin:
         """Write the merged full model to ``output_dir/epoch_{epoch}`` via the checkpointer."""
         model_sd = self._model_state_dict()
         merged = self._merged_weights()  # an iterator: under FSDP2 every rank must drain it
+        peft = self._peft_export()  # gathers under FSDP2: every rank takes part, rank 0 writes
         if not self._is_main_process():
             for _ in merged:
                 pass
             return
         ckpt = {training.MODEL_KEY: fold_merged_weights(model_sd, merged, dtype=self._dtype)}
-        ckpt.update(self._peft_export())
+        ckpt.update(peft)
         self._checkpointer.save_checkpoint(ckpt, epoch=epoch, intermediate_checkpoint=False, adapter_only=False)
 
     def _peft_export(self) -> Dict[str, Any]:
-        """A one-round LoRA-XS run is exactly a rank-r LoRA: export it in PEFT format too."""
+        """A one-round LoRA-XS run is exactly a rank-r LoRA: export it in PEFT format too.
+
+        Call on every rank (FSDP2: the rows of each U are gathered); returns the checkpointer's
+        adapter entries, or {} when the run is not a finished one-round LoRA-XS run."""
         if not (self._single_round and self.method == "loraxs" and self.epochs_run == self.total_epochs):
             return {}
-        factors = {name: self._booster.merged.factors(name) for name in self._booster.modules}
+        factors = {name: self._booster.merged.gathered_factors(name) for name in self._booster.modules}
         if any(f is None or f[0].shape[1] != self._lora_rank for f in factors.values()):
             log.warning("LoRA-XS: merged state is not a single rank-r LoRA; no PEFT adapter exported")
             return {}

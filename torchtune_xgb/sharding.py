@@ -35,7 +35,8 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def _row_mesh(like: DTensor):
+def row_mesh(like: DTensor):
+    """The 1-D mesh of a row-sharded (Shard(0)) DTensor; NotImplementedError for other layouts."""
     placements = like.placements
     if like.device_mesh.ndim != 1 or len(placements) != 1 or placements[0] != Shard(0):
         raise NotImplementedError(f"only 1-D FSDP (rows sharded, Shard(0)) is supported, got {placements}")
@@ -44,7 +45,7 @@ def _row_mesh(like: DTensor):
 
 def row_chunks(rows: int, like: DTensor) -> List[range]:
     """Row ranges of each rank for a dim-0 sharding like ``like``'s (torch.chunk, empties padded)."""
-    mesh = _row_mesh(like)
+    mesh = row_mesh(like)
     world = mesh.size(0)
     ranges, start = [], 0
     for chunk in torch.arange(rows).chunk(world):
@@ -59,19 +60,49 @@ def local_rows(full_tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """The rows of ``full_tensor`` that this rank holds when sharded like ``like`` (identity if plain)."""
     if not isinstance(like, DTensor):
         return full_tensor
-    mesh = _row_mesh(like)
+    mesh = row_mesh(like)
     span = row_chunks(full_tensor.shape[0], like)[mesh.get_local_rank(0)]
     return full_tensor[span.start : span.stop]
 
 
 def gather_rows(local_tensor: torch.Tensor, like: torch.Tensor, rows: int) -> torch.Tensor:
     """Stack every rank's rows of a row-sharded tensor (plain ``local_tensor`` if ``like`` is plain)."""
+    return full(rows_like(local_tensor, like, rows))
+
+
+def rows_like(local_tensor: torch.Tensor, like: torch.Tensor, rows: int) -> torch.Tensor:
+    """This rank's rows of a ``rows``-row tensor as a DTensor sharded like ``like`` (no
+    communication); ``local_tensor`` itself if ``like`` is plain. Undo with :func:`full`."""
     if not isinstance(like, DTensor):
         return local_tensor
-    mesh = _row_mesh(like)
+    mesh = row_mesh(like)
     shape = (rows, *local_tensor.shape[1:])
     stride = torch.empty(shape, device="meta").stride()
-    return DTensor.from_local(local_tensor.contiguous(), mesh, [Shard(0)], run_check=False, shape=shape, stride=stride).full_tensor()
+    return DTensor.from_local(local_tensor.contiguous(), mesh, [Shard(0)], run_check=False, shape=shape, stride=stride)
+
+
+class _LinearGatheredRows(torch.autograd.Function):
+    """y = x·Wᵀ for a frozen W whose rows are sharded: W is gathered in the forward and gathered
+    again in the backward, so the whole W is never kept alive between them (as FSDP reshards)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, rows: DTensor) -> torch.Tensor:
+        ctx.rows = rows  # this rank's rows only (a DTensor of the frozen state, not an activation)
+        return torch.nn.functional.linear(x, rows.full_tensor().to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad @ ctx.rows.full_tensor().to(grad.dtype), None
+
+
+def linear_frozen(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight)`` for a frozen (no-grad) weight, cast to ``x``'s dtype (merged states
+    are kept in fp32), that may be row-sharded (a DTensor from
+    :func:`rows_like`). Sharded: a collective in the forward and in the backward, so every rank must
+    run the same modules in the same order (as FSDP2 itself requires)."""
+    if not isinstance(weight, DTensor):
+        return torch.nn.functional.linear(x, weight.to(x.dtype))
+    return _LinearGatheredRows.apply(x, weight)
 
 
 def all_sum(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -79,7 +110,7 @@ def all_sum(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     if not isinstance(like, DTensor):
         return value
     value = value.clone()
-    dist.all_reduce(value, group=_row_mesh(like).get_group(0))
+    dist.all_reduce(value, group=row_mesh(like).get_group(0))
     return value
 
 
@@ -87,13 +118,13 @@ def any_nonzero(local_tensor: torch.Tensor, like: torch.Tensor) -> bool:
     """Whether any rank's shard of ``like`` has a non-zero entry (the same answer on every rank)."""
     flag = torch.any(local_tensor).to(torch.int32).reshape(1)
     if isinstance(like, DTensor):
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_row_mesh(like).get_group(0))
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=row_mesh(like).get_group(0))
     return bool(flag.item())
 
 
 def broadcast_from_rank0(compute, shapes, device, like: DTensor) -> tuple:
     """``compute()`` (a tuple of fp32 tensors of ``shapes``) on rank 0 of ``like``'s mesh, broadcast."""
-    mesh = _row_mesh(like)
+    mesh = row_mesh(like)
     group = mesh.get_group(0)
     if mesh.get_local_rank(0) == 0:
         tensors = [t.float().contiguous().to(device) for t in compute()]

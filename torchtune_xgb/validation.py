@@ -102,7 +102,7 @@ def validate_config(cfg: DictConfig) -> Tuple[BoostConfig, AdapterConfig]:
     # Build on the meta device: no memory, no weights, but the real module tree.
     try:
         with torch.device("meta"):
-            # same module tree without NF4 (quantizing meta tensors is neither possible nor needed)
+            # same module tree without NF4 (no quantization is needed to check the config)
             meta_model = tt_config.instantiate(model, **({"quantize_base": False} if model.get("quantize_base") else {}))
     except Exception as err:  # a builder rejecting its arguments
         raise ConfigError(f"model: could not build {model.get('_component_')}: {err}".replace("\n", " ")) from err
