@@ -181,13 +181,13 @@ def tune_command(recipe: str, config_path: Path) -> List[str]:
     return [str(tune) if tune.exists() else "tune", "run", recipe, "--config", str(config_path)]
 
 
-def run_subprocess(cmd: List[str], stdout_path: Path) -> RunResult:
+def run_subprocess(cmd: List[str], stdout_path: Path, extra_env: Optional[Mapping[str, str]] = None) -> RunResult:
     """Run ``cmd`` with the repo on PYTHONPATH; peak RSS comes from ``wait4`` on that child alone.
 
     (``getrusage(RUSAGE_CHILDREN)`` would give the maximum over *all* children so far, and
     ``tune run`` executes the recipe in its own process, so the child's own peak is the run's.)
     """
-    env = dict(os.environ)
+    env = dict(os.environ, **(extra_env or {}))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     stdout_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

@@ -15,7 +15,8 @@ and steps (configs generated from the packaged ``smollm2_135m_xgblora_nf4``):
 - the same with ``blocks_per_round`` from ``--blocks`` (default 0.34, the paper's third).
 
 Peak memory is the peak RSS of the whole process on CPU (model load, training and export: both
-recipes export a merged bf16 model), CUDA max allocated from torchtune's memory stats on GPUs.
+recipes export a merged bf16 model), with glibc's mmap threshold fixed for every row (see
+``ALLOCATOR_ENV``), CUDA max allocated from torchtune's memory stats on GPUs.
 The merged state's own size comes from ``xgb_summary.json`` (``merged_state_bytes``); it grows
 linearly with rounds (4·(out+in) bytes per merged module and round, until a module's ledger turns
 dense), and the table prints the per-round growth next to it.
@@ -51,6 +52,10 @@ from benchmarks.common import (
 )
 
 NF4_CONFIG = "smollm2_135m_xgblora_nf4"
+# glibc's dynamic mmap threshold lets NF4 quantization's many transient buffers fragment the heap:
+# the same run peaked anywhere from 1.9 to 3.4 GiB RSS. A fixed threshold returns every freed
+# buffer over 64 KiB to the OS, so RSS tracks live memory (1.27 GiB, twice in a row) for every row.
+ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 MIB = 1024**2
 GOAL = 1.05  # issue 4: peak memory ≤ 1.05 × torchtune's QLoRA at 100 rounds
 
@@ -75,7 +80,7 @@ def run_one(method: Method, args: argparse.Namespace, index: int) -> Dict[str, A
     cfg = build_config(method, out_dir, steps=args.rounds, batch_size=args.batch_size, device=args.device, dtype="bf16")
     config_path = write_config(cfg, out_dir / "config.yaml")
     print(f"run {index + 1}: {method.name} ({args.rounds} steps)", flush=True)
-    result = run_subprocess(command(method, config_path), out_dir / "stdout.txt")
+    result = run_subprocess(command(method, config_path), out_dir / "stdout.txt", extra_env=ALLOCATOR_ENV)
     if result.returncode != 0:
         print(f"error: {method.name} failed (exit {result.returncode}); last lines of {result.stdout_path}:\n{tail(result.stdout_path)}")
         return {"name": method.name, "failed": True}
@@ -116,7 +121,8 @@ def report(header: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
         f"## NF4 memory: smollm2-135m, {header['date']}",
         "",
         f"Hardware: {header['hardware']}. Device {header['device']}, bf16 compute, NF4 base weights, batch "
-        f"{header['batch_size']}, {header['rounds']} steps per run (XGBLoRA: κ = 1, so {header['rounds']} rounds).",
+        f"{header['batch_size']}, {header['rounds']} steps per run (XGBLoRA: κ = 1, so {header['rounds']} rounds). "
+        "CPU rows run with MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0 (RSS = live memory, not heap fragmentation).",
         "",
         markdown_table(
             ["run", mem_label, "× torchtune QLoRA", "rounds", "merged state (MiB)", "MiB per round", "min kept fraction"],
