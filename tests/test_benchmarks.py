@@ -186,3 +186,26 @@ def test_plot_cli_without_logs(tmp_path, capsys):
     if importlib.util.find_spec("matplotlib") is None:
         pytest.skip("matplotlib not installed: the missing-dependency message is checked above")
     assert cli.main(["plot", str(tmp_path)]) == 2 and "no metric logs" in capsys.readouterr().err
+
+
+def test_nf4_memory_report_ratios_growth_and_goal():
+    from benchmarks import nf4_memory
+
+    header = {"date": "2026-11-23", "hardware": "test CPU", "device": "cpu", "batch_size": 1, "rounds": 100}
+    rows = [
+        {"name": "torchtune QLoRA r=8", "failed": False, "peak_gib": 1.25},
+        # 100 rounds × 305,280 fp32 entries = 122,112,000 bytes = 116.46 MiB, 1.16 MiB per round
+        {"name": "XGBLoRA NF4 κ=1, all blocks", "failed": False, "peak_gib": 1.375, "rounds": 100,
+         "merged_state_bytes": 122_112_000, "min_kept_fraction": 0.99991},
+        {"name": "XGBLoRA NF4 κ=1, blocks_per_round 0.34", "failed": False, "peak_gib": 1.30, "rounds": 100,
+         "merged_state_bytes": 40_704_000, "min_kept_fraction": 0.99993},
+        {"name": "broken", "failed": True},
+    ]
+    text = nf4_memory.report(header, rows)
+    assert "| XGBLoRA NF4 κ=1, all blocks | 1.375 | 1.100 | 100 | 116.5 | 1.16 | 0.99991 |" in text
+    assert "| XGBLoRA NF4 κ=1, blocks_per_round 0.34 | 1.300 | 1.040 | 100 | 38.8 | 0.39 | 0.99993 |" in text
+    assert "- MISS: XGBLoRA NF4 κ=1, all blocks — measured 1.100×" in text  # 1.375 / 1.25
+    assert "- PASS: XGBLoRA NF4 κ=1, blocks_per_round 0.34 — measured 1.040×" in text
+    assert "| broken | failed |" in text
+    labels = [m.name for m in nf4_memory.methods(["all", "0.34"])]
+    assert labels == ["torchtune QLoRA r=8", "XGBLoRA NF4 κ=1, all blocks", "XGBLoRA NF4 κ=1, blocks_per_round 0.34"]
