@@ -9,8 +9,9 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
+import pytest
 import yaml
 
 from tests.helpers import build_tiny_tokenizer_json
@@ -150,3 +151,27 @@ def read_metric(output_dir: Path, name: str) -> Dict[int, float]:
 def losses(output_dir: Path) -> List[float]:
     per_step = read_metric(output_dir, "loss")
     return [per_step[s] for s in sorted(per_step)]
+
+
+def kill_and_resume(run, cfg: Dict, cwd: Path, reference_dir: Path, rel: float, killed_code: Optional[int] = None) -> Path:
+    """SIGKILL a run after step 7, resume it, and check it repeats the uninterrupted run.
+
+    ``run`` is :func:`run_recipe` or a distributed launcher with the same signature; ``cfg`` must
+    write resume state every 3 steps over 12 steps (the tiny configs do), so the run resumes from
+    step 6, mid-round. Asserts that the killed run wrote no export, that the resume starts at step 6
+    and that steps 7–12 have ``reference_dir``'s losses within ``rel``. Returns the output dir.
+    """
+    from torchtune_xgb.recipe_mixin import KILL_AT_STEP_ENV
+
+    out = Path(cfg["output_dir"])
+    killed = run(cfg, cwd, env_extra={KILL_AT_STEP_ENV: "7"})
+    assert killed.returncode != 0 if killed_code is None else killed.returncode == killed_code, killed.stderr[-2000:]
+    assert not (out / "epoch_0").exists()
+    resumed = run(cfg, cwd, "resume_from_checkpoint=True")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "Resumed at step 6" in resumed.stderr + resumed.stdout
+    full, again = read_metric(reference_dir, "loss"), read_metric(out, "loss")
+    assert sorted(again) == list(range(1, 13))
+    for step in range(7, 13):  # recomputed after the resume
+        assert again[step] == pytest.approx(full[step], rel=rel), step
+    return out

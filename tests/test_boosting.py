@@ -208,30 +208,19 @@ def test_finish_folds_partial_round_and_export_includes_live_adapter():
     exported = booster.merged_weights()  # mid-round: the live adapter is part of the export
     for name in live:
         assert torch.allclose(exported[name], w0[name] + live[name], atol=1e-6)
+    stream = booster.export_weights(torch.float32)  # the streamed export, as the recipe writes it
+    name, first = next(stream)  # lazily: one module at a time
+    assert first.data_ptr() != booster.modules[name].weight.data_ptr()  # live term: a new sum
+    for name, weight in [(name, first), *stream]:
+        assert torch.allclose(weight, w0[name] + live[name], atol=1e-6)
     booster.step = 3  # three steps into the round
     report = booster.finish()
     assert report is not None and report.round == 0
     folded = booster.merged_weights()
     for name in live:
         assert torch.allclose(folded[name], w0[name] + live[name], atol=1e-6)
-    assert booster.finish() is None  # idempotent: nothing left to fold
-
-
-def test_streamed_export_includes_live_adapter_and_copies_nothing_once_folded():
-    model = tiny_lora(rank=2, alpha=4.0)
-    booster = Booster(model, BoostConfig(steps_per_round=10)).start()
-    w0 = {n: m.weight.detach().float().clone() for n, m in booster.modules.items()}
-    perturb_adapters(booster)
-    live = {n: 2.0 * m.lora_b.weight.float() @ m.lora_a.weight.float() for n, m in booster.modules.items()}
-    stream = booster.export_weights(torch.float32)
-    name, first = next(stream)  # lazily: one module at a time
-    assert torch.allclose(first, w0[name] + live[name], atol=1e-6)
-    assert first.data_ptr() != booster.modules[name].weight.data_ptr()  # live term: a new sum
-    for name, weight in stream:
-        assert torch.allclose(weight, w0[name] + live[name], atol=1e-6)
-    booster.step = 3
-    booster.finish()
     for name, weight in booster.export_weights(torch.float32):
         assert torch.allclose(weight, w0[name] + live[name], atol=1e-6)
         # fp32 weights are the exact state: the export shares them rather than copying the model
         assert weight.data_ptr() == booster.modules[name].weight.data_ptr()
+    assert booster.finish() is None  # idempotent: nothing left to fold

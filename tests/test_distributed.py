@@ -32,10 +32,10 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.e2e_fixture import (
-    TUNE, losses, make_tiny_model_dir, read_metric, run_recipe, tiny_config, tiny_loraxs_config, tiny_nf4_config,
+    TUNE, kill_and_resume, losses, make_tiny_model_dir, read_metric, run_recipe, tiny_config, tiny_loraxs_config,
+    tiny_nf4_config,
 )
 from tests.tiny_model import TINY
-from torchtune_xgb.recipe_mixin import KILL_AT_STEP_ENV
 from torchtune_xgb.sharding import DTensor, Shard
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -136,19 +136,8 @@ def test_every_rank_selects_the_same_blocks(root, fsdp):
 
 
 def test_resume_under_fsdp_matches_uninterrupted(root, fsdp):
-    out = root / "killed"
-    cfg = no_eval(tiny_config(root, out))
     # κ = 4, resume state every 3 steps: both ranks SIGKILLed after step 7, resumed from step 6
-    killed = run_distributed(cfg, root, env_extra={KILL_AT_STEP_ENV: "7"})
-    assert killed.returncode != 0
-    assert not (out / "epoch_0").exists()
-    resumed = run_distributed(cfg, root, "resume_from_checkpoint=True")
-    assert resumed.returncode == 0, resumed.stderr[-4000:]
-    assert "Resumed at step 6" in resumed.stderr + resumed.stdout
-    full, again = read_metric(fsdp, "loss"), read_metric(out, "loss")
-    assert sorted(again) == list(range(1, 13))
-    for step in range(7, 13):
-        assert again[step] == pytest.approx(full[step], rel=1e-6), step
+    out = kill_and_resume(run_distributed, no_eval(tiny_config(root, root / "killed")), root, fsdp, rel=1e-6)
     a, b = load_file(fsdp / EXPORT), load_file(out / EXPORT)
     for key in a:
         assert torch.allclose(a[key], b[key], rtol=0, atol=1e-6), key
@@ -220,21 +209,11 @@ def test_nf4_export_under_fsdp_equals_single_device(root, nf4_fsdp, single_proce
 def test_nf4_resume_under_fsdp_matches_uninterrupted_and_exports_onto_the_originals(root, nf4_fsdp):
     from torchtune.models.convert_weights import tune_to_hf
 
-    out = root / "nf4_killed"
-    cfg = no_eval(tiny_nf4_config(root, out))
+    cfg = no_eval(tiny_nf4_config(root, root / "nf4_killed"))
     # merge_base only changes what the export adds the merged rounds to, never the training
     cfg["adapter"] = {"merge_base": "original"}
     # κ = 4, resume state every 3 steps: both ranks SIGKILLed after step 7, resumed from step 6
-    killed = run_distributed(cfg, root, env_extra={KILL_AT_STEP_ENV: "7"})
-    assert killed.returncode != 0
-    assert not (out / "epoch_0").exists()
-    resumed = run_distributed(cfg, root, "resume_from_checkpoint=True")
-    assert resumed.returncode == 0, resumed.stderr[-4000:]
-    assert "Resumed at step 6" in resumed.stderr + resumed.stdout
-    full, again = read_metric(nf4_fsdp, "loss"), read_metric(out, "loss")
-    assert sorted(again) == list(range(1, 13))
-    for step in range(7, 13):
-        assert again[step] == pytest.approx(full[step], rel=1e-6), step
+    out = kill_and_resume(run_distributed, cfg, root, nf4_fsdp, rel=1e-6)
     ledgers, uninterrupted = _ledgers(out), _ledgers(nf4_fsdp)
     for name in uninterrupted:
         assert torch.allclose(ledgers[name], uninterrupted[name], rtol=0, atol=1e-7), name

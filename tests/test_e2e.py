@@ -11,8 +11,7 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.tiny_model import TINY
-from tests.e2e_fixture import TUNE, losses, make_tiny_model_dir, read_metric, run_recipe, tiny_config
-from torchtune_xgb.recipe_mixin import KILL_AT_STEP_ENV
+from tests.e2e_fixture import TUNE, kill_and_resume, losses, make_tiny_model_dir, read_metric, run_recipe, tiny_config
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "tiny_xgblora_losses.json").read_text())["losses"]
 EXPORT = "epoch_0/model-00001-of-00001.safetensors"
@@ -57,19 +56,8 @@ def test_round_metrics_and_summary(full_run):
 
 
 def test_resume_after_sigkill_matches_uninterrupted(root, full_run):
-    out = root / "killed"
-    cfg = tiny_config(root, out)
     # κ = 4, checkpoints every 3 steps: killed after step 7, resumes from step 6 (mid-round 1)
-    killed = run_recipe(cfg, root, env_extra={KILL_AT_STEP_ENV: "7"})
-    assert killed.returncode == -9, killed.stderr[-2000:]
-    assert not (out / "epoch_0").exists()
-    resumed = run_recipe(cfg, root, "resume_from_checkpoint=True")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "Resumed at step 6" in resumed.stderr + resumed.stdout
-    full, again = read_metric(full_run, "loss"), read_metric(out, "loss")
-    assert sorted(again) == list(range(1, 13))
-    for step in range(7, 13):  # recomputed after the resume
-        assert again[step] == pytest.approx(full[step], rel=1e-5), step
+    out = kill_and_resume(run_recipe, tiny_config(root, root / "killed"), root, full_run, rel=1e-5, killed_code=-9)
     a, b = load_file(full_run / EXPORT), load_file(out / EXPORT)
     assert a.keys() == b.keys()
     for key in a:

@@ -7,8 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.e2e_fixture import losses, make_tiny_model_dir, read_metric, run_recipe, tiny_nf4_config
-from torchtune_xgb.recipe_mixin import KILL_AT_STEP_ENV
+from tests.e2e_fixture import kill_and_resume, losses, make_tiny_model_dir, read_metric, run_recipe, tiny_nf4_config
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "tiny_xgblora_nf4_losses.json").read_text())["losses"]
 EXPORT = "epoch_0/model-00001-of-00001.safetensors"
@@ -27,14 +26,7 @@ def test_nf4_golden_losses_kept_fraction_and_resume(root, single_process_run):
     kept = read_metric(full, "kept_fraction")
     assert sorted(kept) == [4, 8, 12] and all(v >= 0.99 for v in kept.values())
     # killed after step 7, resumed from the mid-round checkpoint at step 6
-    out = root / "killed"
-    cfg = tiny_nf4_config(root, out)
-    assert run_recipe(cfg, root, env_extra={KILL_AT_STEP_ENV: "7"}).returncode == -9
-    resumed = run_recipe(cfg, root, "resume_from_checkpoint=True")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a, b = read_metric(full, "loss"), read_metric(out, "loss")
-    for step in range(7, 13):
-        assert b[step] == pytest.approx(a[step], rel=1e-5), step
+    out = kill_and_resume(run_recipe, tiny_nf4_config(root, root / "killed"), root, full, rel=1e-5, killed_code=-9)
     exported, again = load_file(full / EXPORT), load_file(out / EXPORT)
     base = load_file(make_tiny_model_dir(root) / "model.safetensors")
     assert exported.keys() == base.keys()
