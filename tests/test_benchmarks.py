@@ -191,7 +191,7 @@ def test_plot_cli_without_logs(tmp_path, capsys):
 def test_nf4_memory_report_ratios_growth_and_goal():
     from benchmarks import nf4_memory
 
-    header = {"date": "2026-11-23", "hardware": "test CPU", "device": "cpu", "batch_size": 1, "rounds": 100}
+    header = {"date": "2026-11-23", "hardware": "test CPU", "device": "cpu", "batch_size": 1, "rounds": 100, "project_to": 100}
     rows = [
         {"name": "torchtune QLoRA r=8", "failed": False, "peak_gib": 1.25},
         # 100 rounds × 305,280 fp32 entries = 122,112,000 bytes = 116.46 MiB, 1.16 MiB per round
@@ -207,5 +207,9 @@ def test_nf4_memory_report_ratios_growth_and_goal():
     assert "- MISS: XGBLoRA NF4 κ=1, all blocks — measured 1.100×" in text  # 1.375 / 1.25
     assert "- PASS: XGBLoRA NF4 κ=1, blocks_per_round 0.34 — measured 1.040×" in text
     assert "| broken | failed |" in text
+    assert "projected" not in text  # measured at the target: nothing to project
+    # measured at 100 rounds, projected to 200: + 100 × 1.1646 MiB = 0.1137 GiB → 1.4887 GiB, 1.191×
+    projected = nf4_memory.report(dict(header, project_to=200), rows)
+    assert "- MISS (projected): XGBLoRA NF4 κ=1, all blocks at 200 rounds — 1.489 GiB, 1.191×" in projected
     labels = [m.name for m in nf4_memory.methods(["all", "0.34"])]
     assert labels == ["torchtune QLoRA r=8", "XGBLoRA NF4 κ=1, all blocks", "XGBLoRA NF4 κ=1, blocks_per_round 0.34"]
