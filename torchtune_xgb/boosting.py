@@ -129,10 +129,15 @@ class Booster:
         """
         self.total_steps = total_steps
         if state is not None:
-            self.load_state_dict(state)
-            if self.config.basis != "top":
-                self.originals = None  # the saved SVD is used, never recomputed
-            return self
+            self.load_state_dict(state)  # the saved SVD is used, never recomputed
+        else:
+            self._start_fresh(total_steps)
+        if self.config.basis != "top":
+            self.originals = None  # the one SVD is taken: drop the full-precision references
+        return self
+
+    def _start_fresh(self, total_steps: Optional[int]) -> None:
+        """Round 0 of a new run: the LoRA-XS "rotate" SVD, seeded adapters, the first gating."""
         if self.is_loraxs and self.config.basis == "rotate":
             max_rounds = math.ceil(total_steps / self.config.steps_per_round) if total_steps else None
             blocks = {}
@@ -148,9 +153,6 @@ class Booster:
         for name, module in self.modules.items():
             module.reset_adapter(seeded_generator(self.config.seed, f"init:{name}", 0))
         self._activate(0)
-        if self.config.basis != "top":
-            self.originals = None  # the one SVD is taken
-        return self
 
     # --- round structure ---------------------------------------------------------------
     @property
@@ -269,21 +271,6 @@ class Booster:
     def distinct_params_touched(self) -> int:
         """Base-weight entries the merged updates changed over the run (dense per module)."""
         return sum(self.modules[n].weight.numel() for n in self.merged.touched_modules())
-
-    @torch.no_grad()
-    def merged_weights(self) -> Dict[str, torch.Tensor]:
-        """Module name → full-precision weight the export should hold: W0 + L + live adapter.
-
-        The live term is the current round's adapter (zero after :meth:`finish`), so an export
-        taken mid-run loses nothing either.
-        """
-        weights = {}
-        for name, module in self.modules.items():
-            weight = self.merged.merged_weight(name)
-            if module.active:
-                weight += self.config.merge_rate * module.delta_weight()
-            weights[name] = weight.cpu()
-        return weights
 
     @torch.no_grad()
     def export_weights(self, dtype: torch.dtype) -> Iterator[Tuple[str, torch.Tensor]]:

@@ -188,11 +188,6 @@ class MergedState:
         """Number of stored rank-1 factors (upper bound on rank(L))."""
         return self._ledgers[name].rank_bound
 
-    def factors(self, name: str) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-        """(U, V) with L = U·V (FSDP2: this rank's rows of U), or None once L is stored dense."""
-        ledger = self._ledgers[name]
-        return None if ledger.dense is not None else (ledger.u, ledger.v)
-
     def nbytes(self) -> int:
         """Memory the merged state holds (this rank): the ledgers plus any copies of W0."""
         tensors = list(self._base.values())
@@ -201,7 +196,8 @@ class MergedState:
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def gathered_factors(self, name: str) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-        """:meth:`factors` with all rows of U (FSDP2: gathered, a collective: call on every rank)."""
+        """(U, V) with L = U·V and all rows of U (FSDP2: gathered, a collective: call on every
+        rank), or None once L is stored dense."""
         ledger = self._ledgers[name]
         if ledger.dense is not None:
             return None
