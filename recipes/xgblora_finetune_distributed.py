@@ -248,7 +248,30 @@ def recipe_main(cfg: DictConfig) -> None:
 
 
 def main() -> int:
-    return run_entry_point(recipe_main)
+    """Run the recipe; the worker process then ends without interpreter teardown."""
+    code = run_entry_point(recipe_main)
+    leave_without_teardown(code)
+    return code  # not reached
+
+
+def leave_without_teardown(code: int) -> None:
+    """Flush everything and end the process with ``code``, skipping interpreter finalisation.
+
+    Why: ``destroy_process_group`` does not free a process group that DTensor's sharding caches
+    still reach through a DeviceMesh (torch 2.11-2.13 keep the group in ``DeviceMesh._pg_registry``),
+    so its gloo worker threads outlive the recipe. When such a thread drops the last reference to a
+    Python-owned tensor of the final collective while the interpreter finalises, CPython ends the
+    thread mid-destructor and the rank dies with "terminate called without an active exception"
+    (SIGABRT) after a run whose checkpoint and logs are complete (seen once in CI on gloo; upstream:
+    pytorch/pytorch#179291). Everything the recipe writes is closed by now: torchtune's ``cleanup``
+    closes the metric logger, the checkpointer and summary files are closed on write.
+    """
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
