@@ -369,3 +369,28 @@ def test_shard_local_merge_and_optimizer_reset_equal_one_device(tmp_path):
         for name, weight in reference["weights"].items():
             assert torch.allclose(got["weights"][name], weight, rtol=0, atol=1e-6), name
             assert torch.equal(got["lora_a"][name], reference["lora_a"][name]), name  # re-init: same draw
+
+
+def test_worker_leaves_with_its_exit_code_output_flushed_and_no_teardown(tmp_path):
+    """The distributed worker ends with ``os._exit`` (gloo threads outlive destroy_process_group,
+    see ``leave_without_teardown``): buffered output and log records must still come out, the
+    exit code must be the recipe's, and interpreter teardown (atexit) must not run."""
+    log_file = tmp_path / "recipe.log"
+    script = (
+        "import atexit, logging, logging.handlers, sys\n"
+        "from xgblora_finetune_distributed import leave_without_teardown\n"
+        # a buffering handler: its record reaches the file only when logging shuts down
+        f"target = logging.FileHandler({str(log_file)!r})\n"
+        "logging.getLogger().addHandler(logging.handlers.MemoryHandler(1000, logging.CRITICAL, target))\n"
+        "logging.getLogger().setLevel(logging.INFO)\n"
+        "logging.getLogger('x').info('logged before exit')\n"
+        "atexit.register(lambda: print('teardown ran'))\n"
+        "sys.stdout.write('buffered, no newline')\n"
+        "leave_without_teardown(3)\n"
+        "print('after exit')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # piped stdout is then block-buffered
+    result = subprocess.run([str(Path(TUNE).parent / "python"), "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert result.stdout == "buffered, no newline"
+    assert "logged before exit" in log_file.read_text()
