@@ -210,6 +210,19 @@ class XGBLoRAFinetuneRecipeDistributed(BoostedRecipeMixin, _torchtune_lora.LoRAF
         del logits
         return loss
 
+    def cleanup(self) -> None:
+        """Close the metric logger and wait until every rank is past its last collective.
+
+        Unlike torchtune's ``cleanup`` this does not destroy the process group: the worker ends
+        with ``os._exit`` right after (``leave_without_teardown``). Tearing gloo down while the
+        peer rank tears down its side aborted a finished run now and then ("terminate called
+        without an active exception", SIGABRT, twice in CI-sized runs on 2 loaded CPU cores);
+        after the barrier no rank has anything in flight, and process exit closes the sockets.
+        """
+        if self._is_rank_zero:
+            self._metric_logger.close()
+        dist.barrier()
+
     def _log_round(self, report) -> None:
         super()._log_round(report)
         self._log_selection(self._booster.round)
@@ -234,17 +247,15 @@ def recipe_main(cfg: DictConfig) -> None:
             "(tune run --nproc_per_node N xgblora_finetune …, or torchrun)"
         )
     dist.init_process_group(process_group_backend())
-    try:
-        if cfg.get("fsdp_cpu_offload", False):
-            training.set_torch_num_threads()
-        config.log_config(recipe_name="XGBLoRAFinetuneRecipeDistributed", cfg=cfg)
-        recipe = XGBLoRAFinetuneRecipeDistributed(cfg=cfg)
-        recipe.setup(cfg=cfg)
-        recipe.train()
-        recipe.cleanup()
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    if cfg.get("fsdp_cpu_offload", False):
+        training.set_torch_num_threads()
+    config.log_config(recipe_name="XGBLoRAFinetuneRecipeDistributed", cfg=cfg)
+    recipe = XGBLoRAFinetuneRecipeDistributed(cfg=cfg)
+    recipe.setup(cfg=cfg)
+    recipe.train()
+    # no destroy_process_group, on success or error (as torchtitan: destroying it while another
+    # rank is still in a collective can hang); see cleanup and leave_without_teardown
+    recipe.cleanup()
 
 
 def main() -> int:
@@ -257,13 +268,11 @@ def main() -> int:
 def leave_without_teardown(code: int) -> None:
     """Flush everything and end the process with ``code``, skipping interpreter finalisation.
 
-    Why: ``destroy_process_group`` does not free a process group that DTensor's sharding caches
-    still reach through a DeviceMesh (torch 2.11-2.13 keep the group in ``DeviceMesh._pg_registry``),
-    so its gloo worker threads outlive the recipe. When such a thread drops the last reference to a
-    Python-owned tensor of the final collective while the interpreter finalises, CPython ends the
-    thread mid-destructor and the rank dies with "terminate called without an active exception"
-    (SIGABRT) after a run whose checkpoint and logs are complete (seen once in CI on gloo; upstream:
-    pytorch/pytorch#179291). Everything the recipe writes is closed by now: torchtune's ``cleanup``
+    Why: the process group is never freed in-process (``destroy_process_group`` would not free it
+    either: DTensor's sharding caches keep it through ``DeviceMesh._pg_registry``), so its gloo
+    worker threads are alive at exit, and a C++ thread that touches Python while the interpreter
+    finalises is ended mid-destructor: SIGABRT after a run whose checkpoint and logs are complete
+    (upstream: pytorch/pytorch#179291). Everything the recipe writes is closed by now: ``cleanup``
     closes the metric logger, the checkpointer and summary files are closed on write.
     """
     import logging
