@@ -23,7 +23,9 @@ linearly with rounds (4·(out+in) bytes per merged module and round, until a mod
 dense), and the table prints the per-round growth next to it. NF4 steps are slow on CPUs (torchao
 dequantizes every weight in every forward and backward, ~10 s per step on 2 cores), so a CPU run
 may measure fewer rounds and ``--project-to`` adds the measured per-round growth of the merged
-state (the only thing that grows with rounds) to the measured peak.
+state to the measured peak. That assumes nothing else grows with rounds: check it with one direct
+run at the target (a projection from 20 rounds once hid an 8 MiB-per-round leak that only
+``--rounds 100`` showed).
 """
 
 from __future__ import annotations

@@ -216,7 +216,7 @@ class XGBLoRAFinetuneRecipeDistributed(BoostedRecipeMixin, _torchtune_lora.LoRAF
         Unlike torchtune's ``cleanup`` this does not destroy the process group: the worker ends
         with ``os._exit`` right after (``leave_without_teardown``). Tearing gloo down while the
         peer rank tears down its side aborted a finished run now and then ("terminate called
-        without an active exception", SIGABRT, twice in CI-sized runs on 2 loaded CPU cores);
+        without an active exception", SIGABRT: once in CI, once in `make test` on a loaded machine);
         after the barrier no rank has anything in flight, and process exit closes the sockets.
         """
         if self._is_rank_zero:
