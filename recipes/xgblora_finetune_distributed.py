@@ -75,6 +75,11 @@ class XGBLoRAFinetuneRecipeDistributed(BoostedRecipeMixin, _torchtune_lora.LoRAF
     def _is_main_process(self) -> bool:
         return self._is_rank_zero
 
+    def _rank0_decides(self, value: bool) -> bool:
+        flag = torch.tensor([int(value)], device=self._device)
+        dist.broadcast(flag, src=0)
+        return bool(flag.item())
+
     def _scale_grads(self, num_tokens: torch.Tensor) -> None:
         dist.all_reduce(num_tokens)  # in place: the step's loss is normalised by all ranks' tokens
         # FSDP2's reduce-scatter averages over ranks: multiply the world size back in

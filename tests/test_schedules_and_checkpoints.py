@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from torchtune_xgb import checkpointing
 from torchtune_xgb.boost_config import BoostConfig
 from torchtune_xgb.config_names import packaged_configs, resolve_config, resolve_config_arg
 from torchtune_xgb.schedules import apply_round_restarts, rewarmup_factor, set_scheduler_step
@@ -61,25 +60,6 @@ def test_set_scheduler_step_matches_stepping():
     _lrs(a, 9)
     set_scheduler_step(b, 9)
     assert a.optimizer.param_groups[0]["lr"] == b.optimizer.param_groups[0]["lr"] == pytest.approx(2 / 3)  # step 9 = 2nd step of round 2
-
-
-def test_resume_checkpoint_survives_a_crash_mid_write(tmp_path, monkeypatch):
-    checkpointing.save_resume_state(str(tmp_path), 3, {"x": torch.tensor([3.0])})
-    real_save = torch.save
-
-    def crash(obj, f, *a, **k):
-        f.write(b"partial")  # some bytes reach the disk, then the process "dies"
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(KeyboardInterrupt):
-        checkpointing.save_resume_state(str(tmp_path), 6, {"x": torch.tensor([6.0])})
-    monkeypatch.setattr(torch, "save", real_save)
-    assert checkpointing.load_resume_state(str(tmp_path))["x"].item() == 3.0  # the previous one
-    checkpointing.save_resume_state(str(tmp_path), 9, {"x": torch.tensor([9.0])})
-    assert checkpointing.load_resume_state(str(tmp_path))["x"].item() == 9.0
-    left = sorted(p.name for p in checkpointing.resume_root(str(tmp_path)).iterdir())
-    assert left == ["latest", "step_00000009"]  # older steps and the crashed temp dir are gone
 
 
 def test_config_names_resolve(tmp_path):

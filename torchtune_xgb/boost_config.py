@@ -1,5 +1,6 @@
 """The ``boost:`` config block, parsed and validated before any weights load."""
 
+import math
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, Optional, Union
 
@@ -59,12 +60,13 @@ class BoostConfig:
             if bpr < 1:
                 raise ConfigError(f"boost.blocks_per_round: a count must be ≥ 1, got {bpr}")
         elif isinstance(bpr, float):
-            if not 0.0 < bpr <= 1.0:
+            if not 0.0 < bpr <= 1.0:  # also false for nan
                 raise ConfigError(f"boost.blocks_per_round: a fraction must be in (0, 1], got {bpr}")
         else:
             raise ConfigError(f"boost.blocks_per_round: must be a count, a fraction in (0, 1] or 'all', got {bpr!r}")
-        if not isinstance(self.merge_rate, (int, float)) or isinstance(self.merge_rate, bool) or self.merge_rate <= 0:
-            raise ConfigError(f"boost.merge_rate: must be a number > 0, got {self.merge_rate!r}")
+        rate = self.merge_rate
+        if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not math.isfinite(rate) or rate <= 0:
+            raise ConfigError(f"boost.merge_rate: must be a finite number > 0, got {rate!r}")
         if self.optimizer_reset not in OPTIMIZER_RESETS:
             raise ConfigError(f"boost.optimizer_reset: must be one of {OPTIMIZER_RESETS}, got {self.optimizer_reset!r}")
         if self.lr_restart not in LR_RESTARTS:
@@ -77,6 +79,9 @@ class BoostConfig:
             raise ConfigError(f"boost.seed: must be an integer, got {self.seed!r}")
         if self.basis not in BASES:
             raise ConfigError(f"boost.basis: must be one of {BASES}, got {self.basis!r}")
+        from torchtune_xgb.config_checks import check_device
+
+        check_device("boost.base_device", self.base_device)
 
     def blocks_per_round_count(self, num_blocks: int) -> int:
         """Resolve ``blocks_per_round`` against the model's number of blocks."""

@@ -22,7 +22,8 @@ from torchtune_xgb.adapters import convert_to_xgblora
 from torchtune_xgb.boost_config import AdapterConfig, BoostConfig
 from torchtune_xgb.loraxs import convert_to_loraxs, svd_all, truncated_svd_once
 from torchtune_xgb.merged_state import MergedState
-from torchtune_xgb.sharding import gather_rows, local_rows
+from torchtune_xgb.errors import RunError
+from torchtune_xgb.sharding import all_sum, any_nonzero, gather_rows, local, local_rows
 
 log = utils.get_logger("INFO")
 
@@ -115,6 +116,7 @@ class Booster:
         self.svd_seconds = 0.0
         self._wrapped_warned = False
         self._trainable = 0
+        self._base_norm_sq: Dict[str, torch.Tensor] = {}  # ‖W0‖² per module (the guard's yardstick)
 
     @property
     def is_loraxs(self) -> bool:
@@ -228,6 +230,7 @@ class Booster:
         """Merge the active adapters now (also used to fold a final partial round)."""
         finished = (self.step - 1) // self.config.steps_per_round
         active = self.active_modules()
+        self._refuse_non_finite(active, finished)
         trainable = self.trainable_params()
         merge = self.merged.merge_round(active.keys(), merge_rate=self.config.merge_rate)
         start = time.perf_counter()
@@ -252,6 +255,54 @@ class Booster:
         if start_next:
             self._activate(self.round)
         return report
+
+    def _refuse_non_finite(self, active: Dict[str, nn.Module], round_index: int) -> None:
+        """Never fold a round that holds NaN or Inf into the merged state (as PEFT's safe_merge):
+        the state stays what it was before the round, the last good resume checkpoint stays
+        valid. Same answer on every rank (the flag is reduced over shards)."""
+        params = {name: module.trainable() for name, module in active.items()}
+        if not params:
+            return
+        # on the device, one host sync for all modules (not one per parameter)
+        per_module = torch.stack([torch.stack([(~torch.isfinite(local(p.detach()))).any() for p in ps]).any() for ps in params.values()])
+        if any_nonzero(per_module, next(iter(params.values()))[0]):  # reduced over ranks: same answer everywhere
+            bad_here = [name for name, bad in zip(params, per_module.tolist()) if bad]
+            where = bad_here[0] if bad_here else "an adapter on another rank"
+            raise RunError(
+                f"training diverged in round {round_index}: {where} holds non-finite values at step {self.step}; "
+                "the round was not merged and no export was written (resume from the last good checkpoint "
+                "with a lower optimizer.lr: resume_from_checkpoint=True resume_allow_changes=[optimizer.lr])"
+            )
+
+    @torch.no_grad()
+    def live_update_ratio(self) -> Tuple[float, Optional[str]]:
+        """The largest ‖η·ΔW‖/‖W0‖ (Frobenius) of a live adapter this round, and its module.
+
+        For the divergence guard, every step: from the factors (u, v) of each active adapter by
+        r×r Gram matrices in float64, ‖u·v‖² = Σ (uᵀu) ∘ (v·vᵀ), so no out×in matrix is built and
+        an adapter whose product would overflow fp32 still gives a finite, huge ratio (NaN if it
+        holds NaN). ‖W0‖ is taken once per module. Under FSDP2 the sums cover all ranks' rows (one
+        reduction for all modules), so every rank gets the same answer."""
+        active = self.active_modules()
+        if not active:
+            return 0.0, None
+        names = list(active)
+        for name in names:
+            if name not in self._base_norm_sq:
+                base = self.merged.base_weight(name).double()
+                self._base_norm_sq[name] = (base * base).sum()
+        sums = []
+        for name in names:
+            u, v = active[name].merge_factors(self.config.merge_rate)
+            u, v = u.double(), v.double()
+            sums.append(((u.T @ u) * (v @ v.T)).sum())
+        like = next(iter(active.values())).weight
+        update_sq = all_sum(torch.stack(sums), like)
+        base_sq = all_sum(torch.stack([self._base_norm_sq[n].to(update_sq.device) for n in names]), like)
+        ratios = (update_sq / base_sq.clamp_min(1e-300)).sqrt()
+        ratios = torch.where(torch.isnan(ratios), torch.full_like(ratios, math.inf), ratios)
+        worst = int(torch.argmax(ratios))
+        return float(ratios[worst]), names[worst]
 
     def finish(self) -> Optional[RoundReport]:
         """End training: fold a partial last round (steps not a multiple of κ) so nothing trained

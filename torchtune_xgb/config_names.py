@@ -50,14 +50,22 @@ def resolve_config_arg(argv: List[str]) -> List[str]:
 
 
 def run_entry_point(recipe_main: Callable[[], None]) -> int:
-    """Run a ``@config.parse`` recipe main with our config names resolved; a config mistake
-    (:class:`ConfigError`, a missing file) ends as one ``error:`` line and exit code 2."""
-    from torchtune_xgb.errors import ConfigError
+    """Run a ``@config.parse`` recipe main with our config names resolved. A config mistake
+    (:class:`ConfigError`, a missing file) ends as one ``error:`` line and exit code 2; a run
+    that cannot finish correctly (:class:`RunError`: divergence, a failed export, no intact
+    checkpoint) as one ``error:`` line and exit code 1. ``TORCHTUNE_XGB_DEBUG=1`` adds the
+    traceback."""
+    import os
+    import traceback
+
+    from torchtune_xgb.errors import ConfigError, RunError
 
     try:
         sys.argv = resolve_config_arg(sys.argv)
         recipe_main()
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, RunError) as err:
+        if os.environ.get("TORCHTUNE_XGB_DEBUG"):
+            traceback.print_exc()
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(err, RunError) else 2
     return 0

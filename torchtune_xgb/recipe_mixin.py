@@ -19,33 +19,35 @@ Subclasses for other launch modes override the small hooks ``_scale_grads``, ``_
 
 import json
 import os
-import signal
 import time
+from contextlib import closing as _closing
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torchtune import config, training, utils
 from torchtune.modules.peft import LoRALinear, get_adapter_params, get_lora_module_names, set_trainable_params
 from tqdm import tqdm
 
 from torchtune_xgb.boosting import Booster, RoundReport
-from torchtune_xgb.checkpointing import load_resume_state, save_resume_state
+from torchtune_xgb.checkpointing import latest_resume_dir, load_resume_state, save_resume_state
 from torchtune_xgb.errors import ConfigError
 from torchtune_xgb.export import clean_name, fold_merged_weights, peft_lora_adapter
+from torchtune_xgb.faults import KILL_AT_STEP_ENV, fault_point, fault_value  # noqa: F401 (KILL_AT_STEP_ENV: tests)
+from torchtune_xgb.guard import GuardConfig, TrainingGuard
 from torchtune_xgb.loraxs import LoRAXSLinear
 from torchtune_xgb.nf4 import fitting_nf4_blocks, is_nf4, keep_unquantizable_in_full_precision
+from torchtune_xgb.run_dir import SUMMARY_FILE, claim_output_dir
+from torchtune_xgb.run_identity import run_identity
 from torchtune_xgb.schedules import apply_round_restarts, set_scheduler_step
 from torchtune_xgb.sharding import local
-from torchtune_xgb.validation import validate_config
+from torchtune_xgb.staged_export import export_complete, staged_export
+from torchtune_xgb.validation import validate_config, validate_resume
 
 log = utils.get_logger("INFO")
 
-SUMMARY_FILE = "xgb_summary.json"
-# Fault injection for the resume tests: SIGKILL this process right after the given step.
-KILL_AT_STEP_ENV = "TORCHTUNE_XGB_KILL_AT_STEP"
 
 
 class BoostedRecipeMixin:
@@ -56,11 +58,30 @@ class BoostedRecipeMixin:
         return self._adapter.method
 
     def __init__(self, cfg: DictConfig) -> None:
+        # everything below runs before any weights load: bad input ends here with one line
         self._boost, self._adapter = validate_config(cfg)
+        guard_block = cfg.get("guard")
+        self._guard = TrainingGuard(GuardConfig.from_mapping(
+            OmegaConf.to_container(guard_block, resolve=True) if guard_block is not None else None
+        ))
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self._resume_checkpoint = validate_resume(cfg, world_size)  # verified, same run
+        self._run_identity = run_identity(cfg, world_size)
         self._single_round = cfg.get("boost") is None  # no boosting: one round, the whole run
         if self._single_round:
             self._boost = replace(self._boost, lr_restart="none")
         self._resume_boosted = bool(cfg.get("resume_from_checkpoint", False))
+        if self._resume_boosted and cfg.get("overwrite_output_dir", False):
+            raise ConfigError("overwrite_output_dir: cannot be True together with resume_from_checkpoint=True")
+        # held until the process ends; under torchrun rank 0 holds it for the job
+        self._run_lock = claim_output_dir(
+            cfg.output_dir,
+            resume=self._resume_boosted,
+            overwrite=bool(cfg.get("overwrite_output_dir", False)),
+            take_lock=int(os.environ.get("RANK", "0")) == 0,
+            metrics_file=_disk_logger_file(cfg),
+        )
+        self._last_resume_step: Optional[int] = None
         cfg.resume_from_checkpoint = False  # ours, see module docstring
         super().__init__(cfg)
         self._save_every = cfg.get("save_every_n_steps")
@@ -72,6 +93,10 @@ class BoostedRecipeMixin:
     # --- hooks that launch modes override -------------------------------------------------
     def _is_main_process(self) -> bool:
         return True
+
+    def _rank0_decides(self, value: bool) -> bool:
+        """``value`` as rank 0 sees it, on every rank (one process: as is)."""
+        return value
 
     def _scale_grads(self, num_tokens: torch.Tensor) -> None:
         training.scale_grads(self._model, 1 / num_tokens)
@@ -179,16 +204,16 @@ class BoostedRecipeMixin:
             "summary": dict(self._summary),
             "wall_seconds": self._wall_seconds(),
             "last_loss": self._last_loss,
+            "guard_recent": list(self._guard.recent),
         }
 
     def _load_resume(self) -> None:
-        state = load_resume_state(self._output_dir)
-        for key in ("steps_per_round", "seed", "blocks_per_round", "merge_rate", "basis"):
-            if state["boost"].get(key) != getattr(self._booster.config, key):
-                raise ConfigError(
-                    f"boost.{key}: {getattr(self._booster.config, key)!r} differs from the checkpoint's "
-                    f"{state['boost'][key]!r}; an exact resume needs the same value"
-                )
+        checkpoint = self._resume_checkpoint
+        if checkpoint.skipped:
+            log.warning(
+                f"resume: skipped {'; '.join(checkpoint.skipped)}; resuming from the previous intact checkpoint {checkpoint.path}"
+            )
+        state = load_resume_state(checkpoint)
         self._booster.start(total_steps=self.total_epochs * self._steps_per_epoch, state=state["booster"])
         self._load_optimizer_state(state["optimizer"])
         self.global_step = int(state["global_step"])
@@ -200,13 +225,20 @@ class BoostedRecipeMixin:
         self._summary = dict(state["summary"])
         self._wall_before_resume = float(state["wall_seconds"])
         self._last_loss = state.get("last_loss")
-        log.info(f"Resumed at step {self.global_step} (round {self._booster.round}).")
+        self._guard.recent.extend(state.get("guard_recent", []))
+        self._last_resume_step = self.global_step
+        log.info(f"Resumed at step {self.global_step} (round {self._booster.round}) from {checkpoint.path}.")
 
     def _save_resume(self) -> None:
-        state = self._resume_state()
+        state = self._resume_state()  # gathers under FSDP2: every rank takes part
         if self._is_main_process():
-            path = save_resume_state(self._output_dir, self.global_step, state)
+            path = save_resume_state(self._output_dir, self.global_step, state, run=self._run_identity)
             log.info(f"Saved resume checkpoint {path}")
+        self._last_resume_step = self.global_step
+
+    def _last_good_checkpoint(self) -> str:
+        path = latest_resume_dir(self._output_dir)
+        return str(path) if path is not None else "none was written yet (save_every_n_steps)"
 
     # --- export ---------------------------------------------------------------------------
     def save_checkpoint(self, epoch: int) -> None:
@@ -220,7 +252,14 @@ class BoostedRecipeMixin:
             return
         ckpt = {training.MODEL_KEY: fold_merged_weights(model_sd, merged, dtype=self._dtype)}
         ckpt.update(peft)
-        self._checkpointer.save_checkpoint(ckpt, epoch=epoch, intermediate_checkpoint=False, adapter_only=False)
+        resume_hint = (
+            f"the resume checkpoint {latest_resume_dir(self._output_dir)} is intact: free space and run again with "
+            "resume_from_checkpoint=True to write the export"
+        )
+        # written to a staging directory and renamed into place: epoch_N/ exists only once complete
+        with staged_export(self._checkpointer, self._output_dir, epoch, self.global_step, resume_hint):
+            fault_point("export_write", self.global_step)
+            self._checkpointer.save_checkpoint(ckpt, epoch=epoch, intermediate_checkpoint=False, adapter_only=False)
 
     def _peft_export(self) -> Dict[str, Any]:
         """A one-round LoRA-XS run is exactly a rank-r LoRA: export it in PEFT format too.
@@ -261,22 +300,31 @@ class BoostedRecipeMixin:
             current_loss = self._loss_step(batch) * current_num_tokens
             running_loss += current_loss
             current_loss.backward()
+        fault_point("mid_step", self.global_step + 1)
         self._scale_grads(num_tokens)
-        grad_norm = None
         if self._clip_grad_norm is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(self._model.parameters(), max_norm=float(self._clip_grad_norm))
-            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
-                grad_norm = grad_norm.full_tensor()
+        else:  # still needed: the guard stops on a non-finite gradient before it is applied
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self._model.parameters() if p.grad is not None])
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+            grad_norm = grad_norm.full_tensor()
+        grad_norm = float(grad_norm)
         lr = self._optimizer.param_groups[0]["lr"]
         round_index = self._booster.round
         trainable = self._booster.trainable_params()
+        loss = self._reduce_loss(running_loss.detach()).item() / num_tokens.item()  # same on every rank
+        loss = loss * fault_value("loss", self.global_step + 1)  # fault injection (tests); 1.0 otherwise
+        self._guard.check(self.global_step + 1, round_index, loss, grad_norm, self._last_good_checkpoint)
         self._optimizer.step()
         self._optimizer.zero_grad(set_to_none=True)
+        if self._guard.config.max_update_ratio is not None:  # before the round can be merged or saved
+            ratio, module = self._booster.live_update_ratio()
+            self._guard.check_update(self.global_step + 1, round_index, ratio, module, self._last_good_checkpoint)
         report = self._booster.after_optimizer_step()
         self._lr_scheduler.step()
         self.global_step += 1
         return {
-            "loss": self._reduce_loss(running_loss.detach()).item() / num_tokens.item(),
+            "loss": loss,
             "lr": lr,
             "num_tokens": int(num_tokens),
             "round": round_index,
@@ -300,12 +348,18 @@ class BoostedRecipeMixin:
 
     def train(self) -> None:
         self._train_start = time.perf_counter()
+        if self._finish_interrupted_export():
+            if (Path(self._output_dir) / SUMMARY_FILE).is_file():
+                log.info(f"Nothing left to do: the run in {self._output_dir} is complete")
+            else:
+                self._finish()
+            return
         total_steps = self.total_epochs * self._steps_per_epoch
         pbar = tqdm(total=total_steps, initial=self.global_step, disable=not self._is_main_process())
         sampler = self._dataloader.sampler
         samples_per_step = self._gradient_accumulation_steps * self._dataloader.batch_size
         t0 = time.perf_counter()
-        with self._profiler as prof:
+        with self._profiler as prof, _closing(pbar):  # an error line then starts on a line of its own
             for epoch in range(self.epochs_run, self.total_epochs):
                 done = self.global_step - epoch * self._steps_per_epoch
                 sampler.set_epoch(epoch)
@@ -326,8 +380,8 @@ class BoostedRecipeMixin:
                             "round": out["round"],
                             "trainable_params": out["trainable_params"],
                         }
-                        if out["grad_norm"] is not None:
-                            log_dict["grad_norm"] = float(out["grad_norm"])
+                        if self._clip_grad_norm is not None:
+                            log_dict["grad_norm"] = out["grad_norm"]
                         if self._device.type == "cuda" and self._log_peak_memory_stats:
                             log_dict.update(training.get_memory_stats(device=self._device))
                         self._metric_logger.log_dict(log_dict, step=self.global_step)
@@ -335,18 +389,37 @@ class BoostedRecipeMixin:
                         self._log_round(out["report"])
                     if self._save_every and self.global_step % self._save_every == 0:
                         self._save_resume()
-                    if os.environ.get(KILL_AT_STEP_ENV) == str(self.global_step):
-                        os.kill(os.getpid(), signal.SIGKILL)
+                    fault_point("after_step", self.global_step)
                     prof.step()
                     t0 = time.perf_counter()
                 self.epochs_run += 1
-                if self.epochs_run == self.total_epochs:
-                    final = self._booster.finish()
-                    if final is not None:
-                        self._log_round(final)
-                self.save_checkpoint(epoch=epoch)
-        pbar.close()
+                self._end_epoch(epoch)
         self._finish()
+
+    def _finish_interrupted_export(self) -> bool:
+        """After a resume exactly at an epoch's end whose export never arrived (killed, or the disk
+        was full), write it now: the state at that step is the one that export needs. Returns True
+        when the run had nothing left but that (or nothing at all)."""
+        done = self.global_step - self.epochs_run * self._steps_per_epoch
+        if self.epochs_run == 0 or done != 0 or not self._resume_boosted:
+            return False
+        last = self.epochs_run - 1
+        if not self._rank0_decides(export_complete(self._output_dir, last)):
+            if self._is_main_process():
+                log.info(f"Resumed at the end of epoch {last}: writing its missing export")
+            self._end_epoch(last)
+        return self.epochs_run == self.total_epochs
+
+    def _end_epoch(self, epoch: int) -> None:
+        """Export epoch ``epoch``; after the last one, first make sure a resume checkpoint of the
+        final step exists (so a failed export never loses the run), then fold a partial round."""
+        if epoch == self.total_epochs - 1:
+            if self._last_resume_step != self.global_step:
+                self._save_resume()
+            final = self._booster.finish()
+            if final is not None:
+                self._log_round(final)
+        self.save_checkpoint(epoch=epoch)
 
     # --- end of run -----------------------------------------------------------------------
     def _finish(self) -> None:
@@ -359,7 +432,9 @@ class BoostedRecipeMixin:
         if self._is_main_process():
             summary = self.summary()
             path = Path(self._output_dir) / SUMMARY_FILE
-            path.write_text(json.dumps(summary, indent=2))
+            tmp = path.with_name(f".{SUMMARY_FILE}.tmp")
+            tmp.write_text(json.dumps(summary, indent=2))
+            os.replace(tmp, path)  # a reader never sees half a summary
             log.info(f"Wrote {path}")
 
     def summary(self) -> Dict[str, Any]:
@@ -385,3 +460,11 @@ class BoostedRecipeMixin:
         }
         summary.update(self._summary)
         return summary
+
+
+def _disk_logger_file(cfg: DictConfig) -> Optional[str]:
+    """The file torchtune's DiskLogger appends to (None for other loggers or a generated name)."""
+    log_dir, filename = OmegaConf.select(cfg, "metric_logger.log_dir"), OmegaConf.select(cfg, "metric_logger.filename")
+    if isinstance(log_dir, str) and isinstance(filename, str):
+        return str(Path(log_dir) / filename)
+    return None

@@ -1,7 +1,7 @@
 """Config checks that run before any weights load; each failure is one line naming the key."""
 
 from pathlib import Path
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -9,8 +9,10 @@ from torchtune import config as tt_config
 from torchtune.modules.peft import LoRALinear
 
 from torchtune_xgb.boost_config import AdapterConfig, BoostConfig
-from torchtune_xgb.checkpointing import latest_resume_dir
+from torchtune_xgb.checkpointing import ResumeCheckpoint, resume_root, select_resume_checkpoint, step_dirs
+from torchtune_xgb.config_checks import check_run_config
 from torchtune_xgb.errors import ConfigError
+from torchtune_xgb.run_identity import check_resume_identity, run_identity
 
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "output_proj")
 DTYPES = ("fp32", "bf16")
@@ -49,6 +51,7 @@ def validate_config(cfg: DictConfig) -> Tuple[BoostConfig, AdapterConfig]:
     Raises ConfigError (one line, starting with the config key) on the first problem. Builds the
     model on the meta device to check its adapters and block count; loads no weights.
     """
+    check_run_config(cfg)
     boost = BoostConfig.from_mapping(_block(cfg, "boost"))
     adapter = AdapterConfig.from_mapping(_block(cfg, "adapter"))
     for key in ("output_dir", "model", "checkpointer", "tokenizer", "optimizer", "lr_scheduler", "dataset"):
@@ -65,6 +68,9 @@ def validate_config(cfg: DictConfig) -> Tuple[BoostConfig, AdapterConfig]:
     rank = model.get("lora_rank")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise ConfigError(f"model.lora_rank: must be an integer ≥ 1, got {rank!r}")
+    dropout = model.get("lora_dropout")
+    if dropout is not None and not (isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and 0 <= dropout < 1):
+        raise ConfigError(f"model.lora_dropout: must be a number in [0, 1), got {dropout!r}")
     alpha = model.get("lora_alpha")
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
         raise ConfigError(f"model.lora_alpha: must be a number > 0, got {alpha!r}")
@@ -96,8 +102,8 @@ def validate_config(cfg: DictConfig) -> Tuple[BoostConfig, AdapterConfig]:
     tok_path = cfg.tokenizer.get("path")
     if tok_path is not None:
         _existing(tok_path, "tokenizer.path")
-    if cfg.get("resume_from_checkpoint") and latest_resume_dir(cfg.output_dir) is None:
-        raise ConfigError(f"resume_from_checkpoint: no checkpoint under {Path(cfg.output_dir) / 'xgb_resume'}")
+    if cfg.get("resume_from_checkpoint") and not step_dirs(cfg.output_dir):
+        raise ConfigError(f"resume_from_checkpoint: no checkpoint under {resume_root(cfg.output_dir)}")
 
     # Build on the meta device: no memory, no weights, but the real module tree.
     try:
@@ -118,3 +124,21 @@ def validate_config(cfg: DictConfig) -> Tuple[BoostConfig, AdapterConfig]:
         if too_small:
             raise ConfigError(f"model.lora_rank: {rank} exceeds min(out, in) of {too_small[0]}")
     return boost, adapter
+
+
+def validate_resume(cfg: DictConfig, world_size: int = 1) -> Optional[ResumeCheckpoint]:
+    """With ``resume_from_checkpoint``: the intact checkpoint to resume from, after checking that
+    the config defines the same run as the one that wrote it (run_identity.py). None otherwise.
+
+    Raises one-line errors: ConfigError for no checkpoint or a changed config, RunError when no
+    checkpoint is intact. Reads only the small manifests and checksums, no weights."""
+    if not cfg.get("resume_from_checkpoint"):
+        return None
+    checkpoint = select_resume_checkpoint(cfg.output_dir)
+    if checkpoint is None:
+        raise ConfigError(f"resume_from_checkpoint: no checkpoint under {resume_root(cfg.output_dir)}")
+    allowed = cfg.get("resume_allow_changes") or []
+    if not isinstance(allowed, (list, ListConfig)):
+        raise ConfigError(f"resume_allow_changes: must be a list of config keys, got {allowed!r}")
+    check_resume_identity(checkpoint.run, run_identity(cfg, world_size), [str(k) for k in allowed], checkpoint.path)
+    return checkpoint

@@ -1,0 +1,190 @@
+"""Bad input ends before any weights load with one line naming the key; output_dir ownership;
+the divergence guard and the merge-time check on non-finite rounds (in-process, cheap)."""
+
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from tests.e2e_fixture import make_tiny_model_dir, tiny_config
+from torchtune_xgb.errors import ConfigError, RunError
+from torchtune_xgb.guard import GuardConfig, TrainingGuard
+from torchtune_xgb.run_dir import acquire_lock, claim_output_dir
+from torchtune_xgb.validation import validate_config
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("checks")
+    make_tiny_model_dir(root)
+    return root
+
+
+BAD = [
+    ("boost.merge_rate=.nan", "boost.merge_rate"),
+    ("boost.merge_rate=.inf", "boost.merge_rate"),
+    ("boost.merge_rate=-.inf", "boost.merge_rate"),
+    ("boost.blocks_per_round=.nan", "boost.blocks_per_round"),
+    ("optimizer.lr=-1", "optimizer.lr"),
+    ("optimizer.lr=.nan", "optimizer.lr"),
+    ("optimizer.lr=0", "optimizer.lr"),
+    ("optimizer.weight_decay=-0.1", "optimizer.weight_decay"),
+    ("optimizer.betas=[0.9,1.5]", "optimizer.betas"),
+    ("clip_grad_norm=x", "clip_grad_norm"),
+    ("clip_grad_norm=-1", "clip_grad_norm"),
+    ("lr_scheduler.num_warmup_steps=-2", "lr_scheduler.num_warmup_steps"),
+    ("model.lora_dropout=1.5", "model.lora_dropout"),
+    ("model.lora_alpha=.inf", "model.lora_alpha"),
+    ("boost.base_device=foo", "boost.base_device"),
+    ("save_every_n_step=1", "save_every_n_step"),
+    ("run_val_every_n_step=5", "run_val_every_n_step"),
+    ("totally_unknown=3", "totally_unknown"),
+    ("dataset.data_files=/nonexistent/train.json", "dataset.data_files"),
+]
+if not torch.cuda.is_available():
+    BAD += [("device=cuda", "device"), ("boost.base_device=cuda", "boost.base_device")]
+
+
+@pytest.mark.parametrize("override,key", BAD)
+def test_bad_value_is_one_line_naming_the_key(root, override, key):
+    cfg = OmegaConf.merge(OmegaConf.create(tiny_config(root, root / "bad")), OmegaConf.from_dotlist([override]))
+    with pytest.raises(ConfigError) as err:
+        validate_config(cfg)
+    message = str(err.value)
+    assert message.startswith(f"{key}:") and "\n" not in message, message
+
+
+def test_a_typo_gets_a_suggestion_and_an_interpolated_helper_key_is_fine(root):
+    cfg = OmegaConf.merge(OmegaConf.create(tiny_config(root, root / "bad")), OmegaConf.from_dotlist(["save_every_n_step=1"]))
+    with pytest.raises(ConfigError, match=r"did you mean save_every_n_steps\?"):
+        validate_config(cfg)
+    helper = OmegaConf.create(tiny_config(root, root / "ok"))
+    helper.my_base = str(root)
+    helper.output_dir = "${my_base}/ok"  # a user's own variable, used by interpolation
+    validate_config(helper)
+
+
+@pytest.mark.parametrize("block", [{"max_update_ratio": 0}, {"spike_factor": 0.5}, {"spike_factor": float("nan")}, {"window": 0}, {"spike_margin": -1}, {"factor": 2}])
+def test_bad_guard_block_names_the_key(block):
+    with pytest.raises(ConfigError, match=r"^guard\."):
+        GuardConfig.from_mapping(block)
+
+
+# --- output_dir ownership ------------------------------------------------------------------------
+
+
+def _tree(path: Path):
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_a_new_run_refuses_a_directory_holding_another_run_and_overwrite_removes_only_ours(tmp_path):
+    out = tmp_path / "out"
+    (out / "epoch_0").mkdir(parents=True)
+    (out / "epoch_0" / "model.safetensors").write_bytes(b"old model")
+    (out / "xgb_resume" / "step_00000006").mkdir(parents=True)
+    (out / "logs").mkdir()
+    (out / "logs" / "metrics.txt").write_text("Step 1 | loss:1.0\n")
+    (out / "notes.txt").write_text("the user's own file")
+    before = _tree(out)
+    with pytest.raises(ConfigError) as err:
+        claim_output_dir(str(out), resume=False)
+    assert str(err.value).startswith("output_dir:") and "epoch_0/" in str(err.value) and "xgb_resume" in str(err.value)
+    assert "overwrite_output_dir=True" in str(err.value) and "resume_from_checkpoint=True" in str(err.value)
+    assert {k: v for k, v in _tree(out).items() if k != ".xgb_run.lock"} == before  # untouched
+    lock = claim_output_dir(str(out), resume=False, overwrite=True, metrics_file=str(out / "logs" / "metrics.txt"))
+    left = sorted(k for k in _tree(out))
+    assert left == [".xgb_run.lock", "notes.txt", "xgb_run.json"]  # ours gone, the user's file kept
+    lock.close()
+
+
+def test_the_run_lock_refuses_a_second_concurrent_run_and_is_released_with_the_process(tmp_path):
+    first = claim_output_dir(str(tmp_path / "out"), resume=False)
+    with pytest.raises(ConfigError) as err:
+        claim_output_dir(str(tmp_path / "out"), resume=True)
+    assert str(err.value).startswith("output_dir:") and f"pid {os.getpid()}" in str(err.value)
+    first.close()  # what process exit does, however the process ends
+    acquire_lock(tmp_path / "out").close()
+
+
+# --- divergence ------------------------------------------------------------------------------------
+
+
+def test_guard_stops_on_nan_inf_and_a_spike_but_not_on_healthy_wobble():
+    guard = TrainingGuard(GuardConfig())
+    last_good = lambda: "out/xgb_resume/step_00000003"  # noqa: E731
+    for step, loss in enumerate([0.9, 0.6, 0.4, 0.2, 0.08, 0.05, 0.21, 0.04], start=1):  # 4x wobble at a low loss
+        guard.check(step, 0, loss, 1.0, last_good)
+    with pytest.raises(RunError) as err:
+        guard.check(9, 2, math.nan, 1.0, last_good)
+    message = str(err.value)
+    assert message.startswith("training diverged at step 9 (round 2): loss is nan") and "step_00000003" in message
+    with pytest.raises(RunError, match="gradient norm is inf"):
+        guard.check(9, 2, 0.05, math.inf, last_good)
+    # SmolLM2 with optimizer.lr=1e3 (issue #10): from ≈1 to ≈ln(49152) = 10.8 within a few steps
+    spike = TrainingGuard(GuardConfig())
+    spike.check(1, 0, 1.18, 3.0, last_good)
+    spike.check(2, 0, 1.02, 3.0, last_good)
+    with pytest.raises(RunError, match="loss spiked to 10.8"):
+        spike.check(3, 0, 10.8, 3.0, last_good)
+    off = TrainingGuard(GuardConfig(spike_factor=None))
+    off.check(1, 0, 1.0, 1.0, last_good)
+    off.check(2, 0, 10.8, 1.0, last_good)  # spike check off: allowed
+
+
+def test_a_round_with_a_non_finite_adapter_is_never_merged():
+    from tests.tiny_model import tiny_lora
+    from torchtune_xgb.boost_config import BoostConfig
+    from torchtune_xgb.boosting import Booster
+
+    torch.manual_seed(0)
+    model = tiny_lora()
+    booster = Booster(model, BoostConfig(steps_per_round=2, blocks_per_round="all")).start(total_steps=8)
+    for _ in range(2):  # round 0 trains something finite and is merged
+        for m in booster.active_modules().values():
+            m.lora_b.weight.data.normal_(0, 1e-2)
+        booster.after_optimizer_step()
+    merged_before = {k: {n: t.clone() for n, t in v.items()} for k, v in booster.merged.state_dict().items()}
+    weights_before = {n: m.weight.detach().clone() for n, m in booster.modules.items()}
+    name, module = next(iter(booster.active_modules().items()))
+    module.lora_b.weight.data.normal_(0, 1e-2)
+    module.lora_b.weight.data[0, 0] = float("nan")
+    booster.after_optimizer_step()
+    with pytest.raises(RunError) as err:
+        booster.after_optimizer_step()  # the round's last step: the merge is refused
+    assert f"{name} holds non-finite values" in str(err.value)
+    after = booster.merged.state_dict()
+    assert after.keys() == merged_before.keys()
+    for k in after:
+        for n in after[k]:
+            assert torch.equal(after[k][n], merged_before[k][n]), (k, n)
+    for n, m in booster.modules.items():
+        assert torch.equal(m.weight.detach(), weights_before[n]), n
+    assert len(booster.reports) == 1  # only round 0
+
+
+def test_live_update_ratio_is_the_update_norm_over_the_weight_norm():
+    from tests.tiny_model import tiny_lora
+    from torchtune_xgb.boost_config import BoostConfig
+    from torchtune_xgb.boosting import Booster
+
+    torch.manual_seed(0)
+    model = tiny_lora()
+    booster = Booster(model, BoostConfig(steps_per_round=2, merge_rate=0.5)).start(total_steps=4)
+    assert booster.live_update_ratio()[0] == 0.0  # B = 0 after the reset
+    expected = {}
+    for name, module in booster.modules.items():
+        module.lora_b.weight.data.normal_(0, 0.3)
+        reference = 0.5 * module.delta_weight().double()  # out×in, computed the plain way
+        expected[name] = (reference.norm() / module.weight.detach().double().norm()).item()
+    ratio, worst = booster.live_update_ratio()
+    assert worst == max(expected, key=expected.get)
+    assert ratio == pytest.approx(expected[worst], rel=1e-9)
+    module = booster.modules[worst]
+    module.lora_b.weight.data.fill_(1e30)
+    module.lora_a.weight.data.fill_(1e30)  # the product overflows fp32; the ratio stays a number
+    assert 1e50 < booster.live_update_ratio()[0] < math.inf
+    module.lora_a.weight.data[0, 0] = float("nan")
+    assert booster.live_update_ratio()[0] == math.inf

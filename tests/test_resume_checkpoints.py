@@ -1,0 +1,199 @@
+"""Resume checkpoints: atomic writes, manifests that catch corruption, fallback, the run's identity.
+
+In-process and cheap: each corruption of each file, truncation, a crash and a full disk while
+saving, and every changed-config resume the reliability issue found. The end-to-end versions
+(a real run killed, corrupted and resumed) are in test_faults.py.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from tests.e2e_fixture import make_tiny_model_dir, tiny_config
+from torchtune_xgb import checkpointing
+from torchtune_xgb.errors import ConfigError, RunError
+from torchtune_xgb.faults import FAULT_ENV
+from torchtune_xgb.run_identity import run_identity
+from torchtune_xgb.validation import validate_resume
+
+
+def _save(out: Path, step: int, value: float, run=None) -> Path:
+    return checkpointing.save_resume_state(str(out), step, {"x": torch.tensor([value])}, run=run)
+
+
+def _loaded_value(out: Path):
+    chosen = checkpointing.select_resume_checkpoint(str(out))
+    return checkpointing.load_resume_state(chosen)["x"].item(), chosen
+
+
+def test_two_checkpoints_are_kept_and_a_crash_mid_write_leaves_the_previous(tmp_path, monkeypatch):
+    _save(tmp_path, 3, 3.0)
+    real_save = torch.save
+
+    def crash(obj, f, *a, **k):
+        f.write(b"partial")  # some bytes reach the disk, then the process "dies"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        _save(tmp_path, 6, 6.0)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert _loaded_value(tmp_path)[0] == 3.0
+    _save(tmp_path, 9, 9.0)
+    _save(tmp_path, 12, 12.0)
+    left = sorted(p.name for p in checkpointing.resume_root(str(tmp_path)).iterdir())
+    assert left == ["latest", "step_00000009", "step_00000012"]  # the newest two; no temp dir
+    manifest = json.loads((tmp_path / "xgb_resume" / "step_00000012" / "manifest.json").read_text())
+    state = tmp_path / "xgb_resume" / "step_00000012" / "state.pt"
+    assert manifest["step"] == 12 and manifest["files"]["state.pt"]["bytes"] == state.stat().st_size
+
+
+def _flip_bytes(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 8] = bytes(b ^ 0xFF for b in data[middle : middle + 8])
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+CORRUPTIONS = {
+    "state bytes overwritten": ("state.pt", _flip_bytes, "sha256"),
+    "state truncated": ("state.pt", _truncate, "bytes"),
+    "state deleted": ("state.pt", Path.unlink, "missing"),
+    "manifest garbled": ("manifest.json", lambda p: p.write_text("{not json"), "unreadable"),
+    "manifest truncated": ("manifest.json", _truncate, "unreadable"),
+    "manifest deleted": ("manifest.json", Path.unlink, "missing"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPTIONS))
+def test_a_corrupted_newest_checkpoint_falls_back_to_the_previous_one_and_names_both(tmp_path, case):
+    name, corrupt, why = CORRUPTIONS[case]
+    _save(tmp_path, 3, 3.0)
+    newest = _save(tmp_path, 6, 6.0)
+    corrupt(newest / name)
+    value, chosen = _loaded_value(tmp_path)
+    assert value == 3.0 and chosen.path.name == "step_00000003"
+    assert len(chosen.skipped) == 1 and str(newest / name) in chosen.skipped[0] and why in chosen.skipped[0]
+
+
+@pytest.mark.parametrize("pointer", ["garbage\x00", "step_00000099", ""])
+def test_a_broken_latest_pointer_uses_the_newest_intact_checkpoint(tmp_path, pointer):
+    _save(tmp_path, 3, 3.0)
+    _save(tmp_path, 6, 6.0)
+    (tmp_path / "xgb_resume" / "latest").write_text(pointer)
+    value, chosen = _loaded_value(tmp_path)
+    assert value == 6.0 and "latest" in chosen.skipped[0]
+
+
+def test_no_intact_checkpoint_is_one_line_naming_every_file(tmp_path):
+    a, b = _save(tmp_path, 3, 3.0), _save(tmp_path, 6, 6.0)
+    _flip_bytes(a / "state.pt")
+    _truncate(b / "state.pt")
+    with pytest.raises(RunError) as err:
+        checkpointing.select_resume_checkpoint(str(tmp_path))
+    message = str(err.value)
+    assert message.startswith("resume_from_checkpoint:") and "\n" not in message
+    assert str(a / "state.pt") in message and str(b / "state.pt") in message
+
+
+def test_full_disk_while_saving_is_one_line_and_keeps_the_previous(tmp_path, monkeypatch):
+    _save(tmp_path, 3, 3.0)
+    monkeypatch.setenv(FAULT_ENV, "enospc:mid_save:6")
+    with pytest.raises(RunError) as err:
+        _save(tmp_path, 6, 6.0)
+    assert str(err.value).startswith("save_every_n_steps:") and "No space left" in str(err.value)
+    assert "step_00000003" in str(err.value)  # says what is intact
+    assert sorted(p.name for p in (tmp_path / "xgb_resume").iterdir()) == ["latest", "step_00000003"]
+    assert _loaded_value(tmp_path)[0] == 3.0
+
+
+# --- the run's identity: a resume must continue the same run -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("identity")
+    make_tiny_model_dir(root)
+    return root
+
+
+def _checkpointed_cfg(root: Path, name: str):
+    out = root / name
+    cfg = OmegaConf.create(tiny_config(root, out))
+    _save(out, 6, 6.0, run=run_identity(cfg))
+    cfg.resume_from_checkpoint = True
+    return cfg
+
+
+REFUSED = [
+    ("model.lora_rank=2", "model.lora_rank"),
+    ("model.lora_alpha=32", "model.lora_alpha"),
+    ("model.lora_attn_modules=[q_proj]", "model.lora_attn_modules"),
+    ("model.apply_lora_to_mlp=False", "model.apply_lora_to_mlp"),
+    ("boost.optimizer_reset=none", "boost.optimizer_reset"),
+    ("boost.lr_restart=none", "boost.lr_restart"),
+    ("boost.steps_per_round=3", "boost.steps_per_round"),
+    ("+adapter.method=loraxs", "adapter.method"),
+    ("optimizer.lr=0.001", "optimizer.lr"),
+    ("optimizer.weight_decay=0.1", "optimizer.weight_decay"),
+    ("lr_scheduler.num_warmup_steps=5", "lr_scheduler.num_warmup_steps"),
+    ("batch_size=2", "batch_size"),
+    ("gradient_accumulation_steps=2", "gradient_accumulation_steps"),
+    ("dataset.n_train=32", "dataset.n_train"),
+    ("dtype=bf16", "dtype"),
+    ("max_steps_per_epoch=10", "max_steps_per_epoch"),
+    ("epochs=2", "epochs"),
+    ("seed=1", "seed"),
+    ("shuffle=False", "shuffle"),
+]
+
+
+@pytest.mark.parametrize("override,key", REFUSED)
+def test_a_resume_with_a_changed_run_defining_key_is_refused_in_one_line(root, override, key):
+    cfg = _checkpointed_cfg(root, "refused")
+    changed = OmegaConf.merge(cfg, OmegaConf.from_dotlist([override.lstrip("+")]))
+    with pytest.raises(ConfigError) as err:
+        validate_resume(changed)
+    message = str(err.value)
+    assert message.startswith("resume_from_checkpoint:") and "\n" not in message
+    assert f" {key} (checkpoint " in message, message
+
+
+@pytest.mark.parametrize(
+    "override", ["log_every_n_steps=5", "save_every_n_steps=4", "eval.batch_size=2", "metric_logger.filename=m.txt",
+                 "compile=True", "device=cpu", "boost.base_device=cpu"]
+)
+def test_logging_saving_and_execution_keys_may_change(root, override):
+    cfg = _checkpointed_cfg(root, "free")
+    chosen = validate_resume(OmegaConf.merge(cfg, OmegaConf.from_dotlist([override])))
+    assert chosen.path.name == "step_00000006"
+
+
+def test_a_listed_optimizer_change_is_accepted_but_a_model_change_never(root):
+    cfg = _checkpointed_cfg(root, "allowed")
+    lower = OmegaConf.merge(cfg, OmegaConf.from_dotlist(["optimizer.lr=0.001", "resume_allow_changes=[optimizer.lr]"]))
+    assert validate_resume(lower) is not None
+    with pytest.raises(ConfigError, match=r"^resume_allow_changes: 'model.lora_rank' cannot change"):
+        validate_resume(OmegaConf.merge(cfg, OmegaConf.from_dotlist(["model.lora_rank=2", "resume_allow_changes=[model.lora_rank]"])))
+    with pytest.raises(ConfigError, match="resume_allow_changes=\\[optimizer.lr\\]"):  # the hint names the key
+        validate_resume(OmegaConf.merge(cfg, OmegaConf.from_dotlist(["optimizer.lr=0.001"])))
+
+
+def test_a_changed_local_data_file_is_a_different_run(root, tmp_path):
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps([{"input": "a", "output": "b"}]))
+    cfg = _checkpointed_cfg(root, "data")
+    cfg.dataset = {"_component_": "torchtune.datasets.instruct_dataset", "source": "json", "data_files": str(data)}
+    out = Path(cfg.output_dir)
+    _save(out, 9, 9.0, run=run_identity(cfg))
+    assert validate_resume(cfg).path.name == "step_00000009"
+    data.write_text(json.dumps([{"input": "a", "output": "c"}]))  # same name, other content
+    with pytest.raises(ConfigError, match=r"dataset.data_files#sha256"):
+        validate_resume(cfg)

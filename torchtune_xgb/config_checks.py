@@ -1,0 +1,151 @@
+"""Config checks beyond the ``boost:``/``adapter:`` blocks, run before any weights load.
+
+Each failure is one line naming the key:
+
+- unknown top-level keys: a typo such as ``save_every_n_step=1`` would otherwise be ignored (and
+  that one silently writes no resume state). A key that other values interpolate (``${model_dir}``)
+  is a helper variable, not a typo, and is accepted;
+- every float anywhere in the config is finite (YAML's ``.nan``/``.inf`` parse as floats);
+- ``device``: a CUDA device that this machine does not have (torchtune would fall back or fail
+  late), and ``boost.base_device`` likewise;
+- optimizer learning rate, weight decay, betas and eps, ``clip_grad_norm`` in range;
+- local dataset files (``dataset.data_files``, or a ``source`` that is a path) exist.
+"""
+
+import difflib
+import math
+import re
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Tuple
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from torchtune_xgb.errors import ConfigError
+
+# Top-level keys torchtune 0.6.1's LoRA recipes (single device and distributed) read, and ours.
+TORCHTUNE_KEYS = {
+    "output_dir", "model", "tokenizer", "checkpointer", "resume_from_checkpoint", "save_adapter_weights_only",
+    "dataset", "seed", "shuffle", "batch_size", "optimizer", "lr_scheduler", "loss", "epochs",
+    "max_steps_per_epoch", "gradient_accumulation_steps", "clip_grad_norm", "compile", "device", "dtype",
+    "enable_activation_checkpointing", "enable_activation_offloading", "metric_logger", "log_every_n_steps",
+    "log_peak_memory_stats", "log_level", "profiler", "collate_fn", "low_cpu_ram", "cudnn_deterministic_mode",
+    "custom_sharded_layers", "fsdp_cpu_offload", "fsdp_reshard_after_forward",
+}
+PLUGIN_KEYS = {
+    "boost", "adapter", "eval", "guard", "export", "dataset_val", "run_val_every_n_steps", "save_every_n_steps",
+    "overwrite_output_dir", "resume_allow_changes", "model_dir",  # model_dir: the packaged configs' helper
+}
+KNOWN_KEYS = TORCHTUNE_KEYS | PLUGIN_KEYS
+_INTERPOLATION = re.compile(r"\$\{\s*([A-Za-z_][\w]*)")
+
+
+def _walk(node: Any, prefix: str = "") -> Iterator[Tuple[str, Any]]:
+    """(dotted key, raw value) of every leaf, without resolving interpolations."""
+    if isinstance(node, DictConfig):
+        for key in node.keys():
+            yield from _walk(node._get_node(key), f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(node, ListConfig):
+        for i in range(len(node)):
+            yield from _walk(node._get_node(i), f"{prefix}[{i}]")
+    else:
+        yield prefix, node._value() if hasattr(node, "_value") else node
+
+
+def check_top_level_keys(cfg: DictConfig) -> None:
+    referenced = set()
+    for _, raw in _walk(cfg):
+        if isinstance(raw, str):
+            referenced.update(_INTERPOLATION.findall(raw))
+    for key in cfg.keys():
+        if key in KNOWN_KEYS or key in referenced:
+            continue
+        close = difflib.get_close_matches(str(key), sorted(KNOWN_KEYS), n=1, cutoff=0.75)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(
+            f"{key}: unknown top-level key{hint}; the recipe would ignore it (a helper variable must be used as ${{{key}}})"
+        )
+
+
+def check_finite_floats(cfg: DictConfig) -> None:
+    for key, value in _walk(cfg):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}: must be a finite number, got {value}")
+
+
+def check_device(key: str, value: Any) -> None:
+    """A device string that this machine can use (CUDA devices must exist)."""
+    try:
+        device = torch.device(str(value))
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(f"{key}: not a device: {value!r} (e.g. cpu, cuda, cuda:1)") from err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            raise ConfigError(f"{key}: {value!r} requested but {why}; use {key}=cpu or install a CUDA build of torch")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"{key}: {value!r} requested but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif device.type not in ("cpu", "cuda", "npu", "xpu", "mps"):
+        raise ConfigError(f"{key}: unsupported device type {device.type!r}")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_optimizer(cfg: DictConfig) -> None:
+    opt = cfg.get("optimizer")
+    if opt is None:
+        return
+    lr = opt.get("lr")
+    if lr is not None and not (_number(lr) and lr > 0):
+        raise ConfigError(f"optimizer.lr: must be a number > 0, got {lr!r}")
+    wd = opt.get("weight_decay")
+    if wd is not None and not (_number(wd) and wd >= 0):
+        raise ConfigError(f"optimizer.weight_decay: must be a number ≥ 0, got {wd!r}")
+    eps = opt.get("eps")
+    if eps is not None and not (_number(eps) and eps > 0):
+        raise ConfigError(f"optimizer.eps: must be a number > 0, got {eps!r}")
+    betas = opt.get("betas")
+    if betas is not None and not (
+        isinstance(betas, (list, tuple, ListConfig)) and len(betas) == 2 and all(_number(b) and 0 <= b < 1 for b in betas)
+    ):
+        raise ConfigError(f"optimizer.betas: must be two numbers in [0, 1), got {betas!r}")
+    clip = cfg.get("clip_grad_norm")
+    if clip is not None and not (_number(clip) and clip > 0):
+        raise ConfigError(f"clip_grad_norm: must be a number > 0 or null, got {clip!r}")
+    warmup = OmegaConf.select(cfg, "lr_scheduler.num_warmup_steps")
+    if warmup is not None and not (isinstance(warmup, int) and not isinstance(warmup, bool) and warmup >= 0):
+        raise ConfigError(f"lr_scheduler.num_warmup_steps: must be an integer ≥ 0, got {warmup!r}")
+
+
+def _paths(value: Any) -> Iterable[str]:
+    if isinstance(value, (list, tuple, ListConfig)):
+        for v in value:
+            yield from _paths(v)
+    elif isinstance(value, str):
+        yield value
+
+
+def check_dataset_files(cfg: DictConfig, key: str = "dataset") -> None:
+    """Local files a torchtune dataset names: ``data_files`` (source json/csv/text/parquet...)."""
+    block = cfg.get(key)
+    if not isinstance(block, DictConfig):
+        return
+    files = block.get("data_files")
+    if files is None:
+        return
+    for path in _paths(files):
+        if "://" in path or any(ch in path for ch in "*?["):
+            continue  # a remote URL or a glob: the dataset library resolves it
+        if not Path(path).expanduser().is_file():
+            raise ConfigError(f"{key}.data_files: file not found: {path}")
+
+
+def check_run_config(cfg: DictConfig) -> None:
+    """All checks of this module, in order."""
+    check_top_level_keys(cfg)
+    check_finite_floats(cfg)
+    check_device("device", cfg.get("device", "cpu"))
+    check_optimizer(cfg)
+    check_dataset_files(cfg)

@@ -1,0 +1,63 @@
+"""Fault injection for the reliability tests: kill the process or fail a write at a named phase.
+
+``TORCHTUNE_XGB_FAULT=ACTION:PHASE[:STEP]`` with ACTION ``kill`` (SIGKILL this process, as an OOM
+killer or a pre-empted node would) or ``enospc`` (raise ``OSError(ENOSPC)``, a full disk), at one
+of the phases the recipe announces with :func:`fault_point`:
+
+- ``mid_step``: after the forward/backward of a step, before the optimizer applies it;
+- ``after_step``: after a step (and its merge, if it ended a round);
+- ``mid_save``: a resume checkpoint's files are written, its directory is not renamed into place;
+- ``before_pointer``: the checkpoint directory is in place, ``latest`` still names the previous one;
+- ``mid_export``: the export's files are written to the staging directory, not renamed into place;
+- ``export_write``: while the export's model files are being written.
+
+``nan:loss:STEP`` and ``inf:loss:STEP`` make the loss that the guard sees at STEP non-finite
+(:func:`fault_value`), as a diverged forward pass would.
+
+STEP, when given, restricts the fault to that global step (the step being trained for ``mid_step``,
+the step just finished otherwise). Without the variable nothing happens; the check is one dict
+lookup.
+"""
+
+import errno
+import os
+import signal
+from typing import Optional
+
+FAULT_ENV = "TORCHTUNE_XGB_FAULT"
+# Older spelling kept for the existing resume tests: SIGKILL right after the given step.
+KILL_AT_STEP_ENV = "TORCHTUNE_XGB_KILL_AT_STEP"
+
+
+def fault_point(phase: str, step: Optional[int] = None) -> None:
+    """Inject the configured fault if ``phase`` (and ``step``) match; otherwise do nothing."""
+    legacy = os.environ.get(KILL_AT_STEP_ENV)
+    if legacy is not None and phase == "after_step" and str(step) == legacy:
+        os.kill(os.getpid(), signal.SIGKILL)
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    action, _, rest = spec.partition(":")
+    want_phase, _, want_step = rest.partition(":")
+    if want_phase != phase or (want_step and str(step) != want_step):
+        return
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif action == "enospc":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"<injected at {phase}>")
+    elif action in ("nan", "inf"):
+        return  # values, see fault_value
+    else:
+        raise ValueError(f"{FAULT_ENV}: unknown action {action!r} (kill, enospc)")
+
+
+def fault_value(phase: str, step: Optional[int] = None) -> float:
+    """1.0, or NaN/Inf when ``TORCHTUNE_XGB_FAULT`` is ``nan:PHASE[:STEP]`` / ``inf:PHASE[:STEP]``."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return 1.0
+    action, _, rest = spec.partition(":")
+    want_phase, _, want_step = rest.partition(":")
+    if action in ("nan", "inf") and want_phase == phase and (not want_step or str(step) == want_step):
+        return float(action)
+    return 1.0

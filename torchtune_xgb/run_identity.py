@@ -1,0 +1,131 @@
+"""What defines a run, so that a resume can refuse to continue a different one.
+
+A resume continues the run that wrote the checkpoint, step for step. If the config changed in
+anything that defines that run — method, rank, alpha, target modules, the ``adapter:`` and
+``boost:`` blocks, optimizer and scheduler, batch size, gradient accumulation, the dataset (its
+config and the bytes of any local file it names), dtype, epochs and max steps, seed, the base
+checkpoint, the number of processes — the continuation would silently be a different run. The
+identity is the resolved config flattened to dotted keys, minus the keys that only say where
+output goes, how often to log or save, what to evaluate, or how to execute (device, compile,
+activation checkpointing), which may change freely.
+
+Changing the optimizer, scheduler or gradient clipping on purpose (typically: resuming a run that
+diverged with a lower learning rate) is allowed when the resume lists the keys in
+``resume_allow_changes``; nothing else can be changed on resume.
+"""
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Tuple
+
+from omegaconf import DictConfig, OmegaConf
+
+from torchtune_xgb.errors import ConfigError
+
+# Keys (and key prefixes) that do not define the run: output, logging, saving, evaluation, execution.
+FREE_KEYS = (
+    "output_dir", "resume_from_checkpoint", "resume_allow_changes", "overwrite_output_dir",
+    "save_every_n_steps", "log_every_n_steps", "log_peak_memory_stats", "log_level",
+    "metric_logger", "profiler", "eval", "dataset_val", "run_val_every_n_steps", "export",
+    "checkpointer.output_dir", "checkpointer.recipe_checkpoint", "device", "compile",
+    "enable_activation_checkpointing", "enable_activation_offloading", "low_cpu_ram",
+    "boost.base_device", "save_adapter_weights_only", "guard", "fsdp_cpu_offload",
+    "cudnn_deterministic_mode", "model_dir",
+)
+# Keys a resume may change when it names them in resume_allow_changes.
+CHANGEABLE_ON_REQUEST = ("optimizer.", "lr_scheduler.", "clip_grad_norm", "world_size")
+_HASH_LIMIT = 1 << 30  # files above 1 GiB: size and the first and last MiB, not every byte
+
+
+def _is_free(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in FREE_KEYS)
+
+
+def _flatten(value: Any, prefix: str = "") -> Dict[str, Any]:
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: value}
+
+
+def file_fingerprint(path: Path) -> str:
+    """sha256 of a local data file (large files: size + first and last MiB)."""
+    digest = hashlib.sha256()
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if size <= _HASH_LIMIT:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        else:
+            digest.update(f.read(1 << 20))
+            f.seek(-(1 << 20), os.SEEK_END)
+            digest.update(f.read())
+            digest.update(str(size).encode())
+    return digest.hexdigest()
+
+
+def _data_files(value: Any) -> Iterable[Path]:
+    """Local files named anywhere in the dataset block."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    for v in values:
+        if isinstance(v, str) and len(v) < 4096:
+            p = Path(v).expanduser()
+            if p.is_file():
+                yield p
+
+
+def run_identity(cfg: DictConfig, world_size: int = 1) -> Dict[str, Any]:
+    """The run-defining values of ``cfg`` as ``{dotted key: JSON value}``."""
+    flat = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    identity = {k: v for k, v in flat.items() if not _is_free(k)}
+    for key, value in list(identity.items()):
+        if key.startswith("dataset."):
+            prints = [file_fingerprint(p) for p in _data_files(value)]
+            if prints:
+                identity[f"{key}#sha256"] = prints
+    identity["world_size"] = world_size
+    return identity
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def differences(saved: Dict[str, Any], current: Dict[str, Any]) -> List[Tuple[str, Any, Any]]:
+    """(key, saved value, current value) for every key that differs (a missing key is None)."""
+    missing = object()
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key, missing), current.get(key, missing)
+        if a != b:
+            out.append((key, None if a is missing else a, None if b is missing else b))
+    return out
+
+
+def check_resume_identity(saved: Dict[str, Any], current: Dict[str, Any], allowed: Iterable[str], checkpoint: Path) -> None:
+    """Raise a one-line :class:`ConfigError` listing every run-defining key that differs from the
+    checkpoint's run and is not allowed to change (``allowed``: the ``resume_allow_changes`` list)."""
+    allowed = list(allowed or [])
+    for key in allowed:
+        if not any(key == k.rstrip(".") or key.startswith(k) for k in CHANGEABLE_ON_REQUEST):
+            raise ConfigError(
+                f"resume_allow_changes: {key!r} cannot change on resume (only optimizer.*, lr_scheduler.*, "
+                "clip_grad_norm, world_size); start a new run in another output_dir"
+            )
+    refused = [
+        (key, a, b)
+        for key, a, b in differences(saved, current)
+        if not any(key == k or key.startswith(k + ".") or key.startswith(k + "#") for k in allowed)
+    ]
+    if refused:
+        listed = ", ".join(f"{k} (checkpoint {_short(a)}, now {_short(b)})" for k, a, b in refused)
+        changeable = [k for k, _, _ in refused if any(k.startswith(c) for c in CHANGEABLE_ON_REQUEST)]
+        hint = f"; to change them on purpose: resume_allow_changes=[{','.join(changeable)}]" if len(changeable) == len(refused) else ""
+        raise ConfigError(
+            f"resume_from_checkpoint: the config differs from the run that wrote {checkpoint} in {listed}; "
+            f"a resume must continue the same run (choose another output_dir for a new one){hint}"
+        )
