@@ -8,6 +8,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torchtune import config as tt_config
 from torchtune.modules.peft import LoRALinear
 
+from torchtune_xgb.adapter_export import parse_export_config
 from torchtune_xgb.boost_config import AdapterConfig, BoostConfig
 from torchtune_xgb.checkpointing import latest_resume_dir
 from torchtune_xgb.errors import ConfigError
@@ -62,6 +63,7 @@ def validate_config(cfg: DictConfig) -> Tuple[BoostConfig, AdapterConfig]:
     for key in ("max_steps_per_epoch", "save_every_n_steps", "log_every_n_steps"):
         _positive_int(cfg, key, optional=True)
     validate_periodic_eval_config(cfg)  # dataset_val, run_val_every_n_steps, eval.every_n_steps
+    parse_export_config(cfg)  # export.adapter_rank
 
     model = cfg.model
     rank = model.get("lora_rank")
