@@ -168,6 +168,7 @@ class BoostedRecipeMixin:
             max_new_tokens=self._eval_cfg.get("max_new_tokens", 8),
             batch_size=self._eval_cfg.get("batch_size", 16),
             device=self._device,
+            normalize=self._eval_cfg.get("normalize", "strip"),
         )
 
     # --- resume ---------------------------------------------------------------------------
