@@ -3,7 +3,7 @@
 import pytest
 import yaml
 
-from tests.e2e_fixture import make_tiny_model_dir, tiny_config
+from tests.e2e_fixture import tiny_config
 from torchtune_xgb import paths
 from torchtune_xgb.cli import main
 from torchtune_xgb.errors import ConfigError
