@@ -32,12 +32,9 @@ def root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(root):
-    """The uninterrupted run: 12 steps, κ = 4, resume checkpoints every 3 steps."""
-    out = root / "reference"
-    result = run_recipe(tiny_config(root, out), root)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
+def reference(single_process_run):
+    """The uninterrupted run (12 steps, κ = 4, resume checkpoints every 3 steps), shared with test_e2e."""
+    return single_process_run("xgblora")
 
 
 def _errors(result):

@@ -33,7 +33,7 @@ TORCHTUNE_KEYS = {
     "custom_sharded_layers", "fsdp_cpu_offload", "fsdp_reshard_after_forward",
 }
 PLUGIN_KEYS = {
-    "boost", "adapter", "eval", "guard", "export", "dataset_val", "run_val_every_n_steps", "save_every_n_steps",
+    "boost", "adapter", "eval", "guard", "export", "dataset_val", "run_val_every_n_steps", "batch_size_val", "save_every_n_steps",
     "overwrite_output_dir", "resume_allow_changes", "model_dir",  # model_dir: the packaged configs' helper
 }
 KNOWN_KEYS = TORCHTUNE_KEYS | PLUGIN_KEYS

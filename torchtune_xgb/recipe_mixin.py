@@ -28,17 +28,19 @@ from typing import Any, Dict, Iterator, Optional, Tuple
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torchtune import config, training, utils
-from torchtune.modules.peft import LoRALinear, get_adapter_params, get_lora_module_names, set_trainable_params
+from torchtune.modules.peft import LoRALinear, get_adapter_params, set_trainable_params
 from tqdm import tqdm
 
+from torchtune_xgb.adapter_export import collect_run_factors, parse_export_config, write_adapter_dir
 from torchtune_xgb.boosting import Booster, RoundReport
 from torchtune_xgb.checkpointing import latest_resume_dir, load_resume_state, save_resume_state
 from torchtune_xgb.errors import ConfigError
-from torchtune_xgb.export import clean_name, fold_merged_weights, peft_lora_adapter
+from torchtune_xgb.export import clean_name, fold_merged_weights
 from torchtune_xgb.faults import KILL_AT_STEP_ENV, fault_point, fault_value  # noqa: F401 (KILL_AT_STEP_ENV: tests)
 from torchtune_xgb.guard import GuardConfig, TrainingGuard
 from torchtune_xgb.loraxs import LoRAXSLinear
 from torchtune_xgb.nf4 import fitting_nf4_blocks, is_nf4, keep_unquantizable_in_full_precision
+from torchtune_xgb.periodic_eval import PeriodicEval
 from torchtune_xgb.run_dir import SUMMARY_FILE, claim_output_dir
 from torchtune_xgb.run_identity import run_identity
 from torchtune_xgb.schedules import apply_round_restarts, set_scheduler_step
@@ -86,6 +88,7 @@ class BoostedRecipeMixin:
         super().__init__(cfg)
         self._save_every = cfg.get("save_every_n_steps")
         self._eval_cfg = cfg.get("eval")
+        self._export = parse_export_config(cfg)  # the export: block (adapter_export.py)
         self._summary: Dict[str, Any] = {}
         self._wall_before_resume = 0.0
         self._last_loss: Optional[float] = None
@@ -138,6 +141,7 @@ class BoostedRecipeMixin:
             self._summary["exact_match_before"] = self._exact_match()
             log.info(f"exact match before training: {self._summary['exact_match_before']:.3f}")
         self._log_boost_setup()
+        self._periodic_eval = PeriodicEval.from_config(self, cfg)  # dataset_val, eval.every_n_steps
 
     def _setup_model(self, *args, **kwargs):
         with fitting_nf4_blocks():  # NF4 shapes torchao's default blocks cannot take (nf4.py)
@@ -189,6 +193,7 @@ class BoostedRecipeMixin:
             max_new_tokens=self._eval_cfg.get("max_new_tokens", 8),
             batch_size=self._eval_cfg.get("batch_size", 16),
             device=self._device,
+            normalize=self._eval_cfg.get("normalize", "strip"),
         )
 
     # --- resume ---------------------------------------------------------------------------
@@ -242,48 +247,28 @@ class BoostedRecipeMixin:
 
     # --- export ---------------------------------------------------------------------------
     def save_checkpoint(self, epoch: int) -> None:
-        """Write the merged full model to ``output_dir/epoch_{epoch}`` via the checkpointer."""
+        """Write the merged full model to ``output_dir/epoch_{epoch}`` via the checkpointer, and the
+        run's update as a PEFT LoRA adapter to ``epoch_{epoch}/adapter`` (adapter_export.py)."""
         model_sd = self._model_state_dict()
         merged = self._merged_weights()  # an iterator: under FSDP2 every rank must drain it
-        peft = self._peft_export()  # gathers under FSDP2: every rank takes part, rank 0 writes
+        updates = collect_run_factors(self._booster)  # gathers under FSDP2: every rank takes part
         if not self._is_main_process():
             for _ in merged:
                 pass
             return
         ckpt = {training.MODEL_KEY: fold_merged_weights(model_sd, merged, dtype=self._dtype)}
-        ckpt.update(peft)
         resume_hint = (
             f"the resume checkpoint {latest_resume_dir(self._output_dir)} is intact: free space and run again with "
             "resume_from_checkpoint=True to write the export"
         )
-        # written to a staging directory and renamed into place: epoch_N/ exists only once complete
+        # written to a staging directory and renamed into place: epoch_N/ (with its adapter/)
+        # exists only once complete
         with staged_export(self._checkpointer, self._output_dir, epoch, self.global_step, resume_hint):
             fault_point("export_write", self.global_step)
             self._checkpointer.save_checkpoint(ckpt, epoch=epoch, intermediate_checkpoint=False, adapter_only=False)
-
-    def _peft_export(self) -> Dict[str, Any]:
-        """A one-round LoRA-XS run is exactly a rank-r LoRA: export it in PEFT format too.
-
-        Call on every rank (FSDP2: the rows of each U are gathered); returns the checkpointer's
-        adapter entries, or {} when the run is not a finished one-round LoRA-XS run."""
-        if not (self._single_round and self.method == "loraxs" and self.epochs_run == self.total_epochs):
-            return {}
-        factors = {name: self._booster.merged.gathered_factors(name) for name in self._booster.modules}
-        if any(f is None or f[0].shape[1] != self._lora_rank for f in factors.values()):
-            log.warning("LoRA-XS: merged state is not a single rank-r LoRA; no PEFT adapter exported")
-            return {}
-        adapter_config = {
-            "r": self._lora_rank,
-            "lora_alpha": self._lora_rank,  # (α/r)·R is folded into lora_B: PEFT's scale must be 1
-            "target_modules": get_lora_module_names(
-                self._lora_attn_modules, self._apply_lora_to_mlp, self._apply_lora_to_output
-            ),
-            "peft_type": "LORA",
-        }
-        return {
-            training.ADAPTER_KEY: peft_lora_adapter(factors, dtype=self._dtype),
-            training.ADAPTER_CONFIG: adapter_config,
-        }
+            epoch_dir = Path(self._checkpointer._output_dir) / f"epoch_{epoch}"
+            extra = {"merge_base": self._adapter.merge_base}
+            self._summary.update(write_adapter_dir(epoch_dir, updates, self._checkpointer, self._dtype, self._export, extra))
 
     # --- training loop --------------------------------------------------------------------
     def _wall_seconds(self) -> float:
@@ -387,6 +372,7 @@ class BoostedRecipeMixin:
                         self._metric_logger.log_dict(log_dict, step=self.global_step)
                     if out["report"] is not None:
                         self._log_round(out["report"])
+                    self._periodic_eval.after_step(self.global_step, total_steps)  # val_loss, exact_match
                     if self._save_every and self.global_step % self._save_every == 0:
                         self._save_resume()
                     fault_point("after_step", self.global_step)
@@ -425,6 +411,7 @@ class BoostedRecipeMixin:
     def _finish(self) -> None:
         if self._eval_examples is not None:
             self._summary["exact_match_after"] = self._exact_match()
+            self._periodic_eval.log_final_exact_match(self.global_step, self._summary["exact_match_after"])
             log.info(
                 f"exact match: before {self._summary.get('exact_match_before', float('nan')):.3f}, "
                 f"after {self._summary['exact_match_after']:.3f}"

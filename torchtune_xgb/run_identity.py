@@ -27,7 +27,7 @@ from torchtune_xgb.errors import ConfigError
 FREE_KEYS = (
     "output_dir", "resume_from_checkpoint", "resume_allow_changes", "overwrite_output_dir",
     "save_every_n_steps", "log_every_n_steps", "log_peak_memory_stats", "log_level",
-    "metric_logger", "profiler", "eval", "dataset_val", "run_val_every_n_steps", "export",
+    "metric_logger", "profiler", "eval", "dataset_val", "run_val_every_n_steps", "batch_size_val", "export",
     "checkpointer.output_dir", "checkpointer.recipe_checkpoint", "device", "compile",
     "enable_activation_checkpointing", "enable_activation_offloading", "low_cpu_ram",
     "boost.base_device", "save_adapter_weights_only", "guard", "fsdp_cpu_offload",
