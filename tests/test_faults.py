@@ -184,7 +184,7 @@ def _tree(path: Path):
 
 def test_a_new_run_in_a_finished_runs_directory_is_refused_and_changes_nothing(root, reference):
     before = _tree(reference)
-    again = run_recipe(tiny_config(root, reference), root)
+    again = run_recipe(tiny_config(reference.parent, reference), root)
     assert again.returncode == 2
     (line,) = _errors(again)
     assert line.startswith(f"error: output_dir: {reference} holds another run") and "overwrite_output_dir=True" in line
@@ -206,7 +206,7 @@ def test_a_second_concurrent_run_is_refused(root, tmp_path):
 def test_a_resume_with_a_changed_config_is_refused_before_loading(root, reference, tmp_path):
     out = tmp_path / "changed"
     shutil.copytree(reference, out)
-    cfg = tiny_config(root, out)
+    cfg = tiny_config(reference.parent, out)  # the reference run's own config (its model and data dirs)
     before = _tree(out)
     refused = run_recipe(cfg, root, "resume_from_checkpoint=True", "model.lora_rank=2", "model.lora_alpha=32")
     assert refused.returncode == 2
