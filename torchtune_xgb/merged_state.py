@@ -125,6 +125,44 @@ def _base_copy(weight: torch.Tensor, base_device: str) -> torch.Tensor:
     return copy.copy_(weight)
 
 
+class _W0Prefetch:
+    """Copies W0 of the next module to the GPU on a side stream while this one is re-derived.
+
+    A merge with W0 in pinned CPU memory is bound by PCIe (2 bytes per parameter against ~20
+    bytes of HBM traffic at ~100× the bandwidth), so the copy engine should never wait for the
+    compute: module i+1's W0 is in flight while module i's GEMM runs. A no-op (``take`` returns
+    None) unless W0 is pinned on the CPU and the weights are on a GPU.
+    """
+
+    def __init__(self, bases: Dict[str, torch.Tensor], names: List[str], modules: Dict[str, nn.Module]):
+        self.bases, self.pending = bases, {}
+        self.names = [n for n in names if bases[n].is_pinned() and local(modules[n].weight).is_cuda]
+        if not self.names:
+            return
+        self.device = local(modules[self.names[0]].weight).device
+        self.stream = torch.cuda.Stream(self.device)
+        self.order = iter(self.names)
+        self._issue()
+
+    def _issue(self) -> None:
+        name = next(self.order, None)
+        if name is None:
+            return
+        with torch.cuda.stream(self.stream):
+            copy = self.bases[name].to(self.device, non_blocking=True)
+            self.pending[name] = (copy, self.stream.record_event())
+
+    def take(self, name: str) -> Optional[torch.Tensor]:
+        if name not in self.pending:
+            return None
+        self._issue()  # the next module's W0 travels while this one is used
+        copy, ready = self.pending.pop(name)
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(ready)
+        copy.record_stream(current)  # allocated on the side stream, freed after use on this one
+        return copy
+
+
 @contextmanager
 def _exact_fp32_matmuls():
     """fp32 matmuls at full precision (no TF32) for the merge, whatever training set."""
@@ -294,7 +332,8 @@ class MergedState:
         with _exact_fp32_matmuls():
             factors = {name: self.modules[name].merge_factors(merge_rate) for name in names}
             todo = self._with_update(factors)
-            stats = [self._merge_module(name, *factors.pop(name)) for name in todo]
+            prefetch = _W0Prefetch(self._base, [n for n in todo if self._rederives_from_base(n)], self.modules)
+            stats = [self._merge_module(name, *factors.pop(name), w0=prefetch.take(name)) for name in todo]
             # one read-back for the whole round (waits for every queued re-derivation too)
             numbers = self._summed(stats, todo).tolist() if todo else []
         kept, merged, sq_norm = 1.0, 0, 0.0
@@ -333,7 +372,10 @@ class MergedState:
         stacked = torch.stack([s.to(device) for s in stats])
         return all_sum(stacked, first) if is_sharded(first) else stacked
 
-    def _merge_module(self, name: str, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _rederives_from_base(self, name: str) -> bool:
+        return name in self._base and name not in self._in_place and not is_nf4(local(self.modules[name].weight))
+
+    def _merge_module(self, name: str, u: torch.Tensor, v: torch.Tensor, w0: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Add u·v to one module's state; return its (‖u·v‖², ‖residual‖², changed) on its device
         (this rank's part of the squares under FSDP2: rows of u are sharded, v is replicated)."""
         module = self.modules[name]
@@ -358,10 +400,11 @@ class MergedState:
                 stats = _full_stats(ledger.u @ ledger.v - old_u @ old_v, u, v)
             else:
                 stats = _appended_stats(ledger, old_u, old_v, k, u, v)
-        self._rederive(name)
+        self._rederive(name, w0)
         return stats
 
-    def _rederive(self, name: str) -> None:
+    def _rederive(self, name: str, w0: Optional[torch.Tensor] = None) -> None:
+        """Make the working weight round(W0 + L) again (``w0``: W0 already on the weight's device)."""
         module = self.modules[name]
         if is_nf4(local(module.weight)):
             # never into the NF4 tensor: hand the forward pass the merged state itself (FSDP2: the
@@ -382,7 +425,9 @@ class MergedState:
             return
         # one rounding from the exact state, never from the previous working weight: the fp32
         # upcast of W0 (asynchronous from pinned memory) takes U·V in one GEMM, then one cast
-        exact = self._base[name].to(weight.device, non_blocking=True).to(torch.float32)
+        if w0 is None:
+            w0 = self._base[name].to(weight.device, non_blocking=True)
+        exact = w0.to(torch.float32)
         ledger = self._ledgers[name]
         if ledger.dense is not None:
             exact.add_(ledger.dense)
