@@ -43,7 +43,7 @@ clean:
 # list is in the device docs), for `pip install --no-index --no-deps --target` there (README "GPU").
 # --no-deps everywhere: only what that machine does not have, one version each.
 GPU_WHEELS := torchtune==0.6.1 torchao==0.15.0 omegaconf==2.4.0 datasets==5.2.0 dill==0.4.1 \
-	multiprocess==0.70.19 kagglehub==1.0.3 kagglesdk==0.1.38 gguf==0.19.0
+	multiprocess==0.70.19 kagglehub==1.0.3 kagglesdk==0.1.38 gguf==0.19.0 torchdata==0.11.0
 GPU_PLATFORMS := $(foreach n,28 27 24 17,--platform manylinux_2_$(n)_x86_64) --platform manylinux2014_x86_64
 GPU_WHEELS_MAX_MIB := 40
 

@@ -47,9 +47,9 @@ from typing import Any, Callable, Dict, List, Optional
 REPO = Path(__file__).resolve().parent.parent
 # key → (title, share of the budget)
 PARTS = {
-    "a": ("CUDA tests (pytest -m gpu)", 0.13),
+    "a": ("CUDA tests (pytest -m gpu)", 0.16),
     "b": ("NCCL: FSDP2 recipe on 1 process, bf16 and NF4", 0.11),
-    "c": ("throughput and peak memory, Llama-3.2-1B shape", 0.34),
+    "c": ("throughput and peak memory, Llama-3.2-1B shape", 0.31),
     "d": ("NF4 memory vs torchtune QLoRA, 1B shape, 100 rounds", 0.15),
     "e": ("merge cost at Llama-3-8B shapes", 0.12),
     "f": ("compile=True: graphs compiled per round", 0.15),
@@ -138,7 +138,8 @@ def main(argv=None) -> int:
     if args.part:
         return run_part(args)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    for stale in list((args.workdir / "logs").glob("*.log")) + list(args.workdir.glob("part_*.json")):
+    # results of an earlier run must never be read as this run's (the 1B checkpoint is kept)
+    for stale in [*(args.workdir / "logs").glob("*.log"), *args.workdir.glob("*.json"), *args.workdir.glob("*.md")]:
         stale.unlink()
     head = header(args)
     keys = [k for k in PARTS if not args.parts or k in args.parts]
@@ -181,6 +182,9 @@ def main(argv=None) -> int:
 
 # --- the parts (each runs in its own process: ``--part KEY``) ---------------------------------
 def run_part(args) -> int:
+    # children get the part's remaining time less a margin, so the part itself can still record
+    # what they did before the driver's own limit ends it
+    args.deadline = time.perf_counter() + args.limit_s - 8
     result = PART_FUNCTIONS[args.part](args)
     (args.workdir / f"part_{args.part}.json").write_text(json.dumps(result, indent=2, default=str))
     print(json.dumps({k: result[k] for k in ("ok", "summary")}), flush=True)
@@ -191,11 +195,13 @@ def log_path(args, name: str) -> Path:
     return args.workdir / "logs" / f"{name}.log"
 
 
-def sub(args, name: str, cmd: List[str], limit: float = 10_000, **env_extra: str) -> Dict[str, Any]:
-    """A child command of a part, logged to its own file (in the part's process group)."""
+def sub(args, name: str, cmd: List[str], limit: Optional[float] = None, **env_extra: str) -> Dict[str, Any]:
+    """A child command of a part, logged to its own file, killed at ``limit`` seconds (default:
+    what is left of the part's time)."""
     env = environment(args)
     env.update(env_extra)
-    run = run_limited(cmd, log_path(args, name), limit, env)
+    left = max(args.deadline - time.perf_counter(), 1.0)
+    run = run_limited(cmd, log_path(args, name), left if limit is None else min(limit, left), env)
     run["log"] = str(log_path(args, name))
     return run
 
@@ -211,17 +217,27 @@ def tiny_root(args) -> Path:
 def part_a_cuda_tests(args) -> Dict[str, Any]:
     import re
 
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_cuda.py", "-q", "-rs", "-p", "no:cacheprovider"]
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_cuda.py", "-v", "-rs", "-p", "no:cacheprovider"]
     env = {}
     if args.dry_run:  # the same tests on the CPU (no pinned memory, no kill + resume run)
         cmd += ["-k", "not resume"]
         env["XGB_TEST_DEVICE"] = "cpu"
     run = sub(args, "a_pytest", cmd, **env)
     text = Path(run["log"]).read_text(errors="replace")
-    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|error)", text.splitlines()[-1] if text else "")}
+    # per-test lines of -v ("tests/test_cuda.py::name PASSED"): counted even if pytest was cut off
+    outcomes = dict(re.findall(r"^tests/test_cuda\.py::(\S+) (PASSED|FAILED|SKIPPED|ERROR)", text, flags=re.M))
+    counts: Dict[str, int] = {}
+    for outcome in outcomes.values():
+        counts[outcome.lower()] = counts.get(outcome.lower(), 0) + 1
     ok = run["returncode"] == 0 and counts.get("passed", 0) > 0 and not counts.get("skipped")
-    summary = ", ".join(f"{n} {k}" for k, n in counts.items()) or "no pytest summary"
-    return {"ok": ok, "summary": summary, "data": counts, "markdown": f"`{' '.join(cmd[2:])}`: {summary}."}
+    summary = ", ".join(f"{n} {k}" for k, n in counts.items()) or "no test ran"
+    if run["timed_out"]:
+        summary += " (pytest cut off at the time limit)"
+    from benchmarks.common import markdown_table
+
+    table = markdown_table(["test", "outcome"], sorted(outcomes.items()))
+    return {"ok": ok, "summary": summary, "data": dict(counts, tests=outcomes),
+            "markdown": f"`{' '.join(cmd[2:])}`: {summary}.\n\n{table}"}
 
 
 def part_b_nccl(args) -> Dict[str, Any]:
@@ -250,8 +266,8 @@ def part_b_nccl(args) -> Dict[str, Any]:
         nccl_lines = log.count("NCCL INFO")
         kept = read_metric(out, "kept_fraction") if (out / "logs" / "metrics.txt").exists() else {}
         loaded = load_export(out / "epoch_0", root) if run["returncode"] == 0 else "not run"
-        good = (run["returncode"] == 0 and len(kept) >= 3 and all(v >= 0.99 for v in kept.values())
-                and loaded == "ok" and (args.dry_run or nccl_lines > 0))
+        # NCCL INFO lines are evidence, not a condition: a 1-process group may skip collectives
+        good = run["returncode"] == 0 and len(kept) >= 3 and all(v >= 0.99 for v in kept.values()) and loaded == "ok"
         ok &= good
         rows.append([name, run["returncode"], len(kept), min(kept.values()) if kept else None, nccl_lines, loaded,
                      f"{run['seconds']:.0f}"])
@@ -322,7 +338,7 @@ def part_c_throughput(args) -> Dict[str, Any]:
                 "--batch-size", str(THROUGHPUT_BATCH), "--set", f"tokenizer.max_seq_len={THROUGHPUT_SEQ}",
                 "--set", f"dataset={json.dumps(dataset)}", "--set", 'adapter.svd={"method": "randomized"}',
                 "--only", "LoRA r=8", "boosted", "LoRA-XS", "floor"]
-    deadline = time.perf_counter() + args.limit_s - 10
+    deadline = args.deadline
     raw: Dict[str, List[Dict[str, Any]]] = {}
     head, notes, last = None, [], 0.0
     for repeat in range(repeats):
@@ -405,7 +421,9 @@ def part_e_merge_cost(args) -> Dict[str, Any]:
 
     device = "cpu" if args.dry_run else "cuda"
     shape = "tiny" if args.dry_run else "llama3-8b"
-    timed = time_merges(shape, ["pageable", "pinned", "gpu"], device, repeats=2, layers=2 if args.dry_run else None)
+    # pinned first (the default), then W0 on the GPU, then pageable (the slowest) if time is left
+    timed = time_merges(shape, ["pinned", "gpu", "pageable"], device, repeats=2, layers=2 if args.dry_run else None,
+                        deadline=args.deadline)
     step_8b, how = None, "no XGBLoRA step time from part c"
     throughput = args.workdir / "throughput.json"
     if throughput.exists() and not args.dry_run:
@@ -425,7 +443,7 @@ def part_e_merge_cost(args) -> Dict[str, Any]:
         rows.append([t["base"] + (" (pinned)" if t["pinned"] else ""), t["modules"], fmt(merge, ".3f"),
                      fmt(min(t["reset_seconds"]), ".3f"), fmt(t["kept_fraction"], ".6f"), fmt(share, ".3%")])
     table = markdown_table(["W0 memory", "modules", "merge (s)", "re-init + reset (s)", "kept fraction", "share at κ=50"], rows)
-    ok = all(t["kept_fraction"] >= 0.99 for t in timed) and (args.dry_run or step_8b is not None)
+    ok = len(timed) == 3 and all(t["kept_fraction"] >= 0.99 for t in timed) and (args.dry_run or step_8b is not None)
     peak = torch.cuda.max_memory_allocated() / 1024**3 if device == "cuda" else None
     text = (f"One all-block merge over {timed[0]['layers']} blocks × 7 bf16 projections at the {shape} shape "
             f"(random weights, rank-1 rounds, fastest of 2 after a warm-up). Step time at 8B: {how}."
@@ -495,9 +513,10 @@ def compile_worker(args) -> int:
                                                 "new_graphs": 0, "recompiles": 0})
         entry["new_graphs"] += counters["stats"]["unique_graphs"] - graphs
         entry["recompiles"] += len(recompiles) - messages
-    result = {"backend": os.environ.get("TORCH_COMPILE_BACKEND", "inductor"), "finite": finite,
-              "graphs_per_round": [rounds[k] for k in sorted(rounds)], "recompile_messages": recompiles[:20]}
-    (args.workdir / "compile.json").write_text(json.dumps(result, indent=2))
+        # after every step: a worker cut off by the time limit still leaves the rounds it did
+        result = {"backend": os.environ.get("TORCH_COMPILE_BACKEND", "inductor"), "finite": finite,
+                  "graphs_per_round": [rounds[k] for k in sorted(rounds)], "recompile_messages": recompiles[:20]}
+        (args.workdir / "compile.json").write_text(json.dumps(result, indent=2))
     return 0
 
 

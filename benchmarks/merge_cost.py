@@ -302,11 +302,13 @@ def render_model(rows: List[Dict[str, Any]], args, hw: Hardware, label: str) -> 
 
 
 # --- timing on a GPU (gpu_check part e) ------------------------------------------------------
-def time_merges(shape_name: str, bases: List[str], device: str, repeats: int = 2, layers: Optional[int] = None) -> List[Dict[str, Any]]:
+def time_merges(shape_name: str, bases: List[str], device: str, repeats: int = 2, layers: Optional[int] = None,
+                deadline: Optional[float] = None) -> List[Dict[str, Any]]:
     """Seconds of real all-block merges (``layers`` blocks, default the shape's) with W0 in each of
     ``bases`` ('pageable' CPU, 'pinned' CPU, 'gpu': the weights' device), and of re-initialising
     every adapter after it (as ``Booster.end_round`` does: fresh A drawn on the CPU and copied, B = 0).
-    The first merge of each is a warm-up and not reported."""
+    The first merge of each is a warm-up and not reported. A base whose turn comes when less
+    than 1.5× the previous base's time is left before ``deadline`` (perf_counter) is skipped."""
     shape = {**SHAPES, **TINY_SHAPE}[shape_name]
     layers = layers or shape[0]
     state_cls = load_merged_state(None)
@@ -321,7 +323,12 @@ def time_merges(shape_name: str, bases: List[str], device: str, repeats: int = 2
         if cuda:
             torch.cuda.synchronize()
 
+    previous = 0.0
     for base in bases:
+        began = time.perf_counter()
+        if deadline is not None and deadline - began < 1.5 * previous:
+            print(f"  W0 {base}: skipped ({deadline - began:.0f} s left)", flush=True)
+            continue
         state = state_cls(modules, base_device=device if base == "gpu" else "cpu")
         if base == "pageable":  # the same copy of W0 without page-locking
             state._base = {n: torch.empty(t.shape, dtype=t.dtype).copy_(t) for n, t in state._base.items()}
@@ -349,6 +356,7 @@ def time_merges(shape_name: str, bases: List[str], device: str, repeats: int = 2
         del state
         if cuda:
             torch.cuda.empty_cache()
+        previous = time.perf_counter() - began
     return results
 
 

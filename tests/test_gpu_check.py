@@ -27,7 +27,7 @@ def test_dry_run_runs_every_part_and_writes_the_report(tmp_path):
     assert statuses == dict.fromkeys("abcdef", "ok"), (statuses, done.stdout[-4000:])
     assert done.returncode == 0
     parts = {p["key"]: p for p in report["parts"]}
-    assert parts["a"]["data"]["passed"] >= 5  # the CUDA tests' own code, on the CPU
+    assert parts["a"]["data"]["passed"] == 5  # the CUDA tests' own code, on the CPU
     (bf16,) = parts["b"]["data"]
     assert bf16[1] == 0 and bf16[2] >= 3 and bf16[3] >= 0.99 and bf16[5] == "ok"  # exit, merges, kept, export
     rows = {r["method"]: r for r in parts["c"]["data"]["rows"]}
@@ -36,7 +36,7 @@ def test_dry_run_runs_every_part_and_writes_the_report(tmp_path):
     nf4 = {r["name"]: r for r in parts["d"]["data"]["rows"]}
     assert nf4["XGBLoRA NF4 κ=1, all blocks"]["rounds"] == 2 and not nf4["torchtune QLoRA r=8"]["failed"]
     timed = parts["e"]["data"]["timed"]
-    assert [t["base"] for t in timed] == ["pageable", "pinned", "gpu"]
+    assert [t["base"] for t in timed] == ["pinned", "gpu", "pageable"]
     assert all(t["modules"] == 14 and t["kept_fraction"] >= 0.99 for t in timed)
     per_round = parts["f"]["data"]["graphs_per_round"]
     assert len(per_round) == 5 and per_round[0]["new_graphs"] > 0  # the first round compiles
