@@ -275,7 +275,7 @@ def model_rows(args, hw: Hardware) -> List[Dict[str, Any]]:
 def render_model(rows: List[Dict[str, Any]], args, hw: Hardware, label: str) -> str:
     table = markdown_table(
         ["shape", "ledger rank before", "W0 over PCIe (GB)", "HBM traffic (GB)", "GEMM (GFLOP)",
-         "out×in-sized passes", "host reads", "step (s, modelled)", "merge s: pageable / pinned / GPU W0",
+         "out×in-sized passes", "host reads", "step (s, modelled)", "merge + re-init s: pageable / pinned / GPU W0",
          "merge+re-init share at κ=50: pageable / pinned / GPU W0"],
         [[r["shape"], r["earlier_rounds"], fmt(r["w0_gb"], ".2f"), fmt(r["hbm_gb"], ".1f"), fmt(r["gflop"], ".0f"),
           r["full_passes"], r["host_reads"], fmt(r.get("step_seconds"), ".2f"),
