@@ -196,3 +196,23 @@ def test_rederived_weight_is_one_rounding_of_the_exact_state_after_many_rounds()
         mismatched = (m.weight.detach() != exact.to(torch.bfloat16)).float().mean().item()
         assert mismatched < 1e-3, (name, mismatched)  # fp32 vs fp64 sums may differ at a tie
         assert not torch.equal(m.weight.detach().double(), w0[name])  # the rounds did arrive
+
+
+@pytest.mark.parametrize("setting", ["legacy", "per-backend"])
+def test_merge_leaves_the_users_matmul_precision_as_it_was(setting):
+    """The merge runs fp32 GEMMs at full precision and restores what training set, whichever
+    API set it (mixing them makes torch's global getter raise)."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    try:
+        if setting == "legacy":
+            torch.set_float32_matmul_precision("high")
+        else:
+            matmul.fp32_precision = "tf32"
+        modules, gen = lora_modules(torch.bfloat16)
+        state = MergedState(modules)
+        perturb(modules["m0"], gen)
+        assert state.merge_round(["m0"]).kept_fraction == pytest.approx(1.0, abs=1e-6)
+        assert matmul.fp32_precision == "tf32"
+    finally:
+        matmul.fp32_precision = before

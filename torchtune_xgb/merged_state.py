@@ -165,13 +165,31 @@ class _W0Prefetch:
 
 @contextmanager
 def _exact_fp32_matmuls():
-    """fp32 matmuls at full precision (no TF32) for the merge, whatever training set."""
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
+    """fp32 matmuls at full precision (no TF32) for the merge, whatever training set.
+
+    Through the per-backend setting where torch has it (≥ 2.9): the global getter raises once a
+    user has set a backend's precision through that newer API."""
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):  # pragma: no cover - torch < 2.9
+        previous = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(previous)
+        return
+    backends = [matmul]
+    mkldnn = getattr(torch.backends, "mkldnn", None)
+    if hasattr(getattr(mkldnn, "matmul", None), "fp32_precision"):
+        backends.append(mkldnn.matmul)
+    previous = [b.fp32_precision for b in backends]
+    for backend in backends:  # CUDA (TF32) and oneDNN on CPUs (bf16/TF32 emulation)
+        backend.fp32_precision = "ieee"
     try:
         yield
     finally:
-        torch.set_float32_matmul_precision(previous)
+        for backend, value in zip(backends, previous):
+            backend.fp32_precision = value
 
 
 def _product_sq_norm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
