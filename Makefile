@@ -15,7 +15,7 @@ DEMO_OUT := $(CURDIR)/outputs/demo
 HF_VENV := .venv-hf
 HF_SPEC := transformers==5.18.0 peft==0.21.0 safetensors==0.8.0
 
-.PHONY: install demo test clean
+.PHONY: install demo test clean gpu-wheels
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,3 +49,21 @@ test: install $(HF_VENV)/.installed
 
 clean:
 	rm -rf $(VENV) $(HF_VENV) outputs .pytest_cache
+
+# Wheels the GPU machine lacks (Python 3.12, torch 2.11 preinstalled, no network; its package
+# list is in the device docs), for `pip install --no-index --no-deps --target` there (README "GPU").
+# --no-deps everywhere: only what that machine does not have, one version each.
+GPU_WHEELS := torchtune==0.6.1 torchao==0.15.0 omegaconf==2.4.0 datasets==5.2.0 dill==0.4.1 \
+	multiprocess==0.70.19 kagglehub==1.0.3 kagglesdk==0.1.38 gguf==0.19.0 torchdata==0.11.0
+GPU_PLATFORMS := $(foreach n,28 27 24 17,--platform manylinux_2_$(n)_x86_64) --platform manylinux2014_x86_64
+GPU_WHEELS_MAX_MIB := 40
+
+gpu-wheels: | $(BIN)/python
+	rm -rf .whl && mkdir -p .whl
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(GPU_PLATFORMS) -d .whl $(GPU_WHEELS)
+	$(BIN)/pip wheel -q --no-deps -w .whl .
+	@$(BIN)/python -c "import pathlib, sys; w = sorted(pathlib.Path('.whl').glob('*.whl')); \
+	total = sum(p.stat().st_size for p in w) / 2**20; print('\n'.join(p.name for p in w)); \
+	print(f'{len(w)} wheels, {total:.1f} MiB in .whl/ (limit $(GPU_WHEELS_MAX_MIB) MiB)'); \
+	sys.exit(total > $(GPU_WHEELS_MAX_MIB))"

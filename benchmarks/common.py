@@ -56,9 +56,19 @@ class Method:
     overrides: Mapping[str, Any] = field(default_factory=dict)
 
 
+def config_files() -> Dict[str, Path]:
+    """Packaged config name → YAML path. From the installed package, or from the checkout's
+    ``configs/`` when ``torchtune_xgb`` is imported from the source tree of a non-editable
+    install (the GPU machine: the wheel in a --target dir, the benchmarks from the checkout)."""
+    try:
+        return packaged_configs()
+    except ModuleNotFoundError:
+        return {p.stem: p for p in sorted((REPO / "configs").glob("*.yaml"))}
+
+
 def available(methods: Sequence[Method]) -> List[Method]:
     """The methods whose packaged config exists; prints a note for each one skipped."""
-    configs = packaged_configs()
+    configs = config_files()
     keep = []
     for method in methods:
         if method.config in configs:
@@ -104,15 +114,17 @@ def build_config(
     seed: int = 0,
     model: str = "smollm2-135m",
     keep_eval: bool = False,
+    extra: Optional[Mapping[str, Any]] = None,
 ) -> DictConfig:
     """The fully resolved config of one run (a plain DictConfig with no interpolations left).
 
     Common to all rows: ``steps`` optimizer steps in one epoch, ``batch_size``, ``device``,
     ``dtype``, ``seed``, metric log ``output_dir/logs/metrics.txt`` with a timestamp per line,
     no mid-run checkpoints, no evaluation unless ``keep_eval`` (our recipe's ``eval:`` block).
+    ``extra``: dotted keys → values for every row (``--set``), applied before the row's own.
     """
     register_resolvers()
-    cfg = OmegaConf.load(packaged_configs()[method.config])
+    cfg = OmegaConf.load(config_files()[method.config])
     settings: Dict[str, Any] = {
         "output_dir": str(output_dir),
         "epochs": 1,
@@ -131,6 +143,7 @@ def build_config(
             "filename": LOG_FILE,
         },
         **model_settings(model),
+        **dict(extra or {}),
         **dict(method.overrides),
     }
     if lr is not None:
@@ -148,6 +161,25 @@ def build_config(
     if not keep_eval:
         cfg.pop("eval", None)
     return cfg
+
+
+def parse_sets(items: Optional[Sequence[str]]) -> Dict[str, Any]:
+    """``["a.b=1", "c={x: 2}"]`` → ``{"a.b": 1, "c": {"x": 2}}`` (values parsed as JSON, else as
+    YAML: JSON first, because YAML 1.1 reads ``1e-05`` as a string)."""
+    import json
+
+    import yaml
+
+    out: Dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"error: --set {item!r}: expected KEY=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = yaml.safe_load(value)
+    return out
 
 
 def write_config(cfg: DictConfig, path: Path) -> Path:

@@ -49,6 +49,7 @@ from benchmarks.common import (
     hardware,
     logged_max,
     markdown_table,
+    parse_sets,
     read_log,
     run_subprocess,
     tail,
@@ -85,7 +86,8 @@ def command(method: Method, config_path: Path) -> List[str]:
 
 def run_one(method: Method, args: argparse.Namespace, index: int) -> Dict[str, Any]:
     out_dir = clean_dir(args.workdir / f"run{index}")
-    cfg = build_config(method, out_dir, steps=args.rounds, batch_size=args.batch_size, device=args.device, dtype="bf16")
+    cfg = build_config(method, out_dir, steps=args.rounds, batch_size=args.batch_size, device=args.device, dtype="bf16",
+                       model=args.model, extra=parse_sets(args.set))
     config_path = write_config(cfg, out_dir / "config.yaml")
     print(f"run {index + 1}: {method.name} ({args.rounds} steps)", flush=True)
     result = run_subprocess(command(method, config_path), out_dir / "stdout.txt", extra_env=ALLOCATOR_ENV)
@@ -139,7 +141,7 @@ def report(header: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
             f"{r['peak_gib'] + extra / GIB:.3f} GiB, {ratio:.3f}× (measured peak + {extra / MIB:.1f} MiB of merged state)"
         )
     lines = [
-        f"## NF4 memory: smollm2-135m, {header['date']}",
+        f"## NF4 memory: {header.get('model', 'smollm2-135m')}, {header['date']}",
         "",
         f"Hardware: {header['hardware']}. Device {header['device']}, bf16 compute, NF4 base weights, batch "
         f"{header['batch_size']}, {header['rounds']} steps per run (XGBLoRA: κ = 1, so {header['rounds']} rounds). "
@@ -176,10 +178,13 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--workdir", type=Path, default=REPO / "outputs" / "bench" / "nf4_memory")
     p.add_argument("--keep-checkpoints", action="store_true")
+    p.add_argument("--model", default="smollm2-135m", choices=["smollm2-135m", "1b-random"])
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for every row (YAML value)")
     p.add_argument("--out", type=Path, default=None, help="also write the table to OUT (.md) and OUT.json")
     args = p.parse_args(argv)
-    check_model_ready("smollm2-135m")
-    header = {"date": today(), "hardware": hardware(args.device), "device": args.device,
+    if not args.set:
+        check_model_ready(args.model)
+    header = {"date": today(), "hardware": hardware(args.device), "device": args.device, "model": args.model,
               "batch_size": args.batch_size, "rounds": args.rounds, "project_to": args.project_to}
     rows = [run_one(m, args, i) for i, m in enumerate(methods(args.blocks))]
     text = report(header, rows)

@@ -50,6 +50,7 @@ from benchmarks.common import (
     logged_median,
     markdown_table,
     median_or_none,
+    parse_sets,
     read_log,
     run_subprocess,
     step_seconds,
@@ -63,6 +64,7 @@ FLOOR = "floor"
 LORA_R8 = "torchtune LoRA r=8"
 LORA_R16 = "torchtune LoRA r=16"
 BOOSTED = "XGBLoRA r=1 boosted"
+BOOSTED_THIRD = "XGBLoRA r=1 boosted, 1/3 blocks"
 LORAXS = "LoRA-XS r=16"
 BOOSTED_XS = "boosted LoRA-XS r=16"
 FLOOR_NAME = "bare frozen base (floor)"
@@ -74,6 +76,7 @@ def methods(kappa: int) -> List[Method]:
         Method(LORA_R8, TORCHTUNE_LORA, overrides={"model.lora_rank": 8, "model.lora_alpha": 16}),
         Method(LORA_R16, TORCHTUNE_LORA, overrides={"model.lora_rank": 16, "model.lora_alpha": 32}),
         Method(BOOSTED, OURS, overrides={"boost.steps_per_round": kappa}),
+        Method(BOOSTED_THIRD, OURS, overrides={"boost.steps_per_round": kappa, "boost.blocks_per_round": 0.34}),
         Method(LORAXS, OURS, "smollm2_135m_loraxs", {"adapter.method": "loraxs"}),
         Method(BOOSTED_XS, OURS, "smollm2_135m_xgblora_xs", {"adapter.method": "loraxs", "boost.steps_per_round": kappa}),
         Method(FLOOR_NAME, FLOOR),
@@ -232,7 +235,7 @@ def run_once(method: Method, args, repeat: int) -> Dict[str, Any]:
     """One run of one row: the raw numbers from its log, summary and process."""
     out_dir = clean_dir(args.workdir / f"{slug(method.name)}_{repeat}")
     cfg = build_config(method, out_dir, steps=args.steps, batch_size=args.batch_size, device=args.device,
-                       dtype=args.dtype, model=args.model)
+                       dtype=args.dtype, model=args.model, extra=parse_sets(args.set))
     config_path = write_config(cfg, out_dir / "config.yaml")
     if method.recipe == FLOOR:
         cmd = [sys.executable, "-m", "benchmarks.throughput", "--floor-worker", str(config_path)]
@@ -374,6 +377,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="fp32", help="fp32 | bf16 (bf16 on GPUs; CPUs without bf16 units are faster in fp32)")
     p.add_argument("--model", default="smollm2-135m", choices=["smollm2-135m", "1b-random"])
     p.add_argument("--only", nargs="*", default=None, help="run only the rows whose name contains one of these strings")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for every row (YAML value), e.g. tokenizer.max_seq_len=2048")
     p.add_argument("--profile", action="store_true", help="also profile a few steps of each recipe in-process")
     p.add_argument("--workdir", type=Path, default=REPO / "outputs" / "bench" / "throughput")
     p.add_argument("--out", type=Path, default=None, help="also write the report to OUT (.md) and raw numbers to OUT.json")
@@ -387,7 +392,8 @@ def main(argv=None) -> int:
         return run_floor_worker(args.floor_worker)
     if args.steps <= args.warmup + 1:
         sys.exit("error: --steps must exceed --warmup + 1")
-    check_model_ready(args.model)
+    if not args.set:
+        check_model_ready(args.model)
     rows = available(methods(args.kappa))
     if args.only:
         rows = [m for m in rows if any(s.lower() in m.name.lower() for s in args.only)]
@@ -400,7 +406,7 @@ def main(argv=None) -> int:
     table_rows = [aggregate(m.name, raw[m.name], args.kappa, cuda) for m in rows]
     goal_list = goals({r["method"]: r for r in table_rows}, args.kappa)
     max_seq_len = build_config(rows[0], args.workdir, steps=1, batch_size=1, device=args.device,
-                               dtype=args.dtype, model=args.model).tokenizer.max_seq_len
+                               dtype=args.dtype, model=args.model, extra=parse_sets(args.set)).tokenizer.max_seq_len
     header = {"model": args.model, "date": today(), "hardware": hardware(args.device), "device": args.device,
               "dtype": args.dtype, "batch_size": args.batch_size, "max_seq_len": max_seq_len, "steps": args.steps,
               "warmup": args.warmup, "repeats": args.repeats, "kappa": args.kappa}

@@ -6,6 +6,7 @@ both run exactly the same configuration.
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,9 @@ from tests.tiny_model import TINY, tiny_base
 from torchtune_xgb.hf_io import llama_hf_config, save_hf_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
-TUNE = str(Path(sys.executable).parent / "tune")
+# the venv's own `tune`; else the one on PATH (a `pip install --target DIR` puts it in DIR/bin)
+_VENV_TUNE = Path(sys.executable).parent / "tune"
+TUNE = str(_VENV_TUNE) if _VENV_TUNE.exists() else (shutil.which("tune") or "tune")
 
 
 def make_tiny_model_dir(root: Path) -> Path:

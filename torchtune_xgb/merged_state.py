@@ -17,6 +17,9 @@ stored as a dense fp32 matrix instead; both forms are exact up to fp32 arithmeti
 Under FSDP2 the state is sharded like the weights: W0 and U hold this rank's rows of the weight,
 V is replicated (see sharding.py); only the resume state and the export gather rows.
 
+When the weights are on a GPU and ``base_device`` is the CPU, W0 sits in pinned memory and is
+copied back asynchronously, one module at a time, only for the modules a round merged.
+
 Memory cost (README): ``base_device`` holds one copy of every adapted weight in its checkpoint
 dtype (2 bytes/parameter in bf16); the factors take 4·k·(out+in) bytes per module after k
 merged rank-1 updates, capped at 4·out·in bytes.
@@ -31,15 +34,18 @@ NF4 weight, the ledger rows of U (or of dense L) and the original's copy are sha
 forward pass gathers the rows it needs (sharding.linear_frozen).
 """
 
+import math
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from torchtune_xgb.nf4 import dequantize, is_nf4
-from torchtune_xgb.sharding import all_sum, gather_rows, local, local_rows, rows_like
+from torchtune_xgb.sharding import all_sum, gather_rows, is_sharded, local, local_rows, rows_like
 
 
 @dataclass
@@ -103,6 +109,118 @@ class _Ledger:
             self.dense = None
 
 
+def _base_copy(weight: torch.Tensor, base_device: str) -> torch.Tensor:
+    """A copy of W0 on ``base_device``. A CPU copy of a GPU weight goes to pinned (page-locked)
+    memory, so re-deriving the weight after a merge copies it back asynchronously at full PCIe
+    speed (pageable memory is staged through a bounce buffer, at a fraction of it); if pinning
+    fails (a locked-memory limit), the copy stays pageable, with a warning."""
+    target = torch.device(base_device)
+    if target.type != "cpu" or weight.device.type != "cuda":
+        return weight.to(device=target, copy=True)
+    try:
+        copy = torch.empty(weight.shape, dtype=weight.dtype, pin_memory=True)
+    except RuntimeError as err:  # pragma: no cover - depends on the host's limits
+        warnings.warn(f"boost.base_device: cannot pin {weight.numel() * weight.element_size()} bytes ({err}); W0 stays pageable")
+        return weight.to(device=target, copy=True)
+    return copy.copy_(weight)
+
+
+class _W0Prefetch:
+    """Copies W0 of the next module to the GPU on a side stream while this one is re-derived.
+
+    A merge with W0 in pinned CPU memory is bound by PCIe (2 bytes per parameter against ~20
+    bytes of HBM traffic at ~100× the bandwidth), so the copy engine should never wait for the
+    compute: module i+1's W0 is in flight while module i's GEMM runs. A no-op (``take`` returns
+    None) unless W0 is pinned on the CPU and the weights are on a GPU.
+    """
+
+    def __init__(self, bases: Dict[str, torch.Tensor], names: List[str], modules: Dict[str, nn.Module]):
+        self.bases, self.pending = bases, {}
+        self.names = [n for n in names if bases[n].is_pinned() and local(modules[n].weight).is_cuda]
+        if not self.names:
+            return
+        self.device = local(modules[self.names[0]].weight).device
+        self.stream = torch.cuda.Stream(self.device)
+        self.order = iter(self.names)
+        self._issue()
+
+    def _issue(self) -> None:
+        name = next(self.order, None)
+        if name is None:
+            return
+        with torch.cuda.stream(self.stream):
+            copy = self.bases[name].to(self.device, non_blocking=True)
+            self.pending[name] = (copy, self.stream.record_event())
+
+    def take(self, name: str) -> Optional[torch.Tensor]:
+        if name not in self.pending:
+            return None
+        self._issue()  # the next module's W0 travels while this one is used
+        copy, ready = self.pending.pop(name)
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(ready)
+        copy.record_stream(current)  # allocated on the side stream, freed after use on this one
+        return copy
+
+
+@contextmanager
+def _exact_fp32_matmuls():
+    """fp32 matmuls at full precision (no TF32) for the merge, whatever training set.
+
+    Through the per-backend setting where torch has it (≥ 2.9): the global getter raises once a
+    user has set a backend's precision through that newer API."""
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):  # pragma: no cover - torch < 2.9
+        previous = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(previous)
+        return
+    backends = [matmul]
+    mkldnn = getattr(torch.backends, "mkldnn", None)
+    if hasattr(getattr(mkldnn, "matmul", None), "fp32_precision"):
+        backends.append(mkldnn.matmul)
+    previous = [b.fp32_precision for b in backends]
+    for backend in backends:  # CUDA (TF32) and oneDNN on CPUs (bf16/TF32 emulation)
+        backend.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        for backend, value in zip(backends, previous):
+            backend.fp32_precision = value
+
+
+def _product_sq_norm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """‖x·y‖²_F = Σ (xᵀx) ∘ (y·yᵀ) for x (m×r), y (r×n), in fp64 from two r×r Gram matrices:
+    O(r²·(m+n)) work instead of an m×n matrix. Linear in the rows of x, so shards of x's rows
+    give parts that sum to the whole."""
+    x, y = x.double(), y.double()
+    return ((x.T @ x) * (y @ y.T)).sum()
+
+
+def _full_stats(arrived: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(‖u·v‖², ‖arrived − u·v‖², 0): the full-matrix measurement, for states stored densely."""
+    lost = (arrived - u @ v).double().square().sum()
+    return torch.stack([_product_sq_norm(u, v), lost, torch.zeros_like(lost)])
+
+
+def _appended_stats(ledger: "_Ledger", old_u, old_v, k: int, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(‖u·v‖², ‖residual‖², changed) of a round appended to a factored ledger, from factors.
+
+    The stored state changed by L_after − L_before = U'·V' − U·V. When the first k factors are
+    the old ones (``changed`` counts the entries where they are not), that is exactly
+    u'·v' for the appended factors (u', v'), and the residual u'·v' − u·v = (u' − u)·v' + u·(v' − v)
+    is a product of two rank-2r factors whose entries scale with the error: no cancellation of
+    large terms, so a lossless append measures exactly 0 and a lossy one its true loss.
+    """
+    new_u, new_v = ledger.u[:, k:], ledger.v[k:]
+    residual = _product_sq_norm(torch.cat([new_u - u, u], dim=1), torch.cat([new_v, new_v - v], dim=0))
+    changed = (ledger.u[:, :k] != old_u).sum() + (ledger.v[:k] != old_v).sum()
+    return torch.stack([_product_sq_norm(u, v), residual, changed.to(residual.dtype)])
+
+
 class MergedState:
     """Exact merged state S = W0 + L for every adapted module.
 
@@ -144,7 +262,7 @@ class MergedState:
             elif weight.dtype == torch.float32:
                 self._in_place.add(name)
             else:
-                self._base[name] = weight.to(device=base_device, copy=True)
+                self._base[name] = _base_copy(weight, base_device)
             self._ledgers[name] = _Ledger(weight.shape[0], weight.shape[1], weight.device, module.weight.shape[0])
 
     # --- reading the state -------------------------------------------------------------
@@ -212,51 +330,99 @@ class MergedState:
     def merge_round(self, names: Iterable[str], merge_rate: float = 1.0) -> MergeReport:
         """Fold ``merge_rate · delta_weight()`` of each named adapter module into its state.
 
-        Modules provide ``has_update()``, ``merge_factors(rate) -> (u, v)`` and ``delta_weight()``
-        (XGBLoRALinear, LoRAXSLinear).
+        Modules provide ``merge_factors(rate) -> (u, v)`` with ``u·v = rate·delta_weight()``
+        (XGBLoRALinear, LoRAXSLinear). A module whose ``u`` is zero on every rank has nothing to
+        merge and is skipped (its update u·v is exactly zero).
 
         The adapters themselves are left as they are (the caller re-initialises them). Returns a
         :class:`MergeReport` whose ``kept_fraction`` is measured on the stored state.
+
+        Cost (why it is built this way, see benchmarks/merge_cost.py): the per-module numbers are
+        computed on the module's device and read back once for the whole round, so a round
+        synchronises with the host twice (which modules have an update; the report), not once
+        per module. Where the state is factored (bf16 and NF4 bases until a ledger turns dense)
+        ‖ΔW‖ and the residual come from r×r Gram matrices, exactly, with no out×in matrix; the
+        only full-size work left is re-deriving a bf16 working weight: one GEMM ``W0 + U·V``
+        into the fp32 upcast of W0 (copied asynchronously from pinned memory when W0 lives on
+        the CPU and the weights on a GPU) and one cast into the weight.
         """
         start = time.perf_counter()
+        with _exact_fp32_matmuls():
+            factors = {name: self.modules[name].merge_factors(merge_rate) for name in names}
+            todo = self._with_update(factors)
+            prefetch = _W0Prefetch(self._base, [n for n in todo if self._rederives_from_base(n)], self.modules)
+            stats = [self._merge_module(name, *factors.pop(name), w0=prefetch.take(name)) for name in todo]
+            # one read-back for the whole round (waits for every queued re-derivation too)
+            numbers = self._summed(stats, todo).tolist() if todo else []
         kept, merged, sq_norm = 1.0, 0, 0.0
-        for name in names:
-            module = self.modules[name]
-            if not module.has_update():
-                continue  # the round changed nothing here
-            u, v = module.merge_factors(merge_rate)  # out×r, r×in
-            update = merge_rate * module.delta_weight()  # computed independently of (u, v)
-            ledger = self._ledgers[name]
-            if name in self._in_place:  # the state is the weight itself; the ledger is for resume
-                weight = local(module.weight.data)
-                before = weight.clone()
-                weight.addmm_(u, v)
-                ledger.add(u, v)
-                after = weight
-            else:
-                before = ledger.matrix()
-                if ledger.dense is not None:
-                    before = before.clone()  # the dense ledger is updated in place below
-                ledger.add(u, v)
-                after = ledger.matrix()
-            update_norm = self._norm(update, module.weight)
-            lost = self._norm(after - before - update, module.weight)
-            kept = min(kept, 1.0 - lost / update_norm)
-            sq_norm += update_norm**2
+        for name, (update_sq, lost_sq, changed) in zip(todo, numbers):
+            if changed:
+                raise RuntimeError(
+                    f"merged state of {name}: the ledger changed earlier rounds' factors while appending "
+                    "one round; the kept fraction cannot be measured (internal error)"
+                )
+            sq_norm += update_sq
+            if update_sq == 0:
+                continue  # u ≠ 0 but u·v = 0: nothing to keep
             merged += 1
-            if name not in self._in_place:
-                self._rederive(name, after)
-        return MergeReport(kept, time.perf_counter() - start, merged, sq_norm**0.5)
+            if not math.isfinite(update_sq) or not math.isfinite(lost_sq):
+                kept = math.nan
+            elif not math.isnan(kept):
+                kept = min(kept, 1.0 - math.sqrt(lost_sq) / math.sqrt(update_sq))
+        return MergeReport(kept, time.perf_counter() - start, merged, math.sqrt(sq_norm))
 
-    @staticmethod
-    def _norm(rows: torch.Tensor, weight: torch.Tensor) -> float:
-        """Frobenius norm of a matrix whose rows are sharded like ``weight`` (summed over ranks)."""
-        norm = torch.linalg.matrix_norm(rows)
-        if local(weight) is weight:
-            return norm.item()
-        return all_sum(norm.square(), weight).sqrt().item()
+    def _with_update(self, factors: Dict[str, Tuple[torch.Tensor, torch.Tensor]]) -> List[str]:
+        """Names whose u is non-zero on some rank: one stacked flag vector, one read-back."""
+        names = list(factors)
+        if not names:
+            return []
+        first = self.modules[names[0]].weight
+        device = local(first).device
+        flags = torch.stack([torch.any(factors[n][0]).to(device) for n in names]).to(torch.int32)
+        if is_sharded(first):  # rows of u are sharded: every rank must agree (all modules share the mesh)
+            flags = all_sum(flags, first)
+        return [n for n, flag in zip(names, flags.tolist()) if flag]
 
-    def _rederive(self, name: str, delta: Optional[torch.Tensor] = None) -> None:
+    def _summed(self, stats: List[torch.Tensor], names: List[str]) -> torch.Tensor:
+        """Stack per-module (‖ΔW‖², ‖residual‖², prefix changed) and sum the shards' parts."""
+        first = self.modules[names[0]].weight
+        device = local(first).device
+        stacked = torch.stack([s.to(device) for s in stats])
+        return all_sum(stacked, first) if is_sharded(first) else stacked
+
+    def _rederives_from_base(self, name: str) -> bool:
+        return name in self._base and name not in self._in_place and not is_nf4(local(self.modules[name].weight))
+
+    def _merge_module(self, name: str, u: torch.Tensor, v: torch.Tensor, w0: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Add u·v to one module's state; return its (‖u·v‖², ‖residual‖², changed) on its device
+        (this rank's part of the squares under FSDP2: rows of u are sharded, v is replicated)."""
+        module = self.modules[name]
+        ledger = self._ledgers[name]
+        if name in self._in_place:
+            # the fp32 weight is the state: what arrived is the difference of two full matrices
+            weight = local(module.weight.data)
+            before = weight.clone()
+            weight.addmm_(u, v)
+            ledger.add(u, v)
+            return _full_stats(weight - before, u, v)
+        if ledger.dense is not None:  # dense ledger: updated in place, so keep a copy to compare
+            before = ledger.dense.clone()
+            ledger.add(u, v)
+            stats = _full_stats(ledger.dense - before, u, v)
+        else:
+            old_u, old_v, k = ledger.u, ledger.v, ledger.u.shape[1]
+            ledger.add(u, v)
+            if ledger.dense is not None:  # this round turned the ledger dense
+                stats = _full_stats(ledger.dense - old_u @ old_v, u, v)
+            elif ledger.u.shape[1] != k + u.shape[1]:  # not an append: compare the products
+                stats = _full_stats(ledger.u @ ledger.v - old_u @ old_v, u, v)
+            else:
+                stats = _appended_stats(ledger, old_u, old_v, k, u, v)
+        self._rederive(name, w0)
+        return stats
+
+    def _rederive(self, name: str, w0: Optional[torch.Tensor] = None) -> None:
+        """Make the working weight round(W0 + L) again (``w0``: W0 already on the weight's device)."""
         module = self.modules[name]
         if is_nf4(local(module.weight)):
             # never into the NF4 tensor: hand the forward pass the merged state itself (FSDP2: the
@@ -271,13 +437,21 @@ class MergedState:
                 module.merged_dense = None
                 module.merged_u, module.merged_v = sharded(ledger.u), ledger.v
             return
+        weight = local(module.weight.data)
         if name in self._in_place:  # only after a resume: the weight is the freshly loaded W0
-            local(module.weight.data).add_(self.delta(name))
+            weight.add_(self.delta(name))
             return
-        # one rounding from the exact state, never from the previous working weight
-        if delta is None:
-            delta = self.delta(name)
-        local(module.weight.data).copy_((self.base_weight(name) + delta).to(module.weight.dtype))
+        # one rounding from the exact state, never from the previous working weight: the fp32
+        # upcast of W0 (asynchronous from pinned memory) takes U·V in one GEMM, then one cast
+        if w0 is None:
+            w0 = self._base[name].to(weight.device, non_blocking=True)
+        exact = w0.to(torch.float32)
+        ledger = self._ledgers[name]
+        if ledger.dense is not None:
+            exact.add_(ledger.dense)
+        elif ledger.u.shape[1]:
+            exact.addmm_(ledger.u, ledger.v)
+        weight.copy_(exact)
 
     # --- checkpointing -----------------------------------------------------------------
     def state_dict(self) -> Dict[str, Dict[str, torch.Tensor]]:

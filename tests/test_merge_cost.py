@@ -1,0 +1,31 @@
+"""benchmarks/merge_cost.py: the shapes it models and what it counts for one merge."""
+
+import pytest
+
+from benchmarks import merge_cost
+
+
+def test_matmul_parameters_match_the_published_model_sizes():
+    # Llama-3-8B: 8.03 B parameters, of which the input embedding (128256 × 4096 = 0.525 B) is no
+    # matmul; Llama-3.2-1B: 1.24 B with the embedding tied to the output head (which is a matmul)
+    assert merge_cost.matmul_params(merge_cost.SHAPES["llama3-8b"]) == pytest.approx(8.03e9 - 128_256 * 4096, rel=0.01)
+    assert merge_cost.matmul_params(merge_cost.SHAPES["llama3.2-1b"]) == pytest.approx(1.24e9, rel=0.01)
+
+
+def test_step_time_scales_with_matmul_flops():
+    one = merge_cost.scale_step_seconds(1.0, 1000, "llama3.2-1b", "llama3-8b", 1000)
+    assert one == pytest.approx(6.07, rel=0.01)  # 7.50 B / 1.236 B
+    assert merge_cost.scale_step_seconds(1.0, 1000, "llama3.2-1b", "llama3-8b", 2000) == pytest.approx(2 * one)
+
+
+def test_a_merge_reads_back_twice_and_makes_three_full_size_passes_per_module():
+    """Host reads do not grow with the number of blocks; per module the only out×in-sized work is
+    the upcast of W0, the GEMM W0 + U·V into it, and the cast into the weight."""
+    assert merge_cost.host_reads(None, layers=1) == merge_cost.host_reads(None, layers=32) == 2
+    shape = merge_cost.TINY_SHAPE["tiny"]
+    counts = merge_cost.count_block_merge(shape, rounds=3)
+    projections = merge_cost.block_projections(*shape[1:4])
+    assert counts.full_passes == 3 * len(projections)
+    entries = sum(o * i for o, i in projections.values())
+    assert counts.flops >= 2 * 4 * entries  # the GEMM with the 4 factors after the append
+    assert counts.flops < 2 * 4 * entries * 1.5  # Gram matrices add little
