@@ -71,6 +71,15 @@ def no_eval(cfg):
     return cfg
 
 
+def with_val_loss(cfg, root: Path):
+    """A held-out loss every 6 steps over 7 examples: with batch 2 per rank, rank 0 scores 4 and
+    rank 1 scores 3 (one forward pass with every label ignored keeps the ranks in step)."""
+    cfg["dataset_val"] = {"_component_": "torchtune_xgb.data.arithmetic_dataset", "split": "eval",
+                          "n_eval": 7, "data_dir": str(root / "val_data")}
+    cfg["run_val_every_n_steps"] = 6
+    return cfg
+
+
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
@@ -82,7 +91,7 @@ def root(tmp_path_factory):
 def single(root):
     """One process, batch 4 (the golden configuration)."""
     out = root / "single"
-    result = run_recipe(no_eval(tiny_config(root, out)), root)
+    result = run_recipe(with_val_loss(no_eval(tiny_config(root, out)), root), root)
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
@@ -91,7 +100,8 @@ def single(root):
 def fsdp(root):
     """Two processes, batch 2 each, with exact-match eval (generation under FSDP) and the selection log."""
     out = root / "fsdp"
-    result = run_distributed(tiny_config(root, out), root, env_extra={SELECTION_LOG_ENV: str(root / "selection")})
+    cfg = with_val_loss(tiny_config(root, out), root)
+    result = run_distributed(cfg, root, env_extra={SELECTION_LOG_ENV: str(root / "selection")})
     assert result.returncode == 0, result.stderr[-4000:]
     return out
 
@@ -109,6 +119,13 @@ def test_xgblora_two_processes_match_one_over_three_merges(single, fsdp):
     summary = json.loads((fsdp / "xgb_summary.json").read_text())
     assert summary["rounds"] == 3 and summary["trainable_params"] == 800
     assert "exact_match_after" in summary
+
+
+def test_val_loss_reduced_over_ranks_equals_one_process(single, fsdp):
+    one, two = read_metric(single, "val_loss"), read_metric(fsdp, "val_loss")
+    assert sorted(one) == sorted(two) == [6, 12]
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=LOSS_REL), step
 
 
 def test_gathered_merged_weights_equal_single_device(root, single, fsdp):

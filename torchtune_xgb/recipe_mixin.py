@@ -37,6 +37,7 @@ from torchtune_xgb.errors import ConfigError
 from torchtune_xgb.export import clean_name, fold_merged_weights, peft_lora_adapter
 from torchtune_xgb.loraxs import LoRAXSLinear
 from torchtune_xgb.nf4 import fitting_nf4_blocks, is_nf4, keep_unquantizable_in_full_precision
+from torchtune_xgb.periodic_eval import PeriodicEval
 from torchtune_xgb.schedules import apply_round_restarts, set_scheduler_step
 from torchtune_xgb.sharding import local
 from torchtune_xgb.validation import validate_config
@@ -113,6 +114,7 @@ class BoostedRecipeMixin:
             self._summary["exact_match_before"] = self._exact_match()
             log.info(f"exact match before training: {self._summary['exact_match_before']:.3f}")
         self._log_boost_setup()
+        self._periodic_eval = PeriodicEval.from_config(self, cfg)  # dataset_val, eval.every_n_steps
 
     def _setup_model(self, *args, **kwargs):
         with fitting_nf4_blocks():  # NF4 shapes torchao's default blocks cannot take (nf4.py)
@@ -333,6 +335,7 @@ class BoostedRecipeMixin:
                         self._metric_logger.log_dict(log_dict, step=self.global_step)
                     if out["report"] is not None:
                         self._log_round(out["report"])
+                    self._periodic_eval.after_step(self.global_step, total_steps)  # val_loss, exact_match
                     if self._save_every and self.global_step % self._save_every == 0:
                         self._save_resume()
                     if os.environ.get(KILL_AT_STEP_ENV) == str(self.global_step):
@@ -352,6 +355,7 @@ class BoostedRecipeMixin:
     def _finish(self) -> None:
         if self._eval_examples is not None:
             self._summary["exact_match_after"] = self._exact_match()
+            self._periodic_eval.log_final_exact_match(self.global_step, self._summary["exact_match_after"])
             log.info(
                 f"exact match: before {self._summary.get('exact_match_before', float('nan')):.3f}, "
                 f"after {self._summary['exact_match_after']:.3f}"

@@ -11,6 +11,7 @@ from torchtune.modules.peft import LoRALinear
 from torchtune_xgb.boost_config import AdapterConfig, BoostConfig
 from torchtune_xgb.checkpointing import latest_resume_dir
 from torchtune_xgb.errors import ConfigError
+from torchtune_xgb.periodic_eval import validate_periodic_eval_config
 
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "output_proj")
 DTYPES = ("fp32", "bf16")
@@ -60,6 +61,7 @@ def validate_config(cfg: DictConfig) -> Tuple[BoostConfig, AdapterConfig]:
         _positive_int(cfg, key)
     for key in ("max_steps_per_epoch", "save_every_n_steps", "log_every_n_steps"):
         _positive_int(cfg, key, optional=True)
+    validate_periodic_eval_config(cfg)  # dataset_val, run_val_every_n_steps, eval.every_n_steps
 
     model = cfg.model
     rank = model.get("lora_rank")
