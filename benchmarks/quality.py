@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import shutil
 import sys
@@ -122,12 +123,16 @@ def parse_lrs(items: List[str]) -> Dict[str, List[float]]:
 # --- tasks ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TaskSpec:
-    """A task as the benchmark uses it: builder args for the dataset and the eval loader."""
+    """A task as the benchmark uses it: a generated family (``data``: arguments of ``task_dataset``
+    / ``load_task_eval_examples``) or the user's files (``files``: split → path, ``columns``:
+    ``(input, output)`` for column records, None for chat ``messages`` records)."""
 
     name: str
-    data: Dict[str, Any]  # extra arguments of task_dataset / load_task_eval_examples
+    data: Dict[str, Any]
     max_new_tokens: int
-    arithmetic: bool
+    arithmetic: Optional[bool]
+    files: Optional[Dict[str, str]] = None
+    columns: Optional[tuple] = None
 
 
 def task_specs(names: List[str], json_tasks: List[str], data_dir: Path) -> List[TaskSpec]:
@@ -139,33 +144,55 @@ def task_specs(names: List[str], json_tasks: List[str], data_dir: Path) -> List[
     for name in names:
         fam = family(name)
         specs.append(TaskSpec(name, {"task": name, "data_dir": str(data_dir)}, fam.max_new_tokens, fam.arithmetic))
-    for item in json_tasks:
-        specs.append(json_task_spec(item))
-    return specs
+    return specs + [json_task_spec(item) for item in json_tasks]
+
+
+JSON_TASK_HELP = ("NAME=DIR[,input=COL,output=COL][,max_new_tokens=N]: DIR holds train, val and test files "
+                  "(.jsonl or .json) of chat `messages` records, or of input/output columns when named")
 
 
 def json_task_spec(item: str) -> TaskSpec:
-    """``NAME=DIR``: the user's ``train``/``val``/``test`` files (``.json`` or ``.jsonl``) in DIR."""
-    name, _, folder = item.partition("=")
-    if not name or not folder:
-        raise SystemExit(f"error: --json-task {item!r}: expected NAME=DIR with DIR/train.jsonl, val.jsonl, test.jsonl")
-    raise SystemExit(
-        "error: --json-task: the eval reader for user JSON files (issue 11) is not merged yet; "
-        "use the generated families (--tasks)"
-    )
+    """``--json-task`` → a TaskSpec over the user's files (read only: torchtune's ``chat_dataset`` /
+    ``instruct_dataset`` for training and loss, ``json_eval_examples`` for exact match)."""
+    name, _, rest = item.partition("=")
+    folder, *options = rest.split(",")
+    opts = dict(o.partition("=")[::2] for o in options)
+    if not name or not folder or set(opts) - {"input", "output", "max_new_tokens"} or ("input" in opts) != ("output" in opts):
+        raise SystemExit(f"error: --json-task {item!r}: expected {JSON_TASK_HELP}")
+    if importlib.util.find_spec("torchtune_xgb.data.json_eval") is None:
+        raise SystemExit("error: --json-task: torchtune_xgb.data.json_eval_examples (the eval: reader for user "
+                         "files) is not in this checkout")
+    files = {}
+    for split in ("train", "val", "test"):
+        found = [p for p in (Path(folder) / f"{split}.jsonl", Path(folder) / f"{split}.json") if p.is_file()]
+        if not found:
+            raise SystemExit(f"error: --json-task {name}: no {split}.jsonl or {split}.json in {folder}")
+        files[split] = str(found[0].resolve())
+    columns = (opts["input"], opts["output"]) if "input" in opts else None
+    return TaskSpec(name, {}, int(opts.get("max_new_tokens", 32)), None, files, columns)
 
 
 def dataset_cfg(task: TaskSpec, split: str, n: Optional[int]) -> Dict[str, Any]:
-    cfg = {"_component_": "torchtune_xgb.data.task_dataset", "split": split, **task.data}
-    if n is not None:
-        cfg["n"] = n
-    return cfg
+    """The torchtune dataset config of a task's split (``n``: size of a generated split)."""
+    if task.files is None:
+        cfg = {"_component_": "torchtune_xgb.data.task_dataset", "split": split, **task.data}
+        return cfg if n is None else {**cfg, "n": n}
+    common = {"source": "json", "data_files": task.files[split], "split": "train", "train_on_input": False}
+    if task.columns is None:
+        return {"_component_": "torchtune.datasets.chat_dataset", "conversation_column": "messages",
+                "conversation_style": "openai", **common}
+    return {"_component_": "torchtune.datasets.instruct_dataset",
+            "column_map": {"input": task.columns[0], "output": task.columns[1]}, **common}
 
 
 def examples_cfg(task: TaskSpec, split: str, n: Optional[int]) -> Dict[str, Any]:
-    cfg = {"_component_": "torchtune_xgb.data.load_task_eval_examples", "split": split, **task.data}
-    if n is not None:
-        cfg["n"] = n
+    """The ``eval.examples`` config of a task's split."""
+    if task.files is None:
+        cfg = {"_component_": "torchtune_xgb.data.load_task_eval_examples", "split": split, **task.data}
+        return cfg if n is None else {**cfg, "n": n}
+    cfg = {"_component_": "torchtune_xgb.data.json_eval.json_eval_examples", "path": task.files[split]}
+    if task.columns is not None:
+        cfg.update(input_column=task.columns[0], output_column=task.columns[1])
     return cfg
 
 
@@ -445,7 +472,7 @@ def sweep(tasks: List[TaskSpec], seeds: List[int], setting: Setting, args, cache
                 over = {k: v for k, v in over.items() if k != "optimizer.lr" and SWEEP_DEFAULTS.get(k) != v}
                 for seed in seeds:
                     row = run_method(key, task, lr, seed, setting, args, cache, overrides=over, curve=False,
-                                     label="_" + "_".join(f"{k.split('.')[-1]}{v}" for k, v in over.items()))
+                                     label="_" + ("_".join(f"{k.split('.')[-1]}{v}" for k, v in over.items()) or "default"))
                     rows.append(dict(row, factor=factor, value=value, default=value == SWEEP_DEFAULTS[name]))
     return rows
 
@@ -461,7 +488,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sweep", action="store_true", help="κ, blocks per round, α, lr of XGBLoRA and r of LoRA-XS")
     p.add_argument("--tasks", nargs="*", default=None, help=f"task families ({', '.join(TASKS)}) or 'all' (default: all; "
                    f"--sweep: {' '.join(SWEEP_TASKS)})")
-    p.add_argument("--json-task", nargs="*", default=[], metavar="NAME=DIR", help="your own data: DIR/{train,val,test}.jsonl")
+    p.add_argument("--json-task", nargs="*", default=[], metavar="NAME=DIR", help="your own data: " + JSON_TASK_HELP)
     p.add_argument("--methods", nargs="*", default=None, choices=list(METHODS))
     p.add_argument("--seeds", type=int, default=None, help="seeds per method (default 3; --quick 2; --sweep 1)")
     p.add_argument("--grid", action="store_true", help="each method's LR grid, best chosen on val (default: first LR)")

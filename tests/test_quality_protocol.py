@@ -199,3 +199,43 @@ def test_quick_smoke(tmp_path):
     # a second start skips every finished run (runs.jsonl) and writes the same table
     assert quality.main(["--quick", "--workdir", str(tmp_path / "work"), "--out", str(out)]) == 0
     assert out.read_text() == report
+
+
+def _user_task_dir(tmp_path, columns=False):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for split, (q, a) in {"train": ("2+2?", "4"), "val": ("3+3?", "6"), "test": ("5+5?", "10")}.items():
+        row = {"q": q, "a": a} if columns else {"messages": [{"role": "user", "content": q},
+                                                             {"role": "assistant", "content": a}]}
+        (folder / f"{split}.jsonl").write_text(json.dumps(row) + "\n")
+    return folder
+
+
+@pytest.mark.parametrize("columns", [False, True])
+def test_json_task_reads_the_users_files_without_writing(tmp_path, columns):
+    import hashlib
+
+    from torchtune import config
+
+    from tests.helpers import build_tiny_tokenizer_json
+    from torchtune_xgb.models.chatml import chatml_tokenizer
+
+    folder = _user_task_dir(tmp_path, columns)
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
+    if importlib.util.find_spec("torchtune_xgb.data.json_eval") is None:
+        with pytest.raises(SystemExit, match="json_eval_examples"):
+            quality.json_task_spec(f"mine={folder}")
+        pytest.skip("the eval: reader for user files (issue 11) is not in this checkout")
+    spec = quality.json_task_spec(f"mine={folder}" + (",input=q,output=a,max_new_tokens=4" if columns else ""))
+    assert spec.files["test"] == str(folder / "test.jsonl") and spec.max_new_tokens == (4 if columns else 32)
+    tok = chatml_tokenizer(str(build_tiny_tokenizer_json(tmp_path / "tok.json")), max_seq_len=64)
+    train = config.instantiate(OmegaConf.create(quality.dataset_cfg(spec, "train", None)), tok)
+    assert len(train) == 1 and "4" in tok.decode([t for t in train[0]["labels"] if t >= 0])
+    examples = config.instantiate(OmegaConf.create(quality.examples_cfg(spec, "test", None)))
+    assert examples == [{"prompt_messages": [{"role": "user", "content": "5+5?"}], "answer": "10"}]
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()} == before
+
+
+def test_json_task_argument_errors(tmp_path):
+    with pytest.raises(SystemExit, match="expected NAME=DIR"):
+        quality.json_task_spec(f"mine={tmp_path},input=q")  # input without output
