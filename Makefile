@@ -9,6 +9,12 @@ TORCH_SPEC ?= torch==2.13.0
 export TORCHTUNE_XGB_CACHE ?= $(CURDIR)/.cache
 DEMO_OUT := $(CURDIR)/outputs/demo
 
+# The Hugging Face loaders the tests check the exports with (transformers from_pretrained, PEFT).
+# A venv of its own: peft 0.21 refuses the torchao 0.15 that torchtune_xgb pins (needs >= 0.16),
+# and transformers 4.x needs huggingface_hub < 1, which the main venv's datasets excludes.
+HF_VENV := .venv-hf
+HF_SPEC := transformers==5.18.0 peft==0.21.0 safetensors==0.8.0
+
 .PHONY: install demo test clean
 
 $(BIN)/python:
@@ -33,8 +39,13 @@ demo: install
 	$(BIN)/tune run generate --config configs/smollm2_135m_generate.yaml \
 		checkpointer.checkpoint_dir=$(DEMO_OUT)/epoch_0 output_dir=$(DEMO_OUT)/generate
 
-test: install
+$(HF_VENV)/.installed: Makefile
+	$(PYTHON) -m venv $(HF_VENV)
+	$(HF_VENV)/bin/pip install -q $(TORCH_SPEC) $(HF_SPEC)
+	touch $@
+
+test: install $(HF_VENV)/.installed
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache
+	rm -rf $(VENV) $(HF_VENV) outputs .pytest_cache

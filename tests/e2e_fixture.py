@@ -84,7 +84,7 @@ def loraxs_overrides(boosted: bool) -> Dict:
     """Config changes that turn the tiny XGBLoRA config into (boosted) LoRA-XS, rank 4."""
     over = {"adapter": {"method": "loraxs", "sigma": "input", "init": "normal", "svd": {"method": "exact"}}}
     if not boosted:
-        over["boost"] = None  # no boosting: one round, exported as a PEFT LoRA too
+        over["boost"] = None  # no boosting: one round
     return over
 
 
@@ -117,6 +117,8 @@ GOLDEN_RUNS = {
 # name → config builder of the one-process runs that several test files compare against; each
 # runs once per test session (conftest.single_process_run)
 SHARED_RUNS = {
+    "xgblora": lambda root, out: tiny_config(root, out),
+    "xgblora_xs": lambda root, out: tiny_loraxs_config(root, out, boosted=True),
     "xgblora_nf4": lambda root, out: tiny_nf4_config(root, out),
     "loraxs_nf4": lambda root, out: tiny_nf4_config(root, out, method="loraxs"),
     "loraxs_plain": lambda root, out: tiny_loraxs_config(root, out, boosted=False),

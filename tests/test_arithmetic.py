@@ -15,7 +15,7 @@ from torchtune_xgb.data import (
     make_arithmetic_examples,
     write_arithmetic_dataset,
 )
-from torchtune_xgb.data.arithmetic import _candidates
+from torchtune_xgb.data.arithmetic import MANIFEST, _candidates
 
 QUESTION = re.compile(r"^What is (\d+) ([+-]) (\d+)\? Answer with the number only\.$")
 
@@ -133,7 +133,7 @@ def test_write_files_json_lines_and_idempotent(tmp_path):
     write_arithmetic_dataset(tmp_path, n_train=31, n_eval=10, seed=0)
     assert paths["train"].stat().st_mtime_ns != 1_000_000_000
     assert len(paths["train"].read_text().splitlines()) == 31
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp files left
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".") and p.name != MANIFEST] == []  # no temp files left
 
 
 def test_default_dir_is_the_cache(tmp_path, monkeypatch):

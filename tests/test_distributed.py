@@ -266,14 +266,14 @@ def test_plain_loraxs_peft_adapter_under_fsdp_equals_single_device(root, single_
     result = run_distributed(no_eval(tiny_loraxs_config(root, out, boosted=False)), root)
     assert result.returncode == 0, result.stderr[-4000:]
     single = single_process_run("loraxs_plain")
-    a = load_file(single / "epoch_0" / "adapter_model.safetensors")
-    b = load_file(out / "epoch_0" / "adapter_model.safetensors")
+    a = load_file(single / "epoch_0" / "adapter" / "adapter_model.safetensors")
+    b = load_file(out / "epoch_0" / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and sum(".lora_B." in k for k in a) == 10
     for key in a:
         assert a[key].shape == b[key].shape, key  # all rows of U, not one rank's
         assert torch.allclose(a[key], b[key], rtol=0, atol=1e-6), (key, (a[key] - b[key]).abs().max())
         assert b[key].abs().amax(dim=1).min() > 0, key  # no row left empty
-    config = lambda d: json.loads((d / "epoch_0" / "adapter_config.json").read_text())
+    config = lambda d: json.loads((d / "epoch_0" / "adapter" / "adapter_config.json").read_text())
     assert config(single) == config(out)
 
 

@@ -25,11 +25,8 @@ def root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def full_run(root):
-    out = root / "full"
-    result = run_recipe(tiny_config(root, out), root)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
+def full_run(single_process_run):
+    return single_process_run("xgblora")  # tiny_config, shared with test_hf_export
 
 
 def test_golden_losses(full_run):

@@ -2,12 +2,15 @@
 
 One tiny end-to-end run (12 steps, κ = 4): `val_loss` every 5 steps and at the final step, over an
 8-example validation set in batches of 3 (the last batch is short: nothing may be dropped), and
-`exact_match` every 6 steps. The final `val_loss` is checked against the cross-entropy of the
+`exact_match` every 6 steps on the user's own JSON-lines file (input/output columns, `number`
+normaliser; its sha256 is checked unchanged afterwards). The final `val_loss` is checked against the cross-entropy of the
 exported model computed here with plain torch (the last round merges at step 12, so the model
 scored at the final step is exactly the export).
 """
 
+import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,11 +38,31 @@ def _val_dataset_cfg(root):
     }
 
 
+def _write_user_eval_file(root) -> Path:
+    """The user's own evaluation file: input/output columns, JSON lines, read-only for the run."""
+    path = root / "user" / "my_eval.jsonl"
+    path.parent.mkdir(exist_ok=True)
+    rows = [{"question": f"What is {a} + {b}? Answer with the number only.", "result": str(a + b)}
+            for a, b in ((12, 30), (47, 38), (5, 5), (70, 11))]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 @pytest.fixture(scope="module")
-def run(root):
+def user_eval_file(root):
+    path = _write_user_eval_file(root)
+    return path, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def run(root, user_eval_file):
     out = root / "run"
     cfg = tiny_config(root, out, dataset_val=_val_dataset_cfg(root), run_val_every_n_steps=5, batch_size_val=3)
-    cfg["eval"]["every_n_steps"] = 6
+    cfg["eval"] = {
+        "examples": {"_component_": "torchtune_xgb.data.json_eval_examples", "path": str(user_eval_file[0]),
+                     "input_column": "question", "output_column": "result"},
+        "normalize": "number", "every_n_steps": 6, "max_new_tokens": 4, "batch_size": 8,
+    }
     result = run_recipe(cfg, root)
     assert result.returncode == 0, result.stderr[-3000:]
     return out
@@ -78,12 +101,15 @@ def test_val_loss_logged_at_interval_and_end(root, run):
     assert val[5] != val[10] != val[12]  # scored on the model of that step, not once
 
 
-def test_exact_match_logged_at_interval_and_end(run):
+def test_exact_match_on_the_users_file_logged_at_interval_and_end(run, user_eval_file):
     em = read_metric(run, "exact_match")
     assert sorted(em) == [6, 12]
     summary = json.loads((run / "xgb_summary.json").read_text())
     assert em[12] == pytest.approx(summary["exact_match_after"])
-    assert all(0.0 <= v <= 1.0 for v in em.values())
+    assert all(v * 4 == int(v * 4) for v in em.values())  # a fraction of the file's 4 records
+    path, digest = user_eval_file
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest  # the run never wrote to it
+    assert sorted(p.name for p in path.parent.iterdir()) == ["my_eval.jsonl"]  # nor beside it
 
 
 @pytest.mark.parametrize(

@@ -10,15 +10,23 @@ which silently masks real prompt tokens whenever the pad id also occurs in promp
 tokenizers use ``<|im_end|>`` as pad), and its "greedy" is sampling at a tiny temperature.
 Here the mask comes from the true prompt lengths and decoding is a plain ``argmax``.
 
-Scoring: the completion up to the first stop token is decoded, stripped of surrounding
-whitespace and compared to the answer with ``==``. Deliberately strict otherwise: ``"85."`` or
-``"The answer is 85"`` do not match ``"85"``, because producing the requested bare format is
-part of what the example task measures (and what fine-tuning teaches).
+Scoring: the completion up to the first stop token is decoded, and prediction and answer are
+compared with ``==`` after the same normaliser (``eval.normalize``):
+
+- ``strip`` (default): surrounding whitespace removed. Deliberately strict otherwise: ``"85."``
+  or ``"The answer is 85"`` do not match ``"85"``, because producing the requested bare format is
+  part of what the example task measures (and what fine-tuning teaches);
+- ``none``: the decoded text as is; ``lower``: stripped and case-folded;
+- ``number``: the first number in the text (sign, digits, decimal point; thousands commas
+  dropped), as a canonical decimal (``"85.0"``, ``"The answer is 85."`` → ``"85"``); text without
+  a number compares stripped.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
+from decimal import Decimal, InvalidOperation
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
@@ -32,9 +40,36 @@ from torchtune.modules import TransformerDecoder
 from torchtune.modules.common_utils import disable_kv_cache, local_kv_cache
 
 
-def normalize_answer(text: str) -> str:
-    """The form in which predictions and answers are compared: surrounding whitespace stripped."""
-    return text.strip()
+# a sign, digits (thousands commas only in groups of three), an optional decimal part
+_NUMBER = re.compile(r"[-+]?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|\.\d+)")
+
+
+def _first_number(text: str) -> str:
+    match = _NUMBER.search(text)
+    if match is None:
+        return text.strip()
+    try:
+        value = Decimal(match.group(0).replace(",", ""))
+    except InvalidOperation:
+        return text.strip()
+    if value == 0:
+        return "0"  # also -0
+    return format(value.normalize(), "f")
+
+
+NORMALIZERS = {
+    "none": lambda text: text,
+    "strip": str.strip,
+    "lower": lambda text: text.strip().casefold(),
+    "number": _first_number,
+}
+
+
+def normalize_answer(text: str, normalize: str = "strip") -> str:
+    """The form in which predictions and answers are compared (see the module docstring)."""
+    if normalize not in NORMALIZERS:
+        raise ValueError(f"normalize must be one of {sorted(NORMALIZERS)}, got {normalize!r}")
+    return NORMALIZERS[normalize](text)
 
 
 def _to_messages(prompt_messages: Sequence[Message | Mapping[str, Any]]) -> list[Message]:
@@ -204,6 +239,7 @@ def generate_answers(
     max_new_tokens: int = 8,
     batch_size: int = 16,
     device: Optional[str | torch.device] = None,
+    normalize: str = "strip",
 ) -> list[str]:
     """Greedy replies of ``model`` to each example's prompt.
 
@@ -216,11 +252,13 @@ def generate_answers(
         max_new_tokens: cap on generated tokens per reply.
         batch_size: prompts decoded together (left-padded).
         device: where the token tensors go; default: the device of the model's parameters.
+        normalize: ``strip`` | ``none`` | ``lower`` | ``number`` (see the module docstring).
 
     Returns:
         One decoded reply per example, in order, cut before the first stop token and passed
-        through :func:`normalize_answer`.
+        through :func:`normalize_answer` with ``normalize``.
     """
+    normalize_answer("", normalize)  # an unknown normaliser fails before any decoding
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens} and {batch_size}")
     stop_tokens = set(int(t) for t in (getattr(tokenizer, "stop_tokens", None) or []))
@@ -241,7 +279,7 @@ def generate_answers(
             batch = [prompts[i] for i in idx]
             outs = _greedy_batch(model, batch, max_new_tokens, stop_tokens, pad_id, device, dtype)
             for i, ids in zip(idx, outs):
-                replies[i] = normalize_answer(tokenizer.decode(ids))
+                replies[i] = normalize_answer(tokenizer.decode(ids), normalize)
     return replies  # type: ignore[return-value]
 
 
@@ -252,6 +290,7 @@ def exact_match_details(
     max_new_tokens: int = 8,
     batch_size: int = 16,
     device: Optional[str | torch.device] = None,
+    normalize: str = "strip",
 ) -> tuple[float, list[dict[str, Any]]]:
     """Like :func:`exact_match`, also returning per-example records.
 
@@ -261,10 +300,10 @@ def exact_match_details(
     """
     if not examples:
         raise ValueError("no examples to evaluate")
-    preds = generate_answers(model, tokenizer, examples, max_new_tokens, batch_size, device)
+    preds = generate_answers(model, tokenizer, examples, max_new_tokens, batch_size, device, normalize)
     records = []
     for ex, pred in zip(examples, preds):
-        correct = pred == normalize_answer(str(ex["answer"]))
+        correct = pred == normalize_answer(str(ex["answer"]), normalize)
         records.append(
             {"prompt_messages": ex["prompt_messages"], "answer": ex["answer"], "prediction": pred, "correct": correct}
         )
@@ -278,14 +317,16 @@ def exact_match(
     max_new_tokens: int = 8,
     batch_size: int = 16,
     device: Optional[str | torch.device] = None,
+    normalize: str = "strip",
 ) -> float:
-    """Fraction of ``examples`` whose greedy reply equals ``answer`` after whitespace stripping.
+    """Fraction of ``examples`` whose greedy reply equals ``answer`` after the same normaliser
+    (default: whitespace stripped).
 
     Args:
-        model, tokenizer, max_new_tokens, batch_size, device: as in :func:`generate_answers`.
+        model, tokenizer, max_new_tokens, batch_size, device, normalize: as in :func:`generate_answers`.
         examples: dicts with ``prompt_messages`` and ``answer`` (see ``load_eval_examples``).
 
     Returns:
         A float in [0, 1]. Raises ``ValueError`` on an empty ``examples``.
     """
-    return exact_match_details(model, tokenizer, examples, max_new_tokens, batch_size, device)[0]
+    return exact_match_details(model, tokenizer, examples, max_new_tokens, batch_size, device, normalize)[0]

@@ -49,18 +49,3 @@ def fold_merged_weights(
             raise KeyError(f"merged weight for {module_name} has no '{key}' in the model state dict")
         out[key] = weight.detach().to(device="cpu", dtype=dtype)
     return out
-
-
-def peft_lora_adapter(factors: Mapping[str, "tuple[torch.Tensor, torch.Tensor]"], dtype: torch.dtype) -> Dict[str, torch.Tensor]:
-    """A merged state L = U·V per module as a plain LoRA adapter in torchtune key format.
-
-    ``lora_b`` = U (out×k) and ``lora_a`` = V (k×in), so with ``lora_alpha = r`` (scale 1) the
-    adapter adds exactly L. For a one-round LoRA-XS run, U = (α/r)·B·R and V = A: LoRA-XS *is*
-    this LoRA, which any PEFT tool loads after the checkpointer's conversion.
-    """
-    out: Dict[str, torch.Tensor] = {}
-    for name, (u, v) in factors.items():
-        name = clean_name(name)
-        out[f"{name}.lora_a.weight"] = v.detach().to(device="cpu", dtype=dtype).contiguous()
-        out[f"{name}.lora_b.weight"] = u.detach().to(device="cpu", dtype=dtype).contiguous()
-    return out

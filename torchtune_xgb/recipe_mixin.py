@@ -28,13 +28,14 @@ from typing import Any, Dict, Iterator, Optional, Tuple
 import torch
 from omegaconf import DictConfig
 from torchtune import config, training, utils
-from torchtune.modules.peft import LoRALinear, get_adapter_params, get_lora_module_names, set_trainable_params
+from torchtune.modules.peft import LoRALinear, get_adapter_params, set_trainable_params
 from tqdm import tqdm
 
+from torchtune_xgb.adapter_export import collect_run_factors, parse_export_config, write_adapter_dir
 from torchtune_xgb.boosting import Booster, RoundReport
 from torchtune_xgb.checkpointing import load_resume_state, save_resume_state
 from torchtune_xgb.errors import ConfigError
-from torchtune_xgb.export import clean_name, fold_merged_weights, peft_lora_adapter
+from torchtune_xgb.export import clean_name, fold_merged_weights
 from torchtune_xgb.loraxs import LoRAXSLinear
 from torchtune_xgb.nf4 import fitting_nf4_blocks, is_nf4, keep_unquantizable_in_full_precision
 from torchtune_xgb.periodic_eval import PeriodicEval
@@ -66,6 +67,7 @@ class BoostedRecipeMixin:
         super().__init__(cfg)
         self._save_every = cfg.get("save_every_n_steps")
         self._eval_cfg = cfg.get("eval")
+        self._export = parse_export_config(cfg)  # the export: block (adapter_export.py)
         self._summary: Dict[str, Any] = {}
         self._wall_before_resume = 0.0
         self._last_loss: Optional[float] = None
@@ -166,6 +168,7 @@ class BoostedRecipeMixin:
             max_new_tokens=self._eval_cfg.get("max_new_tokens", 8),
             batch_size=self._eval_cfg.get("batch_size", 16),
             device=self._device,
+            normalize=self._eval_cfg.get("normalize", "strip"),
         )
 
     # --- resume ---------------------------------------------------------------------------
@@ -212,41 +215,20 @@ class BoostedRecipeMixin:
 
     # --- export ---------------------------------------------------------------------------
     def save_checkpoint(self, epoch: int) -> None:
-        """Write the merged full model to ``output_dir/epoch_{epoch}`` via the checkpointer."""
+        """Write the merged full model to ``output_dir/epoch_{epoch}`` via the checkpointer, and the
+        run's update as a PEFT LoRA adapter to ``epoch_{epoch}/adapter`` (adapter_export.py)."""
         model_sd = self._model_state_dict()
         merged = self._merged_weights()  # an iterator: under FSDP2 every rank must drain it
-        peft = self._peft_export()  # gathers under FSDP2: every rank takes part, rank 0 writes
+        updates = collect_run_factors(self._booster)  # gathers under FSDP2: every rank takes part
         if not self._is_main_process():
             for _ in merged:
                 pass
             return
         ckpt = {training.MODEL_KEY: fold_merged_weights(model_sd, merged, dtype=self._dtype)}
-        ckpt.update(peft)
         self._checkpointer.save_checkpoint(ckpt, epoch=epoch, intermediate_checkpoint=False, adapter_only=False)
-
-    def _peft_export(self) -> Dict[str, Any]:
-        """A one-round LoRA-XS run is exactly a rank-r LoRA: export it in PEFT format too.
-
-        Call on every rank (FSDP2: the rows of each U are gathered); returns the checkpointer's
-        adapter entries, or {} when the run is not a finished one-round LoRA-XS run."""
-        if not (self._single_round and self.method == "loraxs" and self.epochs_run == self.total_epochs):
-            return {}
-        factors = {name: self._booster.merged.gathered_factors(name) for name in self._booster.modules}
-        if any(f is None or f[0].shape[1] != self._lora_rank for f in factors.values()):
-            log.warning("LoRA-XS: merged state is not a single rank-r LoRA; no PEFT adapter exported")
-            return {}
-        adapter_config = {
-            "r": self._lora_rank,
-            "lora_alpha": self._lora_rank,  # (α/r)·R is folded into lora_B: PEFT's scale must be 1
-            "target_modules": get_lora_module_names(
-                self._lora_attn_modules, self._apply_lora_to_mlp, self._apply_lora_to_output
-            ),
-            "peft_type": "LORA",
-        }
-        return {
-            training.ADAPTER_KEY: peft_lora_adapter(factors, dtype=self._dtype),
-            training.ADAPTER_CONFIG: adapter_config,
-        }
+        epoch_dir = Path(self._checkpointer._output_dir) / f"epoch_{epoch}"
+        extra = {"merge_base": self._adapter.merge_base}
+        self._summary.update(write_adapter_dir(epoch_dir, updates, self._checkpointer, self._dtype, self._export, extra))
 
     # --- training loop --------------------------------------------------------------------
     def _wall_seconds(self) -> float:

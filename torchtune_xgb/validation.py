@@ -8,9 +8,11 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torchtune import config as tt_config
 from torchtune.modules.peft import LoRALinear
 
+from torchtune_xgb.adapter_export import parse_export_config
 from torchtune_xgb.boost_config import AdapterConfig, BoostConfig
 from torchtune_xgb.checkpointing import latest_resume_dir
 from torchtune_xgb.errors import ConfigError
+from torchtune_xgb.eval_config import validate_eval_config
 from torchtune_xgb.periodic_eval import validate_periodic_eval_config
 
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "output_proj")
@@ -62,6 +64,8 @@ def validate_config(cfg: DictConfig) -> Tuple[BoostConfig, AdapterConfig]:
     for key in ("max_steps_per_epoch", "save_every_n_steps", "log_every_n_steps"):
         _positive_int(cfg, key, optional=True)
     validate_periodic_eval_config(cfg)  # dataset_val, run_val_every_n_steps, eval.every_n_steps
+    parse_export_config(cfg)  # export.adapter_rank
+    validate_eval_config(cfg)  # eval.normalize, the user's eval file, generated data never over user files
 
     model = cfg.model
     rank = model.get("lora_rank")
