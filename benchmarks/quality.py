@@ -1,6 +1,6 @@
 """Quality a user can trust: task families × methods × learning rates × seeds, with intervals.
 
-    python -m benchmarks.quality --tasks all --seeds 3 --grid --out outputs/quality.md    # the full run (~9 h, 2-core CPU)
+    python -m benchmarks.quality --tasks all --seeds 3 --grid --out outputs/quality.md    # the full run (~9-10 h, 2-core CPU)
     python -m benchmarks.quality --gpu --tasks all --seeds 3 --grid --out outputs/quality_gpu.md
     python -m benchmarks.quality --quick --out outputs/quality_quick.md                    # smoke test, tiny model, ~1 min
     python -m benchmarks.quality --sweep --out outputs/sweep.md                           # κ, blocks, α, lr (XGBLoRA), r (LoRA-XS)
@@ -71,6 +71,7 @@ from benchmarks.common import (
     write_config,
 )
 from benchmarks.quality_stats import curve_from_log, seconds_to_step, select_lr
+from torchtune_xgb.errors import ConfigError
 
 # name → (row, learning-rate grid: the first is the default, used without --grid)
 METHODS = {
@@ -520,13 +521,18 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     setting: Setting = args.setting
+    try:
+        tasks = task_specs(args.tasks, args.json_task, args.workdir / "data")
+    except ConfigError as err:
+        raise SystemExit(f"error: --tasks: {err}") from None
+    if not tasks:
+        raise SystemExit("error: --tasks: no task (name families, 'all', or add --json-task)")
     if setting.model == "tiny":
         from tests.e2e_fixture import make_tiny_model_dir
 
         args.tiny_dir = make_tiny_model_dir(args.workdir)
     else:
         check_model_ready("smollm2-135m")
-    tasks = task_specs(args.tasks, args.json_task, args.workdir / "data")
     chosen = {m.name for m in available([METHODS[k][0] for k in args.methods])}
     methods = [k for k in args.methods if METHODS[k][0].name in chosen]
     given = parse_lrs(args.lrs)

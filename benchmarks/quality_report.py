@@ -234,33 +234,40 @@ def plot_curves(summaries: Dict[str, Dict[str, Dict[str, Any]]], png: Path) -> P
 
 
 def render_sweep(rows: List[Dict[str, Any]], header: Dict[str, Any]) -> str:
-    """One row per (task, factor, value): seed-mean val and test exact match; best on val marked."""
-    table = []
+    """One row per (task, factor, value): seed-mean val and test figures; the best on val marked
+    (highest val exact match, ties to the lower val loss; the test split never decides)."""
     groups: Dict[tuple, List[Dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["task"], r["factor"], str(r["value"])), []).append(r)
-    best: Dict[tuple, float] = {}
-    means = {}
-    for (task, factor, value), runs in groups.items():
+    means: Dict[tuple, Optional[Dict[str, float]]] = {}
+    for group, runs in groups.items():
         ok = [r for r in runs if not r.get("failed")]
-        means[(task, factor, value)] = (statistics.mean(r["val_exact_match"] for r in ok) if ok else None,
-                                        statistics.mean(r["test_exact_match"] for r in ok) if ok else None,
-                                        statistics.mean(r["test_loss"] for r in ok) if ok else None, runs[0]["default"])
-        if ok:
-            best[(task, factor)] = max(best.get((task, factor), -1.0), means[(task, factor, value)][0])
-    for (task, factor, value), (val, test, loss, default) in means.items():
+        means[group] = {k: statistics.mean(r[k] for r in ok) for k in ("val_exact_match", "val_loss",
+                                                                       "test_exact_match", "test_loss")} if ok else None
+    best: Dict[tuple, tuple] = {}
+    for (task, factor, value), m in means.items():
+        if m is not None:
+            rank = (round(m["val_exact_match"], 9), -m["val_loss"])  # rounded: means of equal scores tie
+            if (task, factor) not in best or rank > best[(task, factor)][0]:
+                best[(task, factor)] = (rank, value)
+    table = []
+    for (task, factor, value), m in means.items():
+        default = groups[(task, factor, value)][0]["default"]
         table.append([task, factor, value + (" (packaged)" if default else ""),
-                      "FAILED" if val is None else f"{val:.1%}", fmt(test, ".1%"), fmt(loss, ".3f"),
-                      "✓" if val is not None and val == best[(task, factor)] else ""])
+                      "FAILED" if m is None else f"{m['val_exact_match']:.1%}", None if m is None else f"{m['val_loss']:.3f}",
+                      None if m is None else f"{m['test_exact_match']:.1%}", None if m is None else f"{m['test_loss']:.3f}",
+                      "✓" if best.get((task, factor), (None, None))[1] == value else ""])
     setting = header["setting"]
     return "\n".join([
         f"## Hyperparameter sweep: XGBLoRA and LoRA-XS, {header['date']}",
         "",
         f"Hardware: {header['hardware']}. {setting['steps']} steps, batch {setting['batch_size']}, dtype "
         f"{setting['dtype']}, seeds {header['seeds']}; one factor at a time around the packaged defaults "
-        "(κ 20, all blocks, α 16, lr 2e-3; LoRA-XS r 16, α = r, lr 4e-3). Best on the validation split ✓.",
+        "(κ 20, all blocks, α 16, lr 2e-3; LoRA-XS r 16, α = r, lr 4e-3). Best on the validation split ✓ "
+        "(val exact match, ties to the lower val loss).",
         "",
-        markdown_table(["task", "factor", "value", "val exact match", "test exact match", "test loss", "best (val)"], table),
+        markdown_table(["task", "factor", "value", "val exact match", "val loss", "test exact match", "test loss",
+                        "best (val)"], table),
     ])
 
 

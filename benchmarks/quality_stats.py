@@ -81,7 +81,9 @@ def select_lr(runs: Iterable[Mapping]) -> Optional[float]:
 
     def key(lr: float):
         rows = by_lr[lr]
-        return (-statistics.mean(r["val_exact_match"] for r in rows), statistics.mean(r["val_loss"] for r in rows), lr)
+        # rounded: the mean of equal scores over different seed counts must tie exactly
+        return (-round(statistics.mean(r["val_exact_match"] for r in rows), 9),
+                statistics.mean(r["val_loss"] for r in rows), lr)
 
     return min(by_lr, key=key)
 

@@ -239,3 +239,50 @@ def test_json_task_reads_the_users_files_without_writing(tmp_path, columns):
 def test_json_task_argument_errors(tmp_path):
     with pytest.raises(SystemExit, match="expected NAME=DIR"):
         quality.json_task_spec(f"mine={tmp_path},input=q")  # input without output
+
+
+def test_sweep_table_marks_the_best_on_val():
+    from benchmarks.quality_report import render_sweep
+
+    def run(value, val_em, val_loss, test_em, seed=0, default=False):
+        return {"task": "strings", "factor": "κ (steps per round)", "value": value, "default": default, "seed": seed,
+                "val_exact_match": val_em, "val_loss": val_loss, "test_exact_match": test_em, "test_loss": 1.0}
+
+    rows = [run(5, 0.4, 1.0, 0.9), run(5, 0.2, 1.0, 0.9, seed=1),  # mean val 0.3, best on test: ignored
+            run(20, 0.3, 0.8, 0.1, default=True),  # val 0.3 too, lower val loss: chosen
+            run(40, 0.1, 0.5, 0.5), {"task": "strings", "factor": "κ (steps per round)", "value": 80, "default": False,
+                                     "failed": True}]
+    header = {"date": "d", "hardware": "h", "seeds": [0, 1], "setting": {"steps": 60, "batch_size": 8, "dtype": "fp32"}}
+    text = render_sweep(rows, header)
+    assert "| strings | κ (steps per round) | 5 | 30.0% | 1.000 | 90.0% | 1.000 |  |" in text
+    assert "| strings | κ (steps per round) | 20 (packaged) | 30.0% | 0.800 | 10.0% | 1.000 | ✓ |" in text
+    assert "| strings | κ (steps per round) | 80 | FAILED | – | – | – |  |" in text
+
+
+@pytest.mark.parametrize("key", list(quality.METHODS))
+def test_real_model_run_configs(tmp_path, key, smollm2_dir, monkeypatch):
+    """The configs the full run generates for SmolLM2 (built, not run): epochs of `every` steps,
+    the seed in the data and rounds, periodic evaluation only for our recipe, and our recipe's
+    own validation passes (it loads no weights)."""
+    from argparse import Namespace
+
+    from torchtune_xgb.paths import CACHE_ENV
+    from torchtune_xgb.validation import validate_config
+
+    monkeypatch.setenv(CACHE_ENV, str(smollm2_dir.parent))  # ${xgb_cache:smollm2-135m-instruct}
+    task = quality.task_specs(["facts"], [], tmp_path / "data")[0]
+    cfg = quality.run_config(key, task, 1e-3, 2, tmp_path / "run", quality.PRESETS["cpu"], Namespace())
+    assert (cfg.epochs, cfg.max_steps_per_epoch, cfg.batch_size) == (3, 20, 8)
+    assert cfg.dataset == {"_component_": "torchtune_xgb.data.task_dataset", "split": "train", "task": "facts",
+                           "data_dir": str(tmp_path / "data"), "seed": 2}
+    assert cfg.optimizer.lr == 1e-3 and cfg.seed == 2
+    recipe = quality.METHODS[key][0].recipe
+    if recipe == quality.OURS:
+        assert cfg.eval.every_n_steps == 20 and cfg.run_val_every_n_steps == 20
+        assert cfg.eval.examples.split == "test" and cfg.dataset_val.split == "test" and cfg.eval.max_new_tokens == 6
+        assert ("boost" in cfg) == (key != "loraxs")  # one-round LoRA-XS must not become boosted
+        if "boost" in cfg:
+            assert cfg.boost.seed == 2
+        validate_config(cfg)
+    else:
+        assert not {"eval", "dataset_val", "boost", "adapter"} & set(cfg)

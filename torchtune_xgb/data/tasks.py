@@ -16,9 +16,9 @@ answers and disjoint ``train`` / ``val`` / ``test`` splits (see each family's mo
 ``{"messages": [user, assistant], "answer": ...}`` under ``cache_path("tasks")/TASK/`` (one file
 per split, size and seed) and read back by torchtune's own ``chat_dataset``.
 
-A generated file is only ever replaced when the generator wrote it: the folder keeps a manifest
-(``.generated.json``) of the SHA-256 of every file it wrote, and a file whose content matches
-neither the new rows nor the manifest (someone else's file) stops the run with a ConfigError.
+A generated file is only ever replaced when the generator wrote it (the arithmetic task's rule and
+manifest: a file outside the cache that matches neither the new rows nor the manifest's SHA-256,
+someone else's file, stops the run with a ConfigError).
 
 ``arithmetic`` is the demo's task unchanged: its ``test`` split is its ``eval`` split (same
 questions, same order); its ``val`` split comes from the same held-out pool, taken from the other
@@ -28,10 +28,8 @@ meet), so adding it changed neither the train nor the eval files.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -41,7 +39,6 @@ from torchtune_xgb.data.task_splits import QA, SPLITS, chat_row
 from torchtune_xgb.errors import ConfigError
 from torchtune_xgb.paths import cache_path
 
-MANIFEST = ".generated.json"
 
 
 @dataclass(frozen=True)
@@ -118,43 +115,18 @@ def make_task_examples(task: str, split: str = "train", n: Optional[int] = None,
 
 
 # --- files ----------------------------------------------------------------------------------
-def _sha256(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_generated(path: Path, text: str) -> Path:
     """Write ``text`` to ``path`` unless it is already there; never replace a file we did not write.
 
-    The folder's manifest records the SHA-256 of each file written here. An existing file is
-    replaced only when its content hashes to the recorded value (ours, from an older generator);
-    any other existing file raises ConfigError naming it. Writes are atomic (temp file + rename).
+    The same rule and manifest as the arithmetic task's files (``arithmetic._write_if_changed``):
+    the folder's manifest records the SHA-256 of each file generated there; an existing file is
+    replaced only when it is one of those (from another generator version), any other existing
+    file outside the cache raises ConfigError naming it. Writes are atomic (temp file + rename).
     """
+    from torchtune_xgb.data.arithmetic import _write_if_changed
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    manifest_path = path.parent / MANIFEST
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    if path.exists():
-        current = path.read_text(encoding="utf-8")
-        if current == text:
-            return path
-        if manifest.get(path.name) != _sha256(current):
-            raise ConfigError(
-                f"data_dir: {path} exists and was not written by the task generator; refusing to overwrite it "
-                "(point data_dir at another folder)"
-            )
-    manifest[path.name] = _sha256(text)
-    _atomic_write(path, text)
-    _atomic_write(manifest_path, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    _write_if_changed(path, text)
     return path
 
 
