@@ -286,3 +286,19 @@ def test_real_model_run_configs(tmp_path, key, smollm2_dir, monkeypatch):
         validate_config(cfg)
     else:
         assert not {"eval", "dataset_val", "boost", "adapter"} & set(cfg)
+
+
+def test_tiny_run_configs_keep_one_round_loraxs_unboosted(tmp_path):
+    from argparse import Namespace
+
+    from tests.e2e_fixture import make_tiny_model_dir
+
+    args = Namespace(tiny_dir=make_tiny_model_dir(tmp_path))
+    task = quality.task_specs(["strings"], [], tmp_path / "data")[0]
+    quick = quality.PRESETS["quick"]
+    plain = quality.run_config("loraxs", task, 1e-3, 0, tmp_path / "a", quick, args)
+    boosted = quality.run_config("xgblora_xs", task, 1e-3, 0, tmp_path / "b", quick, args)
+    assert "boost" not in plain and boosted.boost.steps_per_round == 2 and boosted.boost.basis == "rotate"
+    assert plain.model.lora_rank == 16 and plain.model._component_.endswith("lora_llama3_2")
+    full = quality.run_config("full", task, 1e-5, 0, tmp_path / "c", quick, args)
+    assert full.model._component_.endswith("._component_builders.llama3_2") and "lora_rank" not in full.model
