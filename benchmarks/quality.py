@@ -136,7 +136,9 @@ class TaskSpec:
     columns: Optional[tuple] = None
 
 
-def task_specs(names: List[str], json_tasks: List[str], data_dir: Path) -> List[TaskSpec]:
+def task_specs(names: List[str], json_tasks: List[str]) -> List[TaskSpec]:
+    """The generated families ``names`` (``["all"]``: every one; files in the cache, ``tasks/``)
+    followed by the user's ``--json-task`` items."""
     from torchtune_xgb.data.tasks import TASKS, family
 
     if names == ["all"]:
@@ -144,7 +146,7 @@ def task_specs(names: List[str], json_tasks: List[str], data_dir: Path) -> List[
     specs = []
     for name in names:
         fam = family(name)
-        specs.append(TaskSpec(name, {"task": name, "data_dir": str(data_dir)}, fam.max_new_tokens, fam.arithmetic))
+        specs.append(TaskSpec(name, {"task": name}, fam.max_new_tokens, fam.arithmetic))
     return specs + [json_task_spec(item) for item in json_tasks]
 
 
@@ -522,7 +524,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     setting: Setting = args.setting
     try:
-        tasks = task_specs(args.tasks, args.json_task, args.workdir / "data")
+        tasks = task_specs(args.tasks, args.json_task)
     except ConfigError as err:
         raise SystemExit(f"error: --tasks: {err}") from None
     if not tasks:

@@ -178,8 +178,12 @@ def test_plain_model_of_the_tiny_lora_config():
     assert quality.plain_model_config(smollm2) == {"_component_": "torchtune_xgb.models.smollm2.smollm2_135m"}
 
 
-def test_quick_smoke(tmp_path):
+@pytest.mark.slow
+def test_quick_smoke(tmp_path, monkeypatch):
     """The whole protocol on the tiny model: 2 methods × 2 seeds × 4 steps, curves every 2 steps."""
+    from torchtune_xgb.paths import CACHE_ENV, cache_path
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))  # generated task files (the runs inherit it)
     out = tmp_path / "quick.md"
     assert quality.main(["--quick", "--workdir", str(tmp_path / "work"), "--out", str(out)]) == 0
     report = out.read_text()
@@ -194,6 +198,8 @@ def test_quick_smoke(tmp_path):
     assert xgb[0]["merges"] == [2, 4]  # κ = 2 on the tiny model
     assert xgb[0]["curve"]["2"]["loss"] != xgb[1]["curve"]["2"]["loss"]  # seeds differ (data, rounds)
     assert "| strings | XGBLoRA r=1 boosted | 0.002 |" in report and "### Time to LoRA r=8's final" in report
+    assert sorted(p.name for p in cache_path("tasks/strings").glob("[!.]*.json")) == [
+        "test-n6-seed0.json", "train-n2000-seed0.json", "train-n2000-seed1.json", "val-n6-seed0.json"]
     if importlib.util.find_spec("matplotlib") is not None:
         assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # a second start skips every finished run (runs.jsonl) and writes the same table
@@ -270,11 +276,11 @@ def test_real_model_run_configs(tmp_path, key, smollm2_dir, monkeypatch):
     from torchtune_xgb.validation import validate_config
 
     monkeypatch.setenv(CACHE_ENV, str(smollm2_dir.parent))  # ${xgb_cache:smollm2-135m-instruct}
-    task = quality.task_specs(["facts"], [], tmp_path / "data")[0]
+    task = quality.task_specs(["facts"], [])[0]
     cfg = quality.run_config(key, task, 1e-3, 2, tmp_path / "run", quality.PRESETS["cpu"], Namespace())
     assert (cfg.epochs, cfg.max_steps_per_epoch, cfg.batch_size) == (3, 20, 8)
     assert cfg.dataset == {"_component_": "torchtune_xgb.data.task_dataset", "split": "train", "task": "facts",
-                           "data_dir": str(tmp_path / "data"), "seed": 2}
+                           "seed": 2}
     assert cfg.optimizer.lr == 1e-3 and cfg.seed == 2
     recipe = quality.METHODS[key][0].recipe
     if recipe == quality.OURS:
@@ -294,7 +300,7 @@ def test_tiny_run_configs_keep_one_round_loraxs_unboosted(tmp_path):
     from tests.e2e_fixture import make_tiny_model_dir
 
     args = Namespace(tiny_dir=make_tiny_model_dir(tmp_path))
-    task = quality.task_specs(["strings"], [], tmp_path / "data")[0]
+    task = quality.task_specs(["strings"], [])[0]
     quick = quality.PRESETS["quick"]
     plain = quality.run_config("loraxs", task, 1e-3, 0, tmp_path / "a", quick, args)
     boosted = quality.run_config("xgblora_xs", task, 1e-3, 0, tmp_path / "b", quick, args)
