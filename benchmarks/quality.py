@@ -30,8 +30,8 @@ Protocol (every method, every task family of ``torchtune_xgb.data.TASKS`` or ``-
   plus the merge time logged up to then (evaluations and checkpoint writes left out).
 
 Runs go under ``--workdir`` (default ``outputs/bench/quality``); each finished run is appended to
-``WORKDIR/runs.jsonl`` and skipped when the benchmark is started again with the same settings, so
-an interrupted full run continues where it stopped. Checkpoints are deleted once scored.
+``WORKDIR/runs.jsonl`` and skipped when the benchmark is started again with the same settings (a
+failed run is tried again), so an interrupted full run continues where it stopped. Checkpoints are deleted once scored.
 """
 
 from __future__ import annotations
@@ -356,7 +356,7 @@ def run_method(key: str, task: TaskSpec, lr: float, seed: int, setting: Setting,
     method, _ = METHODS[key]
     ident = run_id({"key": key, "task": asdict(task), "lr": lr, "seed": seed, "setting": asdict(setting),
                     "overrides": overrides or {}, "curve": curve})
-    if ident in cache.rows:
+    if ident in cache.rows and not cache.rows[ident].get("failed"):  # a failed run is tried again
         return cache.rows[ident]
     out_dir = clean_dir(args.workdir / "runs" / f"{task.name}_{key}{label}_lr{lr:g}_seed{seed}")
     cfg = run_config(key, task, lr, seed, out_dir, setting, args, overrides, curve)
