@@ -148,3 +148,13 @@ def test_peft_adapter_on_base_gives_merged_logits(runs, hf_logits, name):
     tensors, _ = _adapter(runs[name])
     assert info["runs"][name]["lora_modules"] == sum(".lora_A." in k for k in tensors)
     assert not [w for w in info["runs"][name]["peft_warnings"] if "key" in w.lower()], info["runs"][name]["peft_warnings"]
+
+
+def test_nf4_run_writes_a_bf16_adapter_that_names_its_merge_base(single_process_run):
+    run = single_process_run("xgblora_nf4")  # shared with test_e2e_nf4 / test_distributed
+    assert not list((run / "epoch_0").glob("adapter_*"))
+    tensors, config = _adapter(run)
+    details = json.loads((run / "epoch_0" / "adapter" / "xgb_adapter.json").read_text())
+    assert details["merge_base"] == "dequantized"  # applies to the NF4-quantized base (README)
+    assert config["task_type"] == "CAUSAL_LM" and all(t.dtype == torch.bfloat16 for t in tensors.values())
+    assert sum(".lora_A." in k for k in tensors) == len(details["modules"]) > 0

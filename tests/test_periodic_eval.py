@@ -63,6 +63,7 @@ def run(root, user_eval_file):
                      "input_column": "question", "output_column": "result"},
         "normalize": "number", "every_n_steps": 6, "max_new_tokens": 4, "batch_size": 8,
     }
+    cfg["export"] = {"adapter_rank": 1}  # checked in test_truncated_adapter_keeps_the_top_direction
     result = run_recipe(cfg, root)
     assert result.returncode == 0, result.stderr[-3000:]
     return out
@@ -130,3 +131,30 @@ def test_bad_periodic_eval_config_names_the_key(update, key):
     with pytest.raises(ConfigError) as err:
         validate_periodic_eval_config(OmegaConf.create({"batch_size": 4, **update}))
     assert str(err.value).startswith(f"{key}:") and "\n" not in str(err.value), str(err.value)
+
+
+def test_truncated_adapter_keeps_the_top_direction(root, run):
+    """`export.adapter_rank: 1`: per module, the adapter is the top singular direction of what the
+    run changed (export − base, computed here), and the reported kept fraction is 1 − ‖L − L₁‖/‖L‖."""
+    base = load_file(make_tiny_model_dir(root) / "model.safetensors")
+    merged = load_file(run / EXPORT)
+    adapter_dir = run / "epoch_0" / "adapter"
+    tensors = load_file(adapter_dir / "adapter_model.safetensors")
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert config["r"] == 1 and not config["rank_pattern"]
+    kept_reported = [m["kept_fraction"] for m in json.loads((adapter_dir / "xgb_adapter.json").read_text())["modules"].values()]
+    kept_here = []
+    for key in tensors:
+        if ".lora_A." not in key:
+            continue
+        module = key[len("base_model.model."):].rsplit(".lora_A.", 1)[0]
+        delta = (merged[f"{module}.weight"] - base[f"{module}.weight"]).double()
+        u, s, vh = torch.linalg.svd(delta)
+        top = s[0] * torch.outer(u[:, 0], vh[0])
+        lora = tensors[key.replace(".lora_A.", ".lora_B.")].double() @ tensors[key].double()
+        assert torch.allclose(lora, top, atol=1e-5 * float(s[0])), module
+        kept_here.append(1.0 - float(s[1:].square().sum().sqrt() / s.square().sum().sqrt()))
+    assert sorted(kept_reported) == pytest.approx(sorted(kept_here), abs=1e-3)
+    summary = json.loads((run / "xgb_summary.json").read_text())
+    assert summary["adapter_min_kept_fraction"] == pytest.approx(min(kept_reported))
+    assert summary["adapter_min_kept_fraction"] < 0.99  # some module had rank > 1: the cut is real

@@ -42,3 +42,12 @@ def test_packaged_config_by_name_on_real_model(tmp_path, smollm2_dir):
     changed = [k for k in base if not (merged[k] == base[k].to(merged[k].dtype)).all()]
     assert changed and all("proj" in k for k in changed)
     assert (out / "epoch_0" / "tokenizer.json").is_file()  # generate finds it next to the weights
+    # the adapter: rank = rounds that changed anything (the warmup's first step has LR 0) on all 210
+    # modules, fp32 factors + the safetensors header (measured: 1,274,720 bytes at rank 1)
+    rank = sum(r["merged_modules"] > 0 for r in summary["round_reports"])
+    adapter = load_file(out / "epoch_0" / "adapter" / "adapter_model.safetensors")
+    assert rank >= 1 and summary["adapter_max_rank"] == rank
+    assert len(adapter) == 2 * 7 * 30 and all(rank in t.shape for t in adapter.values())
+    assert sum(t.numel() for t in adapter.values()) == rank * 30 * PER_BLOCK
+    header = summary["adapter_bytes"] - 4 * rank * 30 * PER_BLOCK
+    assert 0 < header < 100_000, header

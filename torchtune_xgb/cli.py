@@ -2,6 +2,11 @@
 
     tune-xgb ls                                   recipes and packaged configs
     tune-xgb cp NAME DEST                         copy a packaged config to edit it
+    tune-xgb path NAME                            a packaged config's path (for torchtune's own
+                                                  recipes: tune run generate --config $(tune-xgb path NAME))
+    tune-xgb validate CONFIG [key=value ...]      check a config (name or path) as the recipe would,
+                                                  before anything loads (`tune validate` cannot
+                                                  resolve ${xgb_cache:…})
     tune-xgb prepare smollm2-135m-instruct [--output DIR] [--force]
     tune-xgb plot OUTPUT_DIR [--out PNG]          loss curve with merge boundaries (needs matplotlib)
 """
@@ -47,6 +52,49 @@ def _cp(args: argparse.Namespace) -> int:
     return 0
 
 
+def _path(args: argparse.Namespace) -> int:
+    from torchtune_xgb.config_names import resolve_config
+
+    configs = packaged_configs()
+    name = args.name[:-5] if args.name.endswith(".yaml") else args.name
+    if name not in configs:
+        print(f"error: unknown config {args.name!r}; known: {', '.join(sorted(configs))}", file=sys.stderr)
+        return 2
+    print(resolve_config(name))
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    """torchtune's component check (``tune validate``) plus, for training configs, the recipe's own
+    checks (validation.validate_config), with the plugin's resolvers registered."""
+    from omegaconf import OmegaConf
+    from torchtune import config as tt_config
+    from torchtune.config._errors import ConfigError as TorchtuneConfigError
+
+    from torchtune_xgb.config_names import resolve_config
+    from torchtune_xgb.errors import ConfigError
+    from torchtune_xgb.paths import register_resolvers
+
+    register_resolvers()
+    try:
+        path = resolve_config(args.config)
+        cfg = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(list(args.overrides)))
+        OmegaConf.resolve(cfg)
+        try:
+            tt_config.validate(cfg)
+        except TorchtuneConfigError as err:
+            raise ConfigError(" ".join(str(err).split())) from err
+        if cfg.get("optimizer") is not None:  # a training config for the xgblora_finetune recipe
+            from torchtune_xgb.validation import validate_config
+
+            validate_config(cfg)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{path}: config is well-formed")
+    return 0
+
+
 def _prepare(args: argparse.Namespace) -> int:
     from torchtune_xgb.prepare import prepare_model
 
@@ -85,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("dest")
     cp.add_argument("--force", action="store_true")
     cp.set_defaults(func=_cp)
+    path = sub.add_parser("path", help="print a packaged config's path")
+    path.add_argument("name")
+    path.set_defaults(func=_path)
+    val = sub.add_parser("validate", help="check a config (packaged name or path) before anything loads")
+    val.add_argument("config")
+    val.add_argument("overrides", nargs="*", help="key=value overrides, as for tune run")
+    val.set_defaults(func=_validate)
     prep = sub.add_parser("prepare", help="convert a packaged model to an HF-format directory")
     prep.add_argument("name")
     prep.add_argument("--output", type=Path, default=None)

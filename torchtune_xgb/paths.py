@@ -3,11 +3,17 @@
 Everything generated goes under one cache root so that nothing large lands in a repository:
 ``$TORCHTUNE_XGB_CACHE`` if set, else ``~/.cache/torchtune_xgb``. Configs refer to it with the
 OmegaConf resolver ``${xgb_cache:NAME}``, registered when the recipe module is imported.
+
+``make`` sets ``TORCHTUNE_XGB_CACHE`` to the checkout's ``.cache``; a ``tune run`` elsewhere
+without it looks in ``~/.cache/torchtune_xgb``. A model missing from the cache the run uses
+stops the run with one line that names the directory, the ``tune-xgb prepare`` command, and
+a prepared copy in the other location if there is one (:func:`check_prepared`).
 """
 
 import os
 import warnings
 from pathlib import Path
+from typing import Any, List
 
 from omegaconf import OmegaConf
 
@@ -32,3 +38,44 @@ def register_resolvers() -> None:
             # omegaconf 2.4 deprecates the name; the call works on every 2.x that torchtune accepts
             warnings.simplefilter("ignore", UserWarning)
             OmegaConf.register_new_resolver("xgb_cache", lambda name="": str(cache_path(name)))
+
+
+DEFAULT_ROOT = Path("~", ".cache", "torchtune_xgb")
+
+
+def known_cache_roots() -> List[Path]:
+    """The cache roots a model may have been prepared into: the current one, the default one, and
+    the ``.cache`` of the checkout this package is installed from (what ``make`` uses)."""
+    roots = [cache_root(), DEFAULT_ROOT.expanduser().resolve()]
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "Makefile").is_file():
+        roots.append(checkout / ".cache")
+    unique: List[Path] = []
+    for root in roots:
+        if root not in unique:
+            unique.append(root)
+    return unique
+
+
+def check_prepared(checkpoint_dir: Any, key: str = "checkpointer.checkpoint_dir") -> None:
+    """If ``checkpoint_dir`` is a missing model directory in a cache root, raise ConfigError with
+    one line: where the run looked, the ``tune-xgb prepare`` command, and any prepared copy under
+    another cache root (with the ``TORCHTUNE_XGB_CACHE`` value that selects it). Anything else is
+    left to the ordinary existence check."""
+    from torchtune_xgb.errors import ConfigError
+    from torchtune_xgb.prepare import MODELS
+
+    if checkpoint_dir is None:
+        return
+    path = Path(str(checkpoint_dir)).expanduser().resolve()
+    root = cache_root()
+    if path.is_dir() or not path.is_relative_to(root):
+        return
+    name = path.relative_to(root).parts[0] if path != root else ""
+    if name not in MODELS:
+        return
+    message = f"{key}: model not prepared: {path} (cache root {root}); run: tune-xgb prepare {name}"
+    copies = [r for r in known_cache_roots() if r != root and (r / name / "config.json").is_file()]
+    if copies:
+        message += f" (or use the copy prepared under {copies[0]}: export {CACHE_ENV}={copies[0]})"
+    raise ConfigError(message)

@@ -13,6 +13,7 @@ from torchtune_xgb.boost_config import AdapterConfig, BoostConfig
 from torchtune_xgb.checkpointing import latest_resume_dir
 from torchtune_xgb.errors import ConfigError
 from torchtune_xgb.eval_config import validate_eval_config
+from torchtune_xgb.paths import check_prepared
 from torchtune_xgb.periodic_eval import validate_periodic_eval_config
 
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "output_proj")
@@ -94,6 +95,7 @@ def validate_config(cfg: DictConfig) -> Tuple[BoostConfig, AdapterConfig]:
         raise ConfigError("model.use_dora: XGBLoRA merges plain LoRA updates; DoRA is not supported")
 
     ckpt = cfg.checkpointer
+    check_prepared(ckpt.get("checkpoint_dir"))  # a model missing from the cache: how to prepare it
     ckpt_dir = _existing(ckpt.get("checkpoint_dir"), "checkpointer.checkpoint_dir", "dir")
     files = ckpt.get("checkpoint_files")
     if isinstance(files, (list, ListConfig)):

@@ -1,0 +1,61 @@
+"""``tune-xgb validate`` / ``tune-xgb path`` and the one-line "model not prepared" error. In process."""
+
+import pytest
+import yaml
+
+from tests.e2e_fixture import tiny_config
+from torchtune_xgb import paths
+from torchtune_xgb.cli import main
+from torchtune_xgb.errors import ConfigError
+
+MODEL = "smollm2-135m-instruct"
+
+
+@pytest.fixture
+def empty_cache(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(paths.CACHE_ENV, str(cache))
+    monkeypatch.setattr(paths, "DEFAULT_ROOT", tmp_path / "home_cache")  # never the real ~/.cache
+    return cache
+
+
+def _tiny_yaml(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(tmp_path, tmp_path / "out")))
+    return path
+
+
+def test_validate_accepts_a_good_config_and_names_the_key_of_a_bad_override(tmp_path, empty_cache, capsys):
+    path = _tiny_yaml(tmp_path)
+    assert main(["validate", str(path)]) == 0
+    assert "config is well-formed" in capsys.readouterr().out
+    assert main(["validate", str(path), "boost.steps_per_round=0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: boost.steps_per_round: must be an integer ≥ 1, got 0"]
+
+
+def test_validate_resolves_packaged_names_and_the_cache_resolver(empty_cache, capsys):
+    # the packaged config uses ${xgb_cache:…}; the model is not prepared in this empty cache
+    assert main(["validate", "smollm2_135m_xgblora"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: checkpointer.checkpoint_dir: model not prepared: ")
+    assert str(empty_cache / MODEL) in err[0] and f"tune-xgb prepare {MODEL}" in err[0]
+    assert main(["validate", "smollm2_135m_generate"]) == 0  # torchtune's generate config
+
+
+def test_missing_model_points_at_a_copy_prepared_under_another_root(tmp_path, empty_cache):
+    other = tmp_path / "home_cache"
+    (other / MODEL).mkdir(parents=True)
+    (other / MODEL / "config.json").write_text("{}")
+    with pytest.raises(ConfigError) as err:
+        paths.check_prepared(empty_cache / MODEL)
+    assert f"export {paths.CACHE_ENV}={other}" in str(err.value) and "\n" not in str(err.value)
+    paths.check_prepared(other / MODEL)  # present: no error
+    paths.check_prepared(tmp_path / "elsewhere")  # not a cache model: left to the existence check
+
+
+def test_path_prints_the_packaged_config(capsys):
+    assert main(["path", "smollm2_135m_generate"]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert printed.endswith("smollm2_135m_generate.yaml") and yaml.safe_load(open(printed))["model"]
+    assert main(["path", "nope"]) == 2
