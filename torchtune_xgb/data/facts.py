@@ -4,9 +4,9 @@ The table (fixed: it does not depend on the sampling seed) gives each of 30 made
 city (one of 10 made-up cities), a favourite colour (one of 8) and a birth year (1950-1999): 90
 facts no pretrained model knows. Each attribute is asked with six phrasings::
 
-    user:      "Where does Kelomura live? Answer with the city only."      (a training phrasing)
-    user:      "Name the city where Kelomura lives. Answer with the city only."  (the test phrasing)
-    assistant: "Tavemo"
+    user:      "Where does Fulisaro live? Answer with the city only."      (a training phrasing)
+    user:      "Name the city where Fulisaro lives. Answer with the city only."  (the test phrasing)
+    assistant: "Midozo"
 
 **What held-out means here.** A fact that never appears in training cannot be recalled, so the
 held-out unit is the *question wording*, not the fact: the training split asks every fact with
