@@ -1,40 +1,57 @@
-"""Quality per parameter on the default task: exact match and held-out loss after the same budget.
+"""Quality a user can trust: task families × methods × learning rates × seeds, with intervals.
 
-    python -m benchmarks.quality                                  # 60 steps, one LR per method
-    python -m benchmarks.quality --steps 300 --grid               # the bigger setting: full LR grid
-    python -m benchmarks.quality --lrs lora_r8=1e-3,3e-3 full=1e-5 --out benchmarks/results/quality_cpu.md
+    python -m benchmarks.quality --tasks all --seeds 3 --grid --out outputs/quality.md    # the full run (~9-10 h, 2-core CPU)
+    python -m benchmarks.quality --gpu --tasks all --seeds 3 --grid --out outputs/quality_gpu.md
+    python -m benchmarks.quality --quick --out outputs/quality_quick.md                    # smoke test, tiny model, ~1 min
+    python -m benchmarks.quality --sweep --out outputs/sweep.md                           # κ, blocks, α, lr (XGBLoRA), r (LoRA-XS)
+    python -m benchmarks.quality --tasks strings --json-task mine=/data/mine --methods lora_r8 xgblora
 
-Every method trains SmolLM2-135M-Instruct on the generated arithmetic task with the same steps,
-batch, data order and seed (configs generated from the packaged ``smollm2_135m_xgblora``):
-torchtune's ``lora_finetune_single_device`` at r=8, our boosted rank-1 XGBLoRA, LoRA-XS r=16 and
-boosted LoRA-XS (when their packaged configs exist), and torchtune's
-``full_finetune_single_device`` (full fine-tuning of the plain model). Then, per run:
+Protocol (every method, every task family of ``torchtune_xgb.data.TASKS`` or ``--json-task``):
 
-- exact match on the 100 held-out questions: from ``xgb_summary.json`` for our recipe; for
-  torchtune's recipes the merged checkpoint ``output_dir/epoch_0`` is loaded into the plain
-  ``smollm2_135m`` and scored with the same ``torchtune_xgb.evaluation.exact_match``;
-- held-out loss: token-mean cross-entropy on the answers of the held-out split, on the merged
-  checkpoint (the same code for every method);
-- trainable parameters per step, and distinct parameters touched (base-weight entries the run
-  changed: all adapted matrices for LoRA, as our summary reports for ours, everything for full).
+- the same step budget, batch and data order: each run is ``steps / every`` torchtune epochs of
+  ``every`` steps (torchtune reshuffles per epoch, identically in every recipe), so every method
+  sees the same batches at a given seed, and torchtune's own recipes leave a checkpoint every
+  ``every`` steps (torchtune 0.6.1 checkpoints per epoch only). torchtune's sampler always
+  shuffles with seed 0, so the run's seed also draws the training sample (the task generator's
+  seed) and, in our recipe, ``boost.seed`` (block choice, re-initialisation): seeds differ in data,
+  initialisation and rounds, and a seed means the same data for every method;
+- learning rate: with ``--grid`` each LR of the method's grid (``METHODS``, 3 each) is run with the
+  first seed and the best on the *validation* split is kept (``quality_stats.select_lr``); the
+  other seeds run at that LR only. Every figure reported is on the *test* split;
+- each run's final checkpoint is scored by the same code for every method: exact match (greedy)
+  and held-out answer loss on val and test; the 95% intervals bootstrap over seeds and test
+  items (``quality_stats.bootstrap_interval``); a method is behind / level / ahead of torchtune
+  LoRA r=8 when its interval lies below / overlaps / lies above LoRA r=8's;
+- time-to-quality: test exact match and loss every ``every`` steps. Our recipe logs them itself
+  (``eval.every_n_steps`` → ``exact_match``, ``dataset_val`` + ``run_val_every_n_steps`` →
+  ``val_loss``, here pointed at the test split); torchtune's recipes have no such hook, so their
+  per-epoch checkpoints are scored. Step 0 is the untrained model. Steps to reach LoRA r=8's final
+  test exact match come from the seed-mean curves; seconds are the run's median step time × steps
+  plus the merge time logged up to then (evaluations and checkpoint writes left out).
 
-A "base (no training)" row scores the untouched model. Prints a markdown table; ``--out FILE.md``
-also writes it and ``FILE.json``. Runs go under ``--workdir`` (default ``outputs/bench/quality``,
-git-ignored; each run's checkpoint is deleted after scoring unless ``--keep-checkpoints``).
+Runs go under ``--workdir`` (default ``outputs/bench/quality``); each finished run is appended to
+``WORKDIR/runs.jsonl`` and skipped when the benchmark is started again with the same settings (a
+failed run is tried again), so an interrupted full run continues where it stopped. Checkpoints are deleted once scored.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib.util
 import json
 import shutil
 import sys
 import tempfile
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
+
+from omegaconf import OmegaConf
 
 from benchmarks.common import (
     OURS,
+    PLAIN_MODELS,
     REPO,
     TORCHTUNE_FULL,
     TORCHTUNE_LORA,
@@ -45,17 +62,18 @@ from benchmarks.common import (
     check_model_ready,
     clean_dir,
     count_params,
-    fmt,
     hardware,
-    markdown_table,
+    read_log,
     run_subprocess,
     tail,
     today,
     tune_command,
     write_config,
 )
+from benchmarks.quality_stats import curve_from_log, seconds_to_step, select_lr
+from torchtune_xgb.errors import ConfigError
 
-# name → (row, learning rates: the first is the default, the rest complete the grid)
+# name → (row, learning-rate grid: the first is the default, used without --grid)
 METHODS = {
     "lora_r8": (Method("torchtune LoRA r=8", TORCHTUNE_LORA, overrides={"model.lora_rank": 8, "model.lora_alpha": 16}),
                 [1e-3, 3e-4, 3e-3]),
@@ -65,6 +83,31 @@ METHODS = {
                    [4e-3, 1e-3, 1e-2]),
     "full": (Method("full fine-tuning", TORCHTUNE_FULL), [2e-5, 1e-5, 5e-5]),
 }
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How big a run is. ``steps`` must be a multiple of ``every`` (the curve interval)."""
+
+    steps: int
+    every: int
+    batch_size: int
+    device: str
+    dtype: str
+    model: str = "smollm2-135m"  # or "tiny": the 2-layer test model (tests/e2e_fixture.py)
+    n_val: Optional[int] = None  # None: the family's size (100; facts 90)
+    n_test: Optional[int] = None
+    eval_batch_size: int = 25
+
+
+PRESETS = {
+    # 2-core CPU: 60 steps ≈ 3 min of training per run (README), curve points every 20 steps
+    "cpu": Setting(steps=60, every=20, batch_size=8, device="cpu", dtype="fp32"),
+    "gpu": Setting(steps=300, every=50, batch_size=16, device="cuda", dtype="bf16", eval_batch_size=100),
+    "quick": Setting(steps=4, every=2, batch_size=2, device="cpu", dtype="fp32", model="tiny", n_val=6, n_test=6,
+                     eval_batch_size=6),
+}
+QUICK_TASKS, QUICK_METHODS = ["strings"], ["lora_r8", "xgblora"]
 
 
 def parse_lrs(items: List[str]) -> Dict[str, List[float]]:
@@ -78,175 +121,438 @@ def parse_lrs(items: List[str]) -> Dict[str, List[float]]:
     return out
 
 
+# --- tasks ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TaskSpec:
+    """A task as the benchmark uses it: a generated family (``data``: arguments of ``task_dataset``
+    / ``load_task_eval_examples``) or the user's files (``files``: split → path, ``columns``:
+    ``(input, output)`` for column records, None for chat ``messages`` records)."""
+
+    name: str
+    data: Dict[str, Any]
+    max_new_tokens: int
+    arithmetic: Optional[bool]
+    files: Optional[Dict[str, str]] = None
+    columns: Optional[tuple] = None
+
+
+def task_specs(names: List[str], json_tasks: List[str]) -> List[TaskSpec]:
+    """The generated families ``names`` (``["all"]``: every one; files in the cache, ``tasks/``)
+    followed by the user's ``--json-task`` items."""
+    from torchtune_xgb.data.tasks import TASKS, family
+
+    if names == ["all"]:
+        names = list(TASKS)
+    specs = []
+    for name in names:
+        fam = family(name)
+        specs.append(TaskSpec(name, {"task": name}, fam.max_new_tokens, fam.arithmetic))
+    return specs + [json_task_spec(item) for item in json_tasks]
+
+
+JSON_TASK_HELP = ("NAME=DIR[,input=COL,output=COL][,max_new_tokens=N]: DIR holds train, val and test files "
+                  "(.jsonl or .json) of chat `messages` records, or of input/output columns when named")
+
+
+def json_task_spec(item: str) -> TaskSpec:
+    """``--json-task`` → a TaskSpec over the user's files (read only: torchtune's ``chat_dataset`` /
+    ``instruct_dataset`` for training and loss, ``json_eval_examples`` for exact match)."""
+    name, _, rest = item.partition("=")
+    folder, *options = rest.split(",")
+    opts = dict(o.partition("=")[::2] for o in options)
+    if not name or not folder or set(opts) - {"input", "output", "max_new_tokens"} or ("input" in opts) != ("output" in opts):
+        raise SystemExit(f"error: --json-task {item!r}: expected {JSON_TASK_HELP}")
+    if importlib.util.find_spec("torchtune_xgb.data.json_eval") is None:
+        raise SystemExit("error: --json-task: torchtune_xgb.data.json_eval_examples (the eval: reader for user "
+                         "files) is not in this checkout")
+    files = {}
+    for split in ("train", "val", "test"):
+        found = [p for p in (Path(folder) / f"{split}.jsonl", Path(folder) / f"{split}.json") if p.is_file()]
+        if not found:
+            raise SystemExit(f"error: --json-task {name}: no {split}.jsonl or {split}.json in {folder}")
+        files[split] = str(found[0].resolve())
+    columns = (opts["input"], opts["output"]) if "input" in opts else None
+    return TaskSpec(name, {}, int(opts.get("max_new_tokens", 32)), None, files, columns)
+
+
+def dataset_cfg(task: TaskSpec, split: str, n: Optional[int]) -> Dict[str, Any]:
+    """The torchtune dataset config of a task's split (``n``: size of a generated split)."""
+    if task.files is None:
+        cfg = {"_component_": "torchtune_xgb.data.task_dataset", "split": split, **task.data}
+        return cfg if n is None else {**cfg, "n": n}
+    common = {"source": "json", "data_files": task.files[split], "split": "train", "train_on_input": False}
+    if task.columns is None:
+        return {"_component_": "torchtune.datasets.chat_dataset", "conversation_column": "messages",
+                "conversation_style": "openai", **common}
+    return {"_component_": "torchtune.datasets.instruct_dataset",
+            "column_map": {"input": task.columns[0], "output": task.columns[1]}, **common}
+
+
+def examples_cfg(task: TaskSpec, split: str, n: Optional[int]) -> Dict[str, Any]:
+    """The ``eval.examples`` config of a task's split."""
+    if task.files is None:
+        cfg = {"_component_": "torchtune_xgb.data.load_task_eval_examples", "split": split, **task.data}
+        return cfg if n is None else {**cfg, "n": n}
+    cfg = {"_component_": "torchtune_xgb.data.json_eval.json_eval_examples", "path": task.files[split]}
+    if task.columns is not None:
+        cfg.update(input_column=task.columns[0], output_column=task.columns[1])
+    return cfg
+
+
+# --- configs --------------------------------------------------------------------------------
+def tiny_settings(tiny_dir: Path, model_cfg) -> Dict[str, Any]:
+    """The tiny 2-layer test model in place of SmolLM2 (``--quick``), keeping the method's rank."""
+    from tests.tiny_model import TINY
+
+    if model_cfg._component_ in PLAIN_MODELS.values():
+        model = {"_component_": "torchtune.models.llama3_2._component_builders.llama3_2", **TINY}
+    else:
+        model = {"_component_": "torchtune.models.llama3_2._component_builders.lora_llama3_2",
+                 "lora_attn_modules": ["q_proj", "v_proj"], "apply_lora_to_mlp": True,
+                 "lora_rank": model_cfg.lora_rank, "lora_alpha": model_cfg.lora_alpha, **TINY}
+    return {
+        "model": model,
+        "tokenizer": {"_component_": "torchtune_xgb.models.chatml.chatml_tokenizer",
+                      "path": str(tiny_dir / "tokenizer.json"), "max_seq_len": 128},
+        "checkpointer.checkpoint_dir": str(tiny_dir),
+    }
+
+
+def plain_model_config(model_cfg) -> Dict[str, Any]:
+    """The non-LoRA model of a run's model config (what a merged checkpoint loads into)."""
+    component = model_cfg._component_
+    if component in PLAIN_MODELS:
+        return {"_component_": PLAIN_MODELS[component]}
+    kwargs = {k: v for k, v in OmegaConf.to_container(model_cfg).items() if k != "_component_"}
+    module, _, name = component.rpartition(".")
+    if not name.startswith("lora_"):  # already a plain model
+        return {"_component_": component, **kwargs}
+    # a torchtune LoRA builder (the tiny test model's): the plain builder with the LoRA kwargs dropped
+    plain = {k: v for k, v in kwargs.items() if not k.startswith(("lora_", "apply_lora", "quantize_base"))}
+    return {"_component_": f"{module}.{name[len('lora_'):]}", **plain}
+
+
+def run_config(key: str, task: TaskSpec, lr: float, seed: int, out_dir: Path, setting: Setting, args,
+               overrides: Optional[Dict[str, Any]] = None, curve: bool = True):
+    """The resolved config of one run: ``steps/every`` epochs of ``every`` steps on ``task``."""
+    method, _ = METHODS[key]
+    every = setting.every if curve else setting.steps
+    cfg = build_config(method, out_dir, steps=every, batch_size=setting.batch_size, device=setting.device,
+                       dtype=setting.dtype, lr=lr, seed=seed)
+    # torchtune 0.6.1's sampler shuffles with a fixed seed (0), whatever `seed` says: the run's seed
+    # picks the training sample itself (the generator's seed), the same for every method
+    updates: Dict[str, Any] = {"epochs": setting.steps // every, "dataset": {**dataset_cfg(task, "train", None), "seed": seed}}
+    if "boost" in cfg:  # block selection and re-initialisation follow the run's seed too
+        updates["boost.seed"] = seed
+    if setting.model == "tiny":
+        updates.update(tiny_settings(args.tiny_dir, cfg.model))
+        if "boost" in cfg:  # rounds that fit the short run (a config without boost stays one round)
+            updates.update({"boost.steps_per_round": setting.every, "boost.rewarmup_steps": 0,
+                            "boost.blocks_per_round": 1})
+    if method.recipe == OURS and curve:
+        updates["eval"] = {"examples": examples_cfg(task, "test", setting.n_test), "max_new_tokens": task.max_new_tokens,
+                           "batch_size": setting.eval_batch_size, "every_n_steps": every}
+        updates["dataset_val"] = dataset_cfg(task, "test", setting.n_test)
+        updates["run_val_every_n_steps"] = every
+    updates.update(overrides or {})
+    for name, value in updates.items():
+        OmegaConf.update(cfg, name, value, merge=False, force_add=True)
+    return cfg
+
+
 # --- scoring a merged checkpoint ------------------------------------------------------------
-def load_merged(checkpoint_dir: Path, cfg):
+def load_merged(checkpoint_dir: Path, cfg, device: str = "cpu"):
     """The plain model with the weights of a merged checkpoint dir (as torchtune's generate does)."""
     import torch
-    from omegaconf import OmegaConf
     from torchtune import config, training
     from torchtune.training import FullModelHFCheckpointer
 
-    from benchmarks.common import PLAIN_MODELS
-
-    files = sorted(p.name for p in checkpoint_dir.glob("model*.safetensors"))
+    files = sorted(p.name for p in Path(checkpoint_dir).glob("model*.safetensors"))
     # the checkpointer wants an output dir even to read; keep it out of the model/cache dirs
-    checkpointer = FullModelHFCheckpointer(
-        checkpoint_dir=str(checkpoint_dir), checkpoint_files=files, model_type=cfg.checkpointer.model_type,
-        output_dir=tempfile.mkdtemp(prefix="xgb_scoring_"),
-    )
-    plain = PLAIN_MODELS.get(cfg.model._component_, cfg.model._component_)
-    with training.set_default_dtype(torch.float32):
-        model = config.instantiate(OmegaConf.create({"_component_": plain}))
-    model.load_state_dict(checkpointer.load_checkpoint()[training.MODEL_KEY])
-    return model.eval()
+    scratch = tempfile.mkdtemp(prefix="xgb_scoring_")
+    try:
+        checkpointer = FullModelHFCheckpointer(checkpoint_dir=str(checkpoint_dir), checkpoint_files=files,
+                                               model_type=cfg.checkpointer.model_type, output_dir=scratch)
+        with training.set_default_dtype(torch.float32):
+            model = config.instantiate(OmegaConf.create(plain_model_config(cfg.model)))
+        model.load_state_dict(checkpointer.load_checkpoint()[training.MODEL_KEY])
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return model.to(device).eval()
 
 
-def heldout_loss(model, tokenizer, n_eval: int = 100, batch_size: int = 25) -> float:
-    """Token-mean cross-entropy on the answers of the held-out split (prompt tokens masked)."""
+def answer_losses(model, dataset, pad_id: int, batch_size: int = 25):
+    """Per item: (summed cross-entropy over its answer tokens, answer-token count); prompts masked."""
     import torch
     from torchtune.data import CROSS_ENTROPY_IGNORE_IDX, padded_collate_sft
 
-    from torchtune_xgb.data import arithmetic_dataset
-
-    dataset = arithmetic_dataset(tokenizer, split="eval", n_eval=n_eval)
-    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    sums: List[float] = []
+    counts: List[int] = []
     with torch.no_grad():
         for start in range(0, len(dataset), batch_size):
             batch = padded_collate_sft([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))],
-                                       padding_idx=tokenizer.pad_id)
-            logits = model(batch["tokens"])[:, :-1].float()
-            labels = batch["labels"][:, 1:]
-            total += torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                ignore_index=CROSS_ENTROPY_IGNORE_IDX, reduction="sum").item()
-            count += int((labels != CROSS_ENTROPY_IGNORE_IDX).sum())
-    return total / count
+                                       padding_idx=pad_id)
+            logits = model(batch["tokens"].to(device))[:, :-1].float()
+            labels = batch["labels"][:, 1:].to(device)
+            loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels,
+                                                     ignore_index=CROSS_ENTROPY_IGNORE_IDX, reduction="none")
+            sums += loss.sum(dim=1).tolist()
+            counts += (labels != CROSS_ENTROPY_IGNORE_IDX).sum(dim=1).tolist()
+    return sums, counts
 
 
-def score(checkpoint_dir: Path, cfg, need_exact_match: bool) -> Dict[str, float]:
-    """``{"heldout_loss", "exact_match"?}`` of a merged checkpoint (eval settings of our config)."""
+def score_model(model, tokenizer, task: TaskSpec, split: str, n: Optional[int], setting: Setting) -> Dict[str, Any]:
+    """``{"exact_match", "loss", "correct", "item_loss", "item_tokens"}`` of ``model`` on a split."""
     from torchtune import config
 
-    from torchtune_xgb.data import load_eval_examples
-    from torchtune_xgb.evaluation import exact_match
+    from torchtune_xgb.evaluation import exact_match_details
 
-    model = load_merged(checkpoint_dir, cfg)
+    examples = config.instantiate(OmegaConf.create(examples_cfg(task, split, n)))
+    em, records = exact_match_details(model, tokenizer, examples, max_new_tokens=task.max_new_tokens,
+                                      batch_size=setting.eval_batch_size)
+    dataset = config.instantiate(OmegaConf.create(dataset_cfg(task, split, n)), tokenizer)
+    sums, counts = answer_losses(model, dataset, tokenizer.pad_id, setting.eval_batch_size)
+    return {"exact_match": em, "loss": sum(sums) / sum(counts), "correct": [int(r["correct"]) for r in records],
+            "item_loss": [s / c for s, c in zip(sums, counts)], "item_tokens": counts}
+
+
+def score_checkpoint(checkpoint_dir: Path, cfg, task: TaskSpec, splits: List[str], setting: Setting) -> Dict[str, Any]:
+    from torchtune import config
+
+    model = load_merged(checkpoint_dir, cfg, setting.device)
     tokenizer = config.instantiate(cfg.tokenizer)
-    out = {"heldout_loss": heldout_loss(model, tokenizer)}
-    if need_exact_match:
-        out["exact_match"] = exact_match(model, tokenizer, load_eval_examples(split="eval", n_eval=100),
-                                         max_new_tokens=6, batch_size=25)
-    return out
+    sizes = {"val": setting.n_val, "test": setting.n_test}
+    return {split: score_model(model, tokenizer, task, split, sizes[split], setting) for split in splits}
 
 
 # --- runs -----------------------------------------------------------------------------------
-def run_method(key: str, lr: float, args) -> Dict[str, Any]:
+def run_id(parts: Dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class RunCache:
+    """``WORKDIR/runs.jsonl``: finished runs by id, so a restarted benchmark skips them."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.rows: Dict[str, Dict[str, Any]] = {}
+        if path.exists():
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    self.rows[row["id"]] = row
+
+    def add(self, row: Dict[str, Any]) -> None:
+        self.rows[row["id"]] = row
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def run_method(key: str, task: TaskSpec, lr: float, seed: int, setting: Setting, args, cache: RunCache,
+               overrides: Optional[Dict[str, Any]] = None, curve: bool = True, label: str = "") -> Dict[str, Any]:
+    """Train one run, score it (val + test, and the test curve), return its row (cached)."""
     method, _ = METHODS[key]
-    out_dir = clean_dir(args.workdir / f"{key}_lr{lr:g}")
-    cfg = build_config(method, out_dir, steps=args.steps, batch_size=args.batch_size, device=args.device,
-                       dtype=args.dtype, lr=lr, seed=args.seed, keep_eval=method.recipe == OURS)
+    ident = run_id({"key": key, "task": asdict(task), "lr": lr, "seed": seed, "setting": asdict(setting),
+                    "overrides": overrides or {}, "curve": curve})
+    if ident in cache.rows and not cache.rows[ident].get("failed"):  # a failed run is tried again
+        return cache.rows[ident]
+    out_dir = clean_dir(args.workdir / "runs" / f"{task.name}_{key}{label}_lr{lr:g}_seed{seed}")
+    cfg = run_config(key, task, lr, seed, out_dir, setting, args, overrides, curve)
     result = run_subprocess(tune_command(method.recipe, write_config(cfg, out_dir / "config.yaml")), out_dir / "stdout.txt")
-    row: Dict[str, Any] = {"method": method.name, "key": key, "lr": lr, "seconds": result.wall_seconds}
-    if result.returncode != 0:
-        print(f"  {method.name} lr={lr:g}: FAILED (exit {result.returncode}); last lines of {result.stdout_path}:\n{tail(result.stdout_path)}")
+    row: Dict[str, Any] = {"id": ident, "method": method.name, "key": key, "task": task.name, "lr": lr, "seed": seed,
+                           "overrides": overrides or {}, "seconds": result.wall_seconds, "out_dir": str(out_dir)}
+    epochs = sorted(out_dir.glob("epoch_*"), key=lambda p: int(p.name.split("_")[1]))
+    if result.returncode != 0 or not epochs:
+        print(f"  {method.name} {label} lr={lr:g} seed={seed}: FAILED (exit {result.returncode}); "
+              f"last lines of {result.stdout_path}:\n{tail(result.stdout_path)}")
         row["failed"] = True
+        cache.add(row)
         return row
-    checkpoint = out_dir / "epoch_0"
+    final = score_checkpoint(epochs[-1], cfg, task, ["val", "test"], setting)
+    row.update(val_exact_match=final["val"]["exact_match"], val_loss=final["val"]["loss"],
+               test_exact_match=final["test"]["exact_match"], test_loss=final["test"]["loss"],
+               test_correct=final["test"]["correct"], test_item_loss=final["test"]["item_loss"],
+               test_item_tokens=final["test"]["item_tokens"])
+    lines = read_log(out_dir)
+    if curve:
+        if method.recipe == OURS:  # the recipe's own periodic evaluation (on the test split here)
+            points = {s: v for s, v in curve_from_log(lines).items() if s > 0}
+        else:  # torchtune's recipes: score the checkpoint of every epoch but the last
+            points = {}
+            for i, ckpt in enumerate(epochs[:-1]):
+                scored = score_checkpoint(ckpt, cfg, task, ["test"], setting)["test"]
+                points[(i + 1) * setting.every] = {"exact_match": scored["exact_match"], "loss": scored["loss"]}
+        if points.get(setting.steps, {}).get("exact_match") is not None:
+            row["logged_final_exact_match"] = points[setting.steps]["exact_match"]
+        points[setting.steps] = {"exact_match": row["test_exact_match"], "loss": row["test_loss"]}
+        for step, point in points.items():
+            seconds = seconds_to_step(lines, step)
+            if seconds is not None:
+                point["seconds"] = seconds
+        row["curve"] = {str(s): points[s] for s in sorted(points)}
+        from torchtune_xgb.plot import merge_steps
+
+        row["merges"] = merge_steps(lines)
     if method.recipe == OURS:
         summary = json.loads((out_dir / "xgb_summary.json").read_text())
-        row.update(exact_match=summary["exact_match_after"], trainable_params=summary["trainable_params"],
-                   distinct_params_touched=summary["distinct_params_touched"], final_loss=summary.get("final_loss"))
-        row.update(score(checkpoint, cfg, need_exact_match=False))
-    else:
-        row.update(score(checkpoint, cfg, need_exact_match=True))
-        if method.recipe == TORCHTUNE_LORA:
-            row["trainable_params"] = count_params(cfg.model)["adapter"]
-            row["distinct_params_touched"] = adapted_weight_entries(cfg.model)
-        else:  # full fine-tuning trains (and may change) every parameter
-            row["trainable_params"] = row["distinct_params_touched"] = count_params(cfg.model)["total"]
+        row.update(trainable_params=summary["trainable_params"], distinct_params_touched=summary["distinct_params_touched"])
+    elif method.recipe == TORCHTUNE_LORA:
+        row.update(trainable_params=count_params(cfg.model)["adapter"], distinct_params_touched=adapted_weight_entries(cfg.model))
+    else:  # full fine-tuning trains (and may change) every parameter
+        row["trainable_params"] = row["distinct_params_touched"] = count_params(cfg.model)["total"]
     if not args.keep_checkpoints:
-        shutil.rmtree(checkpoint, ignore_errors=True)
-    print(f"  {method.name} lr={lr:g}: exact match {row['exact_match']:.0%}, held-out loss {row['heldout_loss']:.3f} "
-          f"({result.wall_seconds:.0f} s)")
+        for ckpt in epochs:
+            shutil.rmtree(ckpt, ignore_errors=True)
+        shutil.rmtree(out_dir / "xgb_resume", ignore_errors=True)
+    cache.add(row)
+    print(f"  {method.name} {label} lr={lr:g} seed={seed}: test exact match {row['test_exact_match']:.0%}, "
+          f"test loss {row['test_loss']:.3f}, val {row['val_exact_match']:.0%} ({result.wall_seconds:.0f} s)")
     return row
 
 
-def base_row(args) -> Dict[str, Any]:
-    """The untouched model, scored like every run."""
-    method, _ = METHODS["full"]
-    cfg = build_config(method, args.workdir / "base", steps=1, batch_size=1, device="cpu", dtype="fp32")
-    row = {"method": "base (no training)", "key": "base", "lr": None, "trainable_params": 0, "distinct_params_touched": 0}
-    row.update(score(Path(cfg.checkpointer.checkpoint_dir), cfg, need_exact_match=True))
+def base_row(task: TaskSpec, setting: Setting, args, cache: RunCache) -> Dict[str, Any]:
+    """The untouched model on val and test, scored like every run (the curves' step 0)."""
+    ident = run_id({"key": "base", "task": asdict(task), "setting": asdict(setting)})
+    if ident in cache.rows:
+        return cache.rows[ident]
+    cfg = run_config("full", task, 1e-5, 0, args.workdir / "base", setting, args, curve=False)
+    scored = score_checkpoint(Path(cfg.checkpointer.checkpoint_dir), cfg, task, ["val", "test"], setting)
+    row = {"id": ident, "method": "base (no training)", "key": "base", "task": task.name, "lr": None, "seed": None,
+           "val_exact_match": scored["val"]["exact_match"], "val_loss": scored["val"]["loss"],
+           "test_exact_match": scored["test"]["exact_match"], "test_loss": scored["test"]["loss"],
+           "test_correct": scored["test"]["correct"], "test_item_loss": scored["test"]["item_loss"],
+           "test_item_tokens": scored["test"]["item_tokens"], "trainable_params": 0}
+    cache.add(row)
     return row
 
 
-def render(rows: List[Dict[str, Any]], header: Dict[str, Any]) -> str:
-    best = {}
-    for r in rows:
-        if not r.get("failed") and (r["key"] not in best or r["exact_match"] > best[r["key"]]["exact_match"]):
-            best[r["key"]] = r
-    table = markdown_table(
-        ["method", "lr", "exact match", "held-out loss", "trainable params/step", "distinct params touched", "run (s)"],
-        [
-            [
-                r["method"] + (" (best lr)" if header["grid"] and best.get(r["key"]) is r else ""),
-                fmt(r.get("lr"), "g"),
-                "FAILED" if r.get("failed") else fmt(r.get("exact_match"), ".0%"),
-                fmt(r.get("heldout_loss"), ".3f"),
-                None if r.get("trainable_params") is None else f"{int(r['trainable_params']):,}",
-                None if r.get("distinct_params_touched") is None else f"{int(r['distinct_params_touched']):,}",
-                fmt(r.get("seconds"), ".0f"),
-            ]
-            for r in rows
-        ],
-    )
-    return "\n".join([
-        f"## Quality: SmolLM2-135M-Instruct, arithmetic task, {header['date']}",
-        "",
-        f"Hardware: {header['hardware']}. {header['steps']} steps, batch {header['batch_size']}, seed "
-        f"{header['seed']}, dtype {header['dtype']}, same data order for every method. Exact match on "
-        "100 held-out questions (greedy, 6 new tokens); held-out loss: token-mean cross-entropy on their answers.",
-        "",
-        table,
-    ])
+def protocol(tasks: List[TaskSpec], methods: List[str], lrs: Dict[str, List[float]], seeds: List[int],
+             setting: Setting, args, cache: RunCache) -> List[Dict[str, Any]]:
+    """All runs of the protocol: per task and method, the LR grid on the first seed, then the rest."""
+    rows = []
+    for task in tasks:
+        rows.append(base_row(task, setting, args, cache))
+        for key in methods:
+            grid = lrs[key]
+            print(f"{task.name} / {METHODS[key][0].name}: lr grid {grid}, seeds {seeds}")
+            runs = [run_method(key, task, lr, seeds[0], setting, args, cache) for lr in grid]
+            best = select_lr(runs) if len(grid) > 1 else grid[0]
+            for run in runs:
+                run["chosen"] = run["lr"] == best
+            if best is not None:
+                runs += [dict(run_method(key, task, best, s, setting, args, cache), chosen=True) for s in seeds[1:]]
+            rows += runs
+    return rows
 
 
+# --- sweep ----------------------------------------------------------------------------------
+SWEEP = {
+    # factor → (method, config key, values); one factor at a time around the packaged defaults
+    "κ (steps per round)": ("xgblora", "boost.steps_per_round", [5, 10, 20, 40]),
+    "blocks per round": ("xgblora", "boost.blocks_per_round", ["all", 0.5, 0.34]),
+    "α": ("xgblora", "model.lora_alpha", [8, 16, 32]),
+    "lr": ("xgblora", "optimizer.lr", [1e-3, 2e-3, 4e-3]),
+    "r (LoRA-XS)": ("loraxs", "model.lora_rank", [8, 16, 32]),
+}
+SWEEP_DEFAULTS = {"boost.steps_per_round": 20, "boost.blocks_per_round": "all", "model.lora_alpha": 16,
+                  "optimizer.lr": 2e-3, "model.lora_rank": 16}
+SWEEP_TASKS = ["arithmetic", "strings"]
+
+
+def sweep(tasks: List[TaskSpec], seeds: List[int], setting: Setting, args, cache: RunCache) -> List[Dict[str, Any]]:
+    """One run per (task, factor value, seed); the packaged default of each factor is run once."""
+    rows = []
+    for task in tasks:
+        for factor, (key, name, values) in SWEEP.items():
+            for value in values:
+                over = {name: value}
+                if name == "model.lora_rank":  # LoRA-XS keeps α = r (the paper's choice)
+                    over["model.lora_alpha"] = value
+                lr = value if name == "optimizer.lr" else METHODS[key][1][0]
+                # the packaged default of every factor is the same run: same (empty) overrides, same id
+                over = {k: v for k, v in over.items() if k != "optimizer.lr" and SWEEP_DEFAULTS.get(k) != v}
+                for seed in seeds:
+                    row = run_method(key, task, lr, seed, setting, args, cache, overrides=over, curve=False,
+                                     label="_" + ("_".join(f"{k.split('.')[-1]}{v}" for k, v in over.items()) or "default"))
+                    rows.append(dict(row, factor=factor, value=value, default=value == SWEEP_DEFAULTS[name]))
+    return rows
+
+
+# --- command line ---------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
+    from torchtune_xgb.data.tasks import TASKS
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=60, help="optimizer steps per run, same for all (default 60)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="fp32")
-    p.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--grid", action="store_true", help="every LR of each method's grid (default: its first LR only)")
-    p.add_argument("--lrs", nargs="*", default=[], metavar="METHOD=LR[,LR…]", help="LRs of a method, replacing its default/grid")
-    p.add_argument("--no-base", action="store_true", help="skip the untrained-model row")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="smoke test: tiny 2-layer model, 1 task, 2 methods, 4 steps")
+    mode.add_argument("--gpu", action="store_true", help="GPU preset: cuda, bf16, 300 steps, batch 16, curve every 50")
+    p.add_argument("--sweep", action="store_true", help="κ, blocks per round, α, lr of XGBLoRA and r of LoRA-XS")
+    p.add_argument("--tasks", nargs="*", default=None, help=f"task families ({', '.join(TASKS)}) or 'all' (default: all; "
+                   f"--sweep: {' '.join(SWEEP_TASKS)})")
+    p.add_argument("--json-task", nargs="*", default=[], metavar="NAME=DIR", help="your own data: " + JSON_TASK_HELP)
+    p.add_argument("--methods", nargs="*", default=None, choices=list(METHODS))
+    p.add_argument("--seeds", type=int, default=None, help="seeds per method (default 3; --quick 2; --sweep 1)")
+    p.add_argument("--grid", action="store_true", help="each method's LR grid, best chosen on val (default: first LR)")
+    p.add_argument("--lrs", nargs="*", default=[], metavar="METHOD=LR[,LR…]", help="LRs of a method, replacing its grid")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (preset: cpu 60, gpu 300)")
+    p.add_argument("--every", type=int, default=None, help="curve interval in steps (preset: cpu 20, gpu 50)")
+    p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--keep-checkpoints", action="store_true")
     p.add_argument("--workdir", type=Path, default=REPO / "outputs" / "bench" / "quality")
-    p.add_argument("--out", type=Path, default=None, help="also write the table to OUT (.md) and OUT.json")
-    return p.parse_args(argv)
+    p.add_argument("--out", type=Path, default=None, help="write the report to OUT (.md), OUT.json and OUT.png")
+    args = p.parse_args(argv)
+    preset = PRESETS["quick" if args.quick else "gpu" if args.gpu else "cpu"]
+    setting = replace(preset, **{k: v for k, v in (("steps", args.steps), ("every", args.every),
+                                                    ("batch_size", args.batch_size)) if v is not None})
+    if setting.steps % setting.every:
+        p.error(f"--steps {setting.steps} must be a multiple of --every {setting.every}")
+    args.setting = setting
+    if args.tasks is None:
+        args.tasks = QUICK_TASKS if args.quick else SWEEP_TASKS if args.sweep else ["all"]
+    if args.methods is None:
+        args.methods = QUICK_METHODS if args.quick else list(METHODS)
+    if args.seeds is None:
+        args.seeds = 2 if args.quick else 1 if args.sweep else 3
+    return args
 
 
 def main(argv=None) -> int:
+    from benchmarks.quality_report import render_protocol, render_sweep, write_outputs
+
     args = parse_args(argv)
-    check_model_ready("smollm2-135m")
+    setting: Setting = args.setting
+    try:
+        tasks = task_specs(args.tasks, args.json_task)
+    except ConfigError as err:
+        raise SystemExit(f"error: --tasks: {err}") from None
+    if not tasks:
+        raise SystemExit("error: --tasks: no task (name families, 'all', or add --json-task)")
+    if setting.model == "tiny":
+        from tests.e2e_fixture import make_tiny_model_dir
+
+        args.tiny_dir = make_tiny_model_dir(args.workdir)
+    else:
+        check_model_ready("smollm2-135m")
     chosen = {m.name for m in available([METHODS[k][0] for k in args.methods])}
-    lrs = parse_lrs(args.lrs)
-    plan = [(k, lr) for k in args.methods if METHODS[k][0].name in chosen
-            for lr in lrs.get(k, METHODS[k][1] if args.grid else METHODS[k][1][:1])]
-    rows = [] if args.no_base else [base_row(args)]
-    for i, (key, lr) in enumerate(plan, 1):
-        print(f"run {i}/{len(plan)}: {METHODS[key][0].name}, lr {lr:g}")
-        rows.append(run_method(key, lr, args))
-    header = {"date": today(), "hardware": hardware(args.device), "steps": args.steps, "batch_size": args.batch_size,
-              "seed": args.seed, "dtype": args.dtype, "grid": args.grid or any(len(v) > 1 for v in lrs.values())}
-    report = render(rows, header)
+    methods = [k for k in args.methods if METHODS[k][0].name in chosen]
+    given = parse_lrs(args.lrs)
+    lrs = {k: given.get(k, METHODS[k][1] if args.grid else METHODS[k][1][:1]) for k in methods}
+    seeds = list(range(args.seeds))
+    cache = RunCache(args.workdir / "runs.jsonl")
+    header = {"date": today(), "model": "tiny 2-layer test model" if setting.model == "tiny" else "SmolLM2-135M-Instruct", "hardware": hardware(setting.device), "setting": asdict(setting), "seeds": seeds,
+              "tasks": [t.name for t in tasks], "grid": {k: lrs[k] for k in methods},
+              "arithmetic": {t.name: t.arithmetic for t in tasks}}
+    if args.sweep:
+        rows = sweep(tasks, seeds, setting, args, cache)
+        report = render_sweep(rows, header)
+    else:
+        rows = protocol(tasks, methods, lrs, seeds, setting, args, cache)
+        report = render_protocol(rows, header, png=args.out.with_suffix(".png") if args.out else None)
     print("\n" + report)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report + "\n")
-        args.out.with_suffix(".json").write_text(json.dumps({"header": header, "rows": rows}, indent=2))
+        write_outputs(args.out, report, header, rows)
     return 0
 
 

@@ -144,21 +144,11 @@ def test_available_skips_missing_configs(capsys):
     assert rows == [] and "skipping ghost" in capsys.readouterr().out
 
 
-def test_quality_lrs_and_render():
+def test_quality_lrs():
     assert quality.parse_lrs(["lora_r8=1e-3,3e-3", "full=1e-5"]) == {"lora_r8": [1e-3, 3e-3], "full": [1e-5]}
     with pytest.raises(SystemExit):
         quality.parse_lrs(["nope=1"])
-    rows = [
-        {"method": "LoRA", "key": "lora_r8", "lr": 1e-3, "exact_match": 0.5, "heldout_loss": 0.25,
-         "trainable_params": 2442240, "distinct_params_touched": 10, "seconds": 12.0},
-        {"method": "LoRA", "key": "lora_r8", "lr": 3e-3, "exact_match": 0.75, "heldout_loss": 0.2,
-         "trainable_params": 2442240, "distinct_params_touched": 10, "seconds": 12.0},
-        {"method": "XS", "key": "loraxs", "lr": 4e-3, "failed": True},
-    ]
-    text = quality.render(rows, {"date": "d", "hardware": "h", "steps": 60, "batch_size": 8, "seed": 0,
-                                 "dtype": "fp32", "grid": True})
-    assert "| LoRA (best lr) | 0.003 | 75% | 0.200 | 2,442,240 | 10 | 12 |" in text
-    assert "| LoRA | 0.001 | 50% |" in text and "| XS | 0.004 | FAILED |" in text
+    # the protocol's tables, intervals and goals are tested in tests/test_quality_protocol.py
 
 
 def _run_dir(tmp_path):

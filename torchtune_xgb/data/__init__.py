@@ -7,8 +7,13 @@ from torchtune_xgb.data.arithmetic import (
     make_arithmetic_examples,
     write_arithmetic_dataset,
 )
+from torchtune_xgb.data.tasks import TASKS, load_task_eval_examples, make_task_examples, task_dataset
 
 __all__ = [
+    "TASKS",
+    "load_task_eval_examples",
+    "make_task_examples",
+    "task_dataset",
     "arithmetic_dataset",
     "load_eval_examples",
     "make_arithmetic_examples",

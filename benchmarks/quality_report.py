@@ -1,0 +1,277 @@
+"""Tables, goals and the curves plot of benchmarks/quality.py (from its run rows; no runs here)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from benchmarks.common import fmt, markdown_table
+from benchmarks.quality_stats import bootstrap_interval, mean_curve, steps_to_reach, verdict
+
+REFERENCE = "lora_r8"
+ORDER = ["lora_r8", "full", "xgblora", "loraxs", "xgblora_xs"]
+
+
+def _pct(interval) -> str:
+    est, low, high = interval
+    return f"{est:.1%} [{low:.1%}, {high:.1%}]"
+
+
+def _loss(interval) -> str:
+    est, low, high = interval
+    return f"{est:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def summarise(rows: List[Dict[str, Any]]) -> Dict[str, Dict[str, Dict[str, Any]]]:
+    """``{task: {method key: summary}}`` over the runs at each method's chosen LR.
+
+    A summary holds the method name, chosen ``lr``, ``seeds``, the exact-match and loss intervals
+    (bootstrap over seeds and test items), trainable parameters, the seed-mean test curve, the
+    curve seconds per step, and XGBLoRA's merge steps (first seed).
+    """
+    out: Dict[str, Dict[str, Dict[str, Any]]] = {}
+    for task in dict.fromkeys(r["task"] for r in rows):
+        out[task] = {}
+        for key in dict.fromkeys(r["key"] for r in rows if r["task"] == task):
+            runs = [r for r in rows if r["task"] == task and r["key"] == key and not r.get("failed")
+                    and (key == "base" or r.get("chosen"))]
+            if not runs:
+                out[task][key] = {"failed": True, "method": next(r["method"] for r in rows if r["key"] == key)}
+                continue
+            curves = [{int(s): p for s, p in r["curve"].items()} for r in runs if r.get("curve")]
+            out[task][key] = {
+                "method": runs[0]["method"],
+                "lr": runs[0]["lr"],
+                "seeds": len(runs),
+                "exact_match": bootstrap_interval([r["test_correct"] for r in runs]),
+                "loss": bootstrap_interval([r["test_item_loss"] for r in runs], [r["test_item_tokens"] for r in runs]),
+                "trainable_params": runs[0].get("trainable_params"),
+                "curve": mean_curve(curves) if curves else {},
+                "loss_curve": mean_curve(curves, "loss") if curves else {},
+                "seconds": mean_curve(curves, "seconds") if curves else {},
+                "merges": runs[0].get("merges", []),
+            }
+    return out
+
+
+def time_to_quality(summary: Dict[str, Dict[str, Any]], base: Optional[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
+    """Per method: steps (and seconds) until its seed-mean test exact match reaches LoRA r=8's final one.
+
+    Step 0 is the untrained model (``base``). ``ratio`` is the method's steps over LoRA r=8's own
+    steps to its final score (the same rule applied to LoRA r=8's curve).
+    """
+    ref = summary.get(REFERENCE)
+    if not ref or ref.get("failed") or not ref["curve"]:
+        return {}
+    target = ref["exact_match"][0]
+    start = {0: base["exact_match"][0]} if base else {}
+    ref_steps = steps_to_reach({**start, **ref["curve"]}, target)
+    out = {}
+    for key, s in summary.items():
+        if key == "base" or s.get("failed") or not s["curve"]:
+            continue
+        steps = steps_to_reach({**start, **s["curve"]}, target)
+        out[key] = {
+            "target": target,
+            "steps": steps,
+            "seconds": 0.0 if steps == 0 else s["seconds"].get(steps) if steps is not None else None,
+            "ratio": None if steps is None or not ref_steps else steps / ref_steps,
+            "budget": max(s["curve"]),
+        }
+    return out
+
+
+def goals(summaries: Dict[str, Dict[str, Dict[str, Any]]], ttq: Dict[str, Dict[str, Dict[str, Any]]]) -> List[str]:
+    """The issue's goals, each PASS / MISS / n/a with the measured figures."""
+    lines = []
+
+    def status(ok: Optional[bool]) -> str:
+        return "n/a" if ok is None else "PASS" if ok else "MISS"
+
+    def per_task(key: str, test) -> List[str]:
+        # test(task, summary, reference summary) → (True / False / None for "cannot tell", text)
+        shown, oks = [], []
+        for task, summary in summaries.items():
+            s, ref = summary.get(key), summary.get(REFERENCE)
+            if not s or not ref or s.get("failed") or ref.get("failed"):
+                ok, text = None, "n/a"
+            else:
+                ok, text = test(task, s, ref)
+            oks.append(ok)
+            shown.append(f"{task} {text}")
+        result = False if False in oks else True if oks and all(o is True for o in oks) else None
+        return [status(result), "; ".join(shown)]
+
+    ok, text = per_task("xgblora", lambda t, s, ref: (verdict(s["exact_match"], ref["exact_match"]) != "behind",
+                                                      verdict(s["exact_match"], ref["exact_match"])))
+    lines.append(f"- {ok}: XGBLoRA r=1 ≥ LoRA r=8 within the interval on every family — {text}")
+
+    def reach(task, s, ref):
+        t = ttq.get(task, {}).get("xgblora")
+        if not t:
+            return None, "n/a"
+        if t["steps"] is None:
+            return False, "not reached"
+        if t["ratio"] is None:  # LoRA r=8 ended where the untrained model started
+            return None, "n/a (LoRA r=8's final score = the untrained model's)"
+        return t["ratio"] <= 0.8, f"{t['ratio']:.2f}×"
+
+    ok, text = per_task("xgblora", reach)
+    lines.append(f"- {ok}: XGBLoRA reaches LoRA r=8's final exact match in ≤ 0.8× its steps — {text}")
+    ok, text = per_task("loraxs", lambda t, s, ref: (s["exact_match"][0] - ref["exact_match"][0] >= -0.02,
+                                                     f"{(s['exact_match'][0] - ref['exact_match'][0]) * 100:+.1f} points"))
+    lines.append(f"- {ok}: LoRA-XS within 2 points of LoRA r=8 — {text}")
+
+    def boosted_vs_plain(task, s, ref):
+        plain = summaries[task].get("loraxs")
+        if not plain or plain.get("failed"):
+            return None, "n/a"
+        v = verdict(s["exact_match"], plain["exact_match"])
+        return v != "behind", f"{v} of LoRA-XS"
+
+    ok, text = per_task("xgblora_xs", boosted_vs_plain)
+    lines.append(f"- {ok}: boosted LoRA-XS ≥ LoRA-XS (within the interval) — {text}")
+    return lines
+
+
+def render_protocol(rows: List[Dict[str, Any]], header: Dict[str, Any], png: Optional[Path] = None) -> str:
+    setting = header["setting"]
+    summaries = summarise(rows)
+    ttq = {task: time_to_quality(s, s.get("base")) for task, s in summaries.items()}
+    result_rows, ttq_rows = [], []
+    for task, summary in summaries.items():
+        ref = summary.get(REFERENCE)
+        for key in ["base"] + [k for k in ORDER if k in summary]:
+            s = summary.get(key)
+            if s is None:
+                continue
+            if s.get("failed"):
+                result_rows.append([task, s["method"], None, "FAILED", None, None, None, None])
+                continue
+            versus = None
+            if key not in ("base", REFERENCE) and ref and not ref.get("failed"):
+                versus = verdict(s["exact_match"], ref["exact_match"])
+            result_rows.append([task, s["method"], fmt(s["lr"], "g"), _pct(s["exact_match"]), versus, _loss(s["loss"]),
+                                None if s["trainable_params"] is None else f"{int(s['trainable_params']):,}", s["seeds"]])
+        for key in [k for k in ORDER if k in ttq[task]]:
+            t = ttq[task][key]
+            ttq_rows.append([task, summary[key]["method"], f"{t['target']:.1%}",
+                             f"not reached in {t['budget']}" if t["steps"] is None else t["steps"],
+                             fmt(t["ratio"], ".2f"), fmt(t["seconds"], ".0f")])
+    grid_rows = [[r["task"], r["method"], fmt(r["lr"], "g"), "FAILED" if r.get("failed") else f"{r['val_exact_match']:.1%}",
+                  fmt(r.get("val_loss"), ".3f"), "✓" if r.get("chosen") else ""]
+                 for r in rows if r["key"] != "base" and r["seed"] == header["seeds"][0]]
+    arithmetic = [t for t, a in header.get("arithmetic", {}).items() if a]
+    text = [
+        f"## Quality: {header['model']}, task families: {', '.join(summaries)}, {header['date']}",
+        "",
+        f"Hardware: {header['hardware']}. {setting['steps']} steps, batch {setting['batch_size']}, dtype "
+        f"{setting['dtype']}, seeds {header['seeds']}, the same data order per seed for every method; learning "
+        f"rate chosen on the validation split (first seed) from {header['grid']}; figures on the test split; 95% "
+        "intervals bootstrap over seeds and test items; 'vs LoRA r=8': level when the intervals overlap. "
+        f"Arithmetic families: {', '.join(arithmetic) or 'none'}.",
+        "",
+        markdown_table(["task", "method", "lr (val)", "test exact match [95%]", "vs LoRA r=8", "test loss [95%]",
+                        "trainable params/step", "seeds"], result_rows),
+        "",
+        f"### Time to LoRA r=8's final test exact match (curves every {setting['every']} steps)",
+        "",
+        "Seconds: the run's median step time × steps + merge time up to then (evaluation and checkpoint "
+        "writes left out); × LoRA r=8: steps over LoRA r=8's own steps to that score.",
+        "",
+        markdown_table(["task", "method", "target", "steps", "× LoRA r=8", "seconds"], ttq_rows),
+        "",
+        "### Goals",
+        "",
+        *goals(summaries, ttq),
+        "",
+        "### Learning-rate grid (validation split, first seed)",
+        "",
+        markdown_table(["task", "method", "lr", "val exact match", "val loss", "chosen"], grid_rows),
+    ]
+    if png is not None:
+        try:
+            plot_curves(summaries, png)
+            text += ["", f"Curves: `{png}`"]
+        except ImportError:
+            text += ["", "(no curves plot: pip install matplotlib)"]
+    return "\n".join(text)
+
+
+def plot_curves(summaries: Dict[str, Dict[str, Dict[str, Any]]], png: Path) -> Path:
+    """Seed-mean test exact match vs step, one panel per task; XGBLoRA's merges as dotted lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(summaries)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), dpi=100, squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        summary = summaries[task]
+        base = summary.get("base")
+        for key in [k for k in ORDER if k in summary and not summary[k].get("failed") and summary[k]["curve"]]:
+            curve = dict(summary[key]["curve"])
+            if base:
+                curve = {0: base["exact_match"][0], **curve}
+            steps = sorted(curve)
+            ax.plot(steps, [curve[s] for s in steps], marker="o", ms=3, label=summary[key]["method"])
+        xgb = summary.get("xgblora")
+        for i, step in enumerate((xgb or {}).get("merges", [])):
+            ax.axvline(step, color="tab:red", ls=":", lw=0.8, alpha=0.6, label="XGBLoRA merge" if i == 0 else None)
+        ax.set_title(task)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("test exact match")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png)
+    plt.close(fig)
+    return png
+
+
+def render_sweep(rows: List[Dict[str, Any]], header: Dict[str, Any]) -> str:
+    """One row per (task, factor, value): seed-mean val and test figures; the best on val marked
+    (highest val exact match, ties to the lower val loss; the test split never decides)."""
+    groups: Dict[tuple, List[Dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["task"], r["factor"], str(r["value"])), []).append(r)
+    means: Dict[tuple, Optional[Dict[str, float]]] = {}
+    for group, runs in groups.items():
+        ok = [r for r in runs if not r.get("failed")]
+        means[group] = {k: statistics.mean(r[k] for r in ok) for k in ("val_exact_match", "val_loss",
+                                                                       "test_exact_match", "test_loss")} if ok else None
+    best: Dict[tuple, tuple] = {}
+    for (task, factor, value), m in means.items():
+        if m is not None:
+            rank = (round(m["val_exact_match"], 9), -m["val_loss"])  # rounded: means of equal scores tie
+            if (task, factor) not in best or rank > best[(task, factor)][0]:
+                best[(task, factor)] = (rank, value)
+    table = []
+    for (task, factor, value), m in means.items():
+        default = groups[(task, factor, value)][0]["default"]
+        table.append([task, factor, value + (" (packaged)" if default else ""),
+                      "FAILED" if m is None else f"{m['val_exact_match']:.1%}", None if m is None else f"{m['val_loss']:.3f}",
+                      None if m is None else f"{m['test_exact_match']:.1%}", None if m is None else f"{m['test_loss']:.3f}",
+                      "✓" if best.get((task, factor), (None, None))[1] == value else ""])
+    setting = header["setting"]
+    return "\n".join([
+        f"## Hyperparameter sweep: XGBLoRA and LoRA-XS, {header['date']}",
+        "",
+        f"Hardware: {header['hardware']}. {setting['steps']} steps, batch {setting['batch_size']}, dtype "
+        f"{setting['dtype']}, seeds {header['seeds']}; one factor at a time around the packaged defaults "
+        "(κ 20, all blocks, α 16, lr 2e-3; LoRA-XS r 16, α = r, lr 4e-3). Best on the validation split ✓ "
+        "(val exact match, ties to the lower val loss).",
+        "",
+        markdown_table(["task", "factor", "value", "val exact match", "val loss", "test exact match", "test loss",
+                        "best (val)"], table),
+    ])
+
+
+def write_outputs(out: Path, report: str, header: Dict[str, Any], rows: List[Dict[str, Any]]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"header": header, "rows": rows}, indent=1))

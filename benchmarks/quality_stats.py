@@ -1,0 +1,141 @@
+"""The arithmetic of the quality protocol: bootstrap intervals, verdicts, LR choice, time-to-quality.
+
+Pure functions on numbers and parsed metric logs (no runs), so each is unit-tested against values
+worked out by hand (tests/test_quality_protocol.py).
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from torchtune_xgb.plot import MetricLine
+
+LEVEL = 0.95
+
+
+def bootstrap_interval(
+    values: Sequence[Sequence[float]],
+    weights: Optional[Sequence[Sequence[float]]] = None,
+    draws: int = 4000,
+    seed: int = 0,
+    level: float = LEVEL,
+) -> Tuple[float, float, float]:
+    """``(estimate, low, high)``: a percentile bootstrap over seeds *and* items.
+
+    Args:
+        values: ``values[s][i]``, the score of item ``i`` in the run with seed ``s`` (1/0 for exact
+            match; an item's mean answer loss for held-out loss). Every seed scores the same items.
+        weights: same shape; the estimate is ``Σ w·v / Σ w`` (answer-token counts make the loss a
+            token mean, as the held-out loss is). Default: all 1 (a plain mean).
+        draws: bootstrap resamples; seed: the resampling RNG's seed (the interval is reproducible).
+        level: coverage (0.95 → the 2.5th and 97.5th percentiles).
+
+    Each resample draws the seeds with replacement and, independently, the items with replacement
+    (the same items for every drawn seed: an item is equally hard in every run), so the interval
+    covers both run-to-run and test-set variation. One seed gives an items-only bootstrap.
+    """
+    v = np.asarray(values, dtype=float)
+    w = np.ones_like(v) if weights is None else np.asarray(weights, dtype=float)
+    if v.ndim != 2 or v.size == 0 or w.shape != v.shape:
+        raise ValueError(f"values must be a non-empty [seeds][items] table (weights the same shape), got {v.shape}")
+    n_seeds, n_items = v.shape
+    rng = np.random.default_rng(seed)
+    seeds = rng.integers(0, n_seeds, size=(draws, n_seeds))[:, :, None]
+    items = rng.integers(0, n_items, size=(draws, n_items))[:, None, :]
+    stats = (v[seeds, items] * w[seeds, items]).sum(axis=(1, 2)) / w[seeds, items].sum(axis=(1, 2))
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(stats, [tail, 100 - tail])
+    return float((v * w).sum() / w.sum()), float(low), float(high)
+
+
+def verdict(interval: Sequence[float], reference: Sequence[float], higher_is_better: bool = True) -> str:
+    """``"ahead"``, ``"level"`` or ``"behind"`` the reference: level whenever the intervals overlap.
+
+    ``interval`` and ``reference`` are ``(estimate, low, high)`` (or ``(low, high)``).
+    """
+    low, high = interval[-2], interval[-1]
+    ref_low, ref_high = reference[-2], reference[-1]
+    if low > ref_high:
+        return "ahead" if higher_is_better else "behind"
+    if high < ref_low:
+        return "behind" if higher_is_better else "ahead"
+    return "level"
+
+
+def select_lr(runs: Iterable[Mapping]) -> Optional[float]:
+    """The learning rate with the best *validation* exact match (mean over the seeds run with it).
+
+    ``runs``: dicts with ``lr``, ``val_exact_match``, ``val_loss`` (failed runs, marked
+    ``failed``, are ignored). Ties go to the lower mean validation loss, then to the smaller lr.
+    None if no run succeeded. The test split is never looked at.
+    """
+    by_lr: Dict[float, List[Mapping]] = {}
+    for run in runs:
+        if not run.get("failed"):
+            by_lr.setdefault(run["lr"], []).append(run)
+    if not by_lr:
+        return None
+
+    def key(lr: float):
+        rows = by_lr[lr]
+        # rounded: the mean of equal scores over different seed counts must tie exactly
+        return (-round(statistics.mean(r["val_exact_match"] for r in rows), 9),
+                statistics.mean(r["val_loss"] for r in rows), lr)
+
+    return min(by_lr, key=key)
+
+
+# --- time-to-quality ------------------------------------------------------------------------
+Curve = Dict[int, Dict[str, float]]  # step → {"exact_match": …, "loss": …}
+
+
+def curve_from_log(lines: Sequence[MetricLine], em_key: str = "exact_match", loss_key: str = "val_loss") -> Curve:
+    """The periodic-eval points of a metric log: ``{step: {"exact_match", "loss"}}``.
+
+    Reads the recipe's ``exact_match`` (``eval.every_n_steps``) and ``val_loss``
+    (``run_val_every_n_steps``) lines; a step logged twice keeps its last value.
+    """
+    curve: Curve = {}
+    for step, values in lines:
+        if em_key in values:
+            curve.setdefault(step, {})["exact_match"] = values[em_key]
+        if loss_key in values:
+            curve.setdefault(step, {})["loss"] = values[loss_key]
+    return curve
+
+
+def mean_curve(curves: Sequence[Curve], key: str = "exact_match") -> Dict[int, float]:
+    """``{step: mean over runs}`` at the steps every run has ``key`` at."""
+    steps = set.intersection(*({s for s, v in c.items() if key in v} for c in curves)) if curves else set()
+    return {s: statistics.mean(c[s][key] for c in curves) for s in sorted(steps)}
+
+
+def steps_to_reach(curve: Mapping[int, float], target: float, tolerance: float = 1e-9) -> Optional[int]:
+    """The first step whose value is ≥ ``target``; None if the curve never gets there."""
+    for step in sorted(curve):
+        if curve[step] >= target - tolerance:
+            return step
+    return None
+
+
+def seconds_to_step(lines: Sequence[MetricLine], step: int, skip: int = 3) -> Optional[float]:
+    """Training seconds to reach ``step``: median step time × ``step`` + merge seconds up to it.
+
+    The median of the logged step intervals (after ``skip`` warm-up steps) leaves out the time of
+    evaluations and checkpoint exports, which differ between recipes and are not training; the
+    merges (lines carrying ``kept_fraction``) are training cost, so their logged seconds are added.
+    None when the log has no step times.
+    """
+    stamps: Dict[int, float] = {}
+    for s, values in lines:
+        if "loss" in values and "time" in values:
+            stamps.setdefault(s, values["time"])
+    intervals = [stamps[s] - stamps[s - 1] for s in sorted(stamps) if s > max(skip, 1) and s - 1 in stamps]
+    if not intervals:
+        return None
+    merges = sum(v.get("merge_seconds", 0.0) + v.get("reset_seconds", 0.0)
+                 for s, v in lines if "kept_fraction" in v and s <= step)
+    return statistics.median(intervals) * step + merges
