@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 from torchtune_xgb.data import dates, facts, ordering, strings
+from torchtune_xgb.data.generated_files import chat_file_dataset, write_if_changed
 from torchtune_xgb.data.task_splits import QA, SPLITS, chat_row
 from torchtune_xgb.errors import ConfigError
 from torchtune_xgb.paths import cache_path
@@ -118,15 +119,13 @@ def make_task_examples(task: str, split: str = "train", n: Optional[int] = None,
 def write_generated(path: Path, text: str) -> Path:
     """Write ``text`` to ``path`` unless it is already there; never replace a file we did not write.
 
-    The same rule and manifest as the arithmetic task's files (``arithmetic._write_if_changed``):
+    The same rule and manifest as the arithmetic task's files (``generated_files.write_if_changed``):
     the folder's manifest records the SHA-256 of each file generated there; an existing file is
     replaced only when it is one of those (from another generator version), any other existing
     file outside the cache raises ConfigError naming it. Writes are atomic (temp file + rename).
     """
-    from torchtune_xgb.data.arithmetic import _write_if_changed
-
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_if_changed(path, text)
+    write_if_changed(path, text)
     return path
 
 
@@ -165,20 +164,8 @@ def task_dataset(
         torchtune's ``chat_dataset`` over the generated local JSON file (items with ``tokens``
         and ``labels``; the loss is on the answer only unless ``train_on_input``).
     """
-    from torchtune.datasets import chat_dataset  # deferred: keeps `import torchtune_xgb.data` light
-
     path = task_file(task, split, n, seed, data_dir)
-    return chat_dataset(
-        tokenizer,
-        source="json",
-        data_files=str(path),
-        conversation_column="messages",
-        conversation_style="openai",
-        train_on_input=train_on_input,
-        packed=packed,
-        split="train",  # a single data file loads as the datasets split named "train"
-        **load_dataset_kwargs,
-    )
+    return chat_file_dataset(tokenizer, path, train_on_input=train_on_input, packed=packed, **load_dataset_kwargs)
 
 
 def load_task_eval_examples(
