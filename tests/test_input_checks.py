@@ -24,6 +24,19 @@ def root(tmp_path_factory):
 
 
 BAD = [
+    ("boost.steps_per_round=0", "boost.steps_per_round"),
+    ("boost.blocks_per_round=1.5", "boost.blocks_per_round"),
+    ("boost.blocks_per_round=3", "boost.blocks_per_round"),  # the tiny model has 2 blocks
+    ("boost.rewarmup_steps=4", "boost.rewarmup_steps"),  # must be < κ = 4
+    ("boost.optimizer_reset=partial", "boost.optimizer_reset"),
+    ("boost.stepz_per_round=3", "boost.stepz_per_round"),
+    ("model.lora_rank=0", "model.lora_rank"),
+    ("model.lora_attn_modules=[q_proj,qq_proj]", "model.lora_attn_modules"),
+    ("checkpointer.checkpoint_dir=/nonexistent/dir", "checkpointer.checkpoint_dir"),
+    ("checkpointer.checkpoint_files=[missing.safetensors]", "checkpointer.checkpoint_files"),
+    ("tokenizer.path=/nonexistent/tokenizer.json", "tokenizer.path"),
+    ("resume_from_checkpoint=True", "resume_from_checkpoint"),
+    ("max_steps_per_epoch=0", "max_steps_per_epoch"),
     ("boost.merge_rate=.nan", "boost.merge_rate"),
     ("boost.merge_rate=.inf", "boost.merge_rate"),
     ("boost.merge_rate=-.inf", "boost.merge_rate"),
