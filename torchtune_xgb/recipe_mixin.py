@@ -2,21 +2,25 @@
 
 Mixed in front of torchtune's recipe class (loaded by path, see torchtune_recipes.py):
 
-- ``__init__``: validates the config before anything loads; takes resume away from torchtune
-  (its epoch-granular resume reloads the base plus one adapter, wrong once rounds are merged);
+- ``__init__``: validates the config before anything loads (one-line errors), verifies the
+  resume checkpoint and that it belongs to the same run (run_identity.py), claims ``output_dir``
+  (run_dir.py); takes resume away from torchtune (its epoch-granular resume reloads the base plus
+  one adapter, wrong once rounds are merged);
 - ``_setup_model``: after torchtune built the LoRA model and loaded the base, hands it to the
   :class:`~torchtune_xgb.boosting.Booster` (re-classes adapters, snapshots W0);
 - ``_setup_lr_scheduler``: wraps the configured schedule with per-round restarts;
 - ``train``: torchtune's loop structure (token-normalised gradient accumulation, clipping,
-  profiler, metric logger) plus the round hook, a progress bar that shows the round, mid-run
-  checkpoints every ``save_every_n_steps`` and exact mid-epoch resume;
-- ``save_checkpoint``: exports the folded merged model in the checkpointer's format.
+  profiler, metric logger) plus the divergence guard before each step is applied (guard.py),
+  the round hook, periodic evaluation, a progress bar that shows the round, mid-run checkpoints
+  every ``save_every_n_steps`` and exact mid-epoch resume; a resume at an epoch's end writes an
+  export that never arrived;
+- ``save_checkpoint``: exports the folded merged model in the checkpointer's format and the
+  run's adapter, through a staging directory renamed into place (staged_export.py).
 
 Subclasses for other launch modes override the small hooks ``_scale_grads``, ``_reduce_loss``,
-``_is_main_process``, ``_model_state_dict``, ``_merged_weights``, ``_optimizer_state_dict`` and
-``_load_optimizer_state``.
+``_is_main_process``, ``_rank0_decides``, ``_model_state_dict``, ``_merged_weights``,
+``_optimizer_state_dict`` and ``_load_optimizer_state``.
 """
-
 import json
 import os
 import time
