@@ -25,9 +25,7 @@ config) → :func:`write_adapter_dir` (rank 0).
 """
 
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
@@ -55,22 +53,20 @@ class ExportConfig:
 
     adapter_rank: Optional[int] = None
 
+    def validate(self) -> None:
+        rank = self.adapter_rank
+        if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
+            raise ConfigError(f"export.adapter_rank: must be an integer ≥ 1 or null, got {rank!r}")
+
 
 def parse_export_config(cfg: DictConfig) -> ExportConfig:
     """Check the ``export:`` block (one-line ConfigError naming the key) and return it."""
+    from torchtune_xgb.boost_config import build_block
+
     block = cfg.get("export")
-    if block is None:
-        return ExportConfig()
-    if not isinstance(block, DictConfig):
+    if block is not None and not isinstance(block, DictConfig):
         raise ConfigError(f"export: must be a mapping of keys, got {block!r}")
-    values = OmegaConf.to_container(block, resolve=True)
-    unknown = set(values) - {"adapter_rank"}
-    if unknown:
-        raise ConfigError(f"export.{sorted(unknown)[0]}: unknown key (known: adapter_rank)")
-    rank = values.get("adapter_rank")
-    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
-        raise ConfigError(f"export.adapter_rank: must be an integer ≥ 1 or null, got {rank!r}")
-    return ExportConfig(adapter_rank=rank)
+    return build_block(ExportConfig, "export", OmegaConf.to_container(block, resolve=True) if block is not None else None)
 
 
 # --- gathering (every rank) ----------------------------------------------------------------
@@ -235,7 +231,7 @@ def write_adapter_dir(
     """Write ``epoch_dir/adapter/`` (PEFT files + ``xgb_adapter.json``); return summary entries.
 
     Args:
-        epoch_dir: the export directory the checkpointer just wrote (``output_dir/epoch_N``).
+        epoch_dir: the export directory the checkpointer just wrote (the staged ``epoch_N``).
         updates: :func:`collect_run_factors` of the run.
         checkpointer: torchtune's ``FullModelHFCheckpointer`` (its HF ``config.json`` gives the
             head layout; its ``checkpoint_dir`` is the base the adapter applies to). Any other
@@ -253,30 +249,22 @@ def write_adapter_dir(
     factors, report = lora_factors(updates, export.adapter_rank)
     base = str(Path(checkpointer._checkpoint_dir).expanduser().resolve())
     tensors, config = peft_adapter(factors, hf_config, base, dtype)
-    epoch_dir = Path(epoch_dir)
-    target = epoch_dir / ADAPTER_DIR
-    # complete or absent: written beside, then renamed into place
-    tmp = Path(tempfile.mkdtemp(prefix=".adapter.", dir=epoch_dir))
-    try:
-        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
-        kept = min(v["kept_fraction"] for v in report.values())
-        details = {
-            "adapter_rank": export.adapter_rank,
-            "min_kept_fraction": kept,
-            "modules": {clean_name(k): v for k, v in report.items()},
-            **(extra_config or {}),
-        }
-        (tmp / ADAPTER_REPORT).write_text(json.dumps(details, indent=2))
-        for path in tmp.iterdir():
-            os.chmod(path, 0o644)  # mkstemp/safetensors create owner-only files
-        os.chmod(tmp, 0o755)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    # no temp-and-rename here: this runs inside the staged export, whose epoch_N/ directory only
+    # appears, renamed whole, once complete (staged_export.py)
+    target = Path(epoch_dir) / ADAPTER_DIR
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir()
+    save_file(tensors, str(target / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (target / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+    kept = min(v["kept_fraction"] for v in report.values())
+    details = {
+        "adapter_rank": export.adapter_rank,
+        "min_kept_fraction": kept,
+        "modules": {clean_name(k): v for k, v in report.items()},
+        **(extra_config or {}),
+    }
+    (target / ADAPTER_REPORT).write_text(json.dumps(details, indent=2))
     return {
         "adapter_bytes": (target / ADAPTER_WEIGHTS).stat().st_size,
         "adapter_min_kept_fraction": kept,

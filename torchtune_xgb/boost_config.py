@@ -47,7 +47,7 @@ class BoostConfig:
     @classmethod
     def from_mapping(cls, block: Optional[Mapping[str, Any]]) -> "BoostConfig":
         """Build from the config's ``boost`` mapping; raise ConfigError naming the bad key."""
-        return _build(cls, "boost", block)
+        return build_block(cls, "boost", block)
 
     def validate(self) -> None:
         if not _is_int(self.steps_per_round) or self.steps_per_round < 1:
@@ -95,7 +95,7 @@ class BoostConfig:
         return max(1, min(num_blocks, round(bpr * num_blocks)))
 
 
-def _build(cls, prefix: str, block: Optional[Mapping[str, Any]]):
+def build_block(cls, prefix: str, block: Optional[Mapping[str, Any]]):
     """``cls(**block)`` validated; an unknown key (a typo) is an error naming it, not ignored."""
     block = dict(block or {})
     known = {f.name for f in fields(cls)}
@@ -137,12 +137,12 @@ class AdapterConfig:
     @classmethod
     def from_mapping(cls, block: Optional[Mapping[str, Any]]) -> "AdapterConfig":
         """Build from the config's ``adapter`` mapping; raise ConfigError naming the bad key."""
-        return _build(cls, "adapter", block)
+        return build_block(cls, "adapter", block)
 
     def svd_config(self):
         from torchtune_xgb.loraxs import SVDConfig
 
-        return _build(SVDConfig, "adapter.svd", self.svd)
+        return build_block(SVDConfig, "adapter.svd", self.svd)
 
     def validate(self) -> None:
         from torchtune_xgb.loraxs import INITS, SIGMAS

@@ -21,7 +21,7 @@ from torchtune import utils
 from torchtune_xgb.adapters import convert_to_xgblora
 from torchtune_xgb.boost_config import AdapterConfig, BoostConfig
 from torchtune_xgb.loraxs import convert_to_loraxs, svd_all, truncated_svd_once
-from torchtune_xgb.merged_state import MergedState
+from torchtune_xgb.merged_state import MergedState, product_sq_norm
 from torchtune_xgb.errors import RunError
 from torchtune_xgb.sharding import all_sum, any_nonzero, gather_rows, local, local_rows
 
@@ -116,7 +116,7 @@ class Booster:
         self.svd_seconds = 0.0
         self._wrapped_warned = False
         self._trainable = 0
-        self._base_norm_sq: Dict[str, torch.Tensor] = {}  # ‖W0‖² per module (the guard's yardstick)
+        self._base_norm_sq: Dict[str, torch.Tensor] = {}  # ‖W0‖² per module, all ranks (the guard's yardstick)
 
     @property
     def is_loraxs(self) -> bool:
@@ -279,26 +279,21 @@ class Booster:
         """The largest ‖η·ΔW‖/‖W0‖ (Frobenius) of a live adapter this round, and its module.
 
         For the divergence guard, every step: from the factors (u, v) of each active adapter by
-        r×r Gram matrices in float64, ‖u·v‖² = Σ (uᵀu) ∘ (v·vᵀ), so no out×in matrix is built and
-        an adapter whose product would overflow fp32 still gives a finite, huge ratio (NaN if it
-        holds NaN). ‖W0‖ is taken once per module. Under FSDP2 the sums cover all ranks' rows (one
-        reduction for all modules), so every rank gets the same answer."""
+        r×r Gram matrices in float64 (merged_state.product_sq_norm), so no out×in matrix is built
+        and an adapter whose product would overflow fp32 still gives a finite, huge ratio (NaN
+        if it holds NaN). ‖W0‖² is taken once per module (all ranks' rows). Under FSDP2 the sums
+        cover all ranks' rows (one reduction per step), so every rank gets the same answer."""
         active = self.active_modules()
         if not active:
             return 0.0, None
         names = list(active)
-        for name in names:
-            if name not in self._base_norm_sq:
-                base = self.merged.base_weight(name).double()
-                self._base_norm_sq[name] = (base * base).sum()
-        sums = []
-        for name in names:
-            u, v = active[name].merge_factors(self.config.merge_rate)
-            u, v = u.double(), v.double()
-            sums.append(((u.T @ u) * (v @ v.T)).sum())
         like = next(iter(active.values())).weight
-        update_sq = all_sum(torch.stack(sums), like)
-        base_sq = all_sum(torch.stack([self._base_norm_sq[n].to(update_sq.device) for n in names]), like)
+        missing = [n for n in names if n not in self._base_norm_sq]
+        if missing:  # the same names on every rank: once per module, at its first round
+            local_sq = torch.stack([self.merged.base_weight(n).double().square().sum() for n in missing])
+            self._base_norm_sq.update(zip(missing, all_sum(local_sq, like)))
+        update_sq = all_sum(torch.stack([product_sq_norm(*active[n].merge_factors(self.config.merge_rate)) for n in names]), like)
+        base_sq = torch.stack([self._base_norm_sq[n].to(update_sq.device) for n in names])
         ratios = (update_sq / base_sq.clamp_min(1e-300)).sqrt()
         ratios = torch.where(torch.isnan(ratios), torch.full_like(ratios, math.inf), ratios)
         worst = int(torch.argmax(ratios))

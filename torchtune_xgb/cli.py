@@ -15,7 +15,7 @@ import argparse
 import shutil
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from torchtune_xgb.config_names import RECIPES, packaged_configs
 
@@ -32,12 +32,21 @@ def _ls(_: argparse.Namespace) -> int:
     return 0
 
 
-def _cp(args: argparse.Namespace) -> int:
+def _packaged(name: str) -> Optional[Tuple[str, Path]]:
+    """(name, path) of a packaged config (``.yaml`` optional); None after printing the error."""
     configs = packaged_configs()
-    name = args.name[:-5] if args.name.endswith(".yaml") else args.name
-    if name not in configs:
-        print(f"error: unknown config {args.name!r}; known: {', '.join(sorted(configs))}", file=sys.stderr)
+    stem = name[:-5] if name.endswith(".yaml") else name
+    if stem not in configs:
+        print(f"error: unknown config {name!r}; known: {', '.join(sorted(configs))}", file=sys.stderr)
+        return None
+    return stem, configs[stem]
+
+
+def _cp(args: argparse.Namespace) -> int:
+    found = _packaged(args.name)
+    if found is None:
         return 2
+    name, source = found
     dest = Path(args.dest)
     if dest.is_dir():
         dest = dest / f"{name}.yaml"
@@ -47,20 +56,16 @@ def _cp(args: argparse.Namespace) -> int:
         print(f"error: {dest} exists (use --force to overwrite)", file=sys.stderr)
         return 2
     dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(configs[name], dest)
+    shutil.copyfile(source, dest)
     print(f"Copied {name} to {dest}")
     return 0
 
 
 def _path(args: argparse.Namespace) -> int:
-    from torchtune_xgb.config_names import resolve_config
-
-    configs = packaged_configs()
-    name = args.name[:-5] if args.name.endswith(".yaml") else args.name
-    if name not in configs:
-        print(f"error: unknown config {args.name!r}; known: {', '.join(sorted(configs))}", file=sys.stderr)
+    found = _packaged(args.name)
+    if found is None:
         return 2
-    print(resolve_config(name))
+    print(found[1])
     return 0
 
 

@@ -16,7 +16,7 @@ import difflib
 import math
 import re
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Tuple
+from typing import Any, Iterable, Iterator, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -40,21 +40,32 @@ KNOWN_KEYS = TORCHTUNE_KEYS | PLUGIN_KEYS
 _INTERPOLATION = re.compile(r"\$\{\s*([A-Za-z_][\w]*)")
 
 
-def _walk(node: Any, prefix: str = "") -> Iterator[Tuple[str, Any]]:
-    """(dotted key, raw value) of every leaf, without resolving interpolations."""
-    if isinstance(node, DictConfig):
-        for key in node.keys():
-            yield from _walk(node._get_node(key), f"{prefix}.{key}" if prefix else str(key))
-    elif isinstance(node, ListConfig):
-        for i in range(len(node)):
-            yield from _walk(node._get_node(i), f"{prefix}[{i}]")
+def _leaves(node: Any, prefix: str = "") -> Iterator[Tuple[str, Any]]:
+    """(dotted key, value) of every leaf of a plain container (``resolve=False``: interpolations
+    stay strings such as ``${model_dir}/x``)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _leaves(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _leaves(value, f"{prefix}[{i}]")
     else:
-        yield prefix, node._value() if hasattr(node, "_value") else node
+        yield prefix, node
+
+
+def positive_int(cfg: DictConfig, key: str, optional: bool = False) -> Optional[int]:
+    """The integer ≥ 1 at ``key`` (None if absent and ``optional``); else a one-line ConfigError."""
+    value = OmegaConf.select(cfg, key)
+    if value is None and optional:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{key}: must be an integer ≥ 1, got {value!r}")
+    return value
 
 
 def check_top_level_keys(cfg: DictConfig) -> None:
     referenced = set()
-    for _, raw in _walk(cfg):
+    for _, raw in _leaves(OmegaConf.to_container(cfg, resolve=False)):
         if isinstance(raw, str):
             referenced.update(_INTERPOLATION.findall(raw))
     for key in cfg.keys():
@@ -68,7 +79,7 @@ def check_top_level_keys(cfg: DictConfig) -> None:
 
 
 def check_finite_floats(cfg: DictConfig) -> None:
-    for key, value in _walk(cfg):
+    for key, value in _leaves(OmegaConf.to_container(cfg, resolve=False)):
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{key}: must be a finite number, got {value}")
 

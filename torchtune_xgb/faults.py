@@ -29,35 +29,35 @@ FAULT_ENV = "TORCHTUNE_XGB_FAULT"
 KILL_AT_STEP_ENV = "TORCHTUNE_XGB_KILL_AT_STEP"
 
 
+def _configured(phase: str, step: Optional[int]) -> Optional[str]:
+    """The action of ``TORCHTUNE_XGB_FAULT`` if it names ``phase`` (and ``step``), else None."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return None
+    action, _, rest = spec.partition(":")
+    want_phase, _, want_step = rest.partition(":")
+    if want_phase != phase or (want_step and str(step) != want_step):
+        return None
+    return action
+
+
 def fault_point(phase: str, step: Optional[int] = None) -> None:
     """Inject the configured fault if ``phase`` (and ``step``) match; otherwise do nothing."""
     legacy = os.environ.get(KILL_AT_STEP_ENV)
     if legacy is not None and phase == "after_step" and str(step) == legacy:
         os.kill(os.getpid(), signal.SIGKILL)
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    action, _, rest = spec.partition(":")
-    want_phase, _, want_step = rest.partition(":")
-    if want_phase != phase or (want_step and str(step) != want_step):
+    action = _configured(phase, step)
+    if action is None or action in ("nan", "inf"):  # values: see fault_value
         return
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     elif action == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"<injected at {phase}>")
-    elif action in ("nan", "inf"):
-        return  # values, see fault_value
     else:
-        raise ValueError(f"{FAULT_ENV}: unknown action {action!r} (kill, enospc)")
+        raise ValueError(f"{FAULT_ENV}: unknown action {action!r} (kill, enospc, nan, inf)")
 
 
 def fault_value(phase: str, step: Optional[int] = None) -> float:
     """1.0, or NaN/Inf when ``TORCHTUNE_XGB_FAULT`` is ``nan:PHASE[:STEP]`` / ``inf:PHASE[:STEP]``."""
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return 1.0
-    action, _, rest = spec.partition(":")
-    want_phase, _, want_step = rest.partition(":")
-    if action in ("nan", "inf") and want_phase == phase and (not want_step or str(step) == want_step):
-        return float(action)
-    return 1.0
+    action = _configured(phase, step)
+    return float(action) if action in ("nan", "inf") else 1.0

@@ -51,9 +51,9 @@ class GuardConfig:
 
     @classmethod
     def from_mapping(cls, block: Optional[Mapping[str, Any]]) -> "GuardConfig":
-        from torchtune_xgb.boost_config import _build
+        from torchtune_xgb.boost_config import build_block
 
-        return _build(cls, "guard", block)
+        return build_block(cls, "guard", block)
 
     def validate(self) -> None:
         if self.spike_factor is not None and not _finite_number(self.spike_factor, above=1.0):

@@ -192,7 +192,7 @@ def _exact_fp32_matmuls():
             backend.fp32_precision = value
 
 
-def _product_sq_norm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def product_sq_norm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """‖x·y‖²_F = Σ (xᵀx) ∘ (y·yᵀ) for x (m×r), y (r×n), in fp64 from two r×r Gram matrices:
     O(r²·(m+n)) work instead of an m×n matrix. Linear in the rows of x, so shards of x's rows
     give parts that sum to the whole."""
@@ -203,7 +203,7 @@ def _product_sq_norm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def _full_stats(arrived: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """(‖u·v‖², ‖arrived − u·v‖², 0): the full-matrix measurement, for states stored densely."""
     lost = (arrived - u @ v).double().square().sum()
-    return torch.stack([_product_sq_norm(u, v), lost, torch.zeros_like(lost)])
+    return torch.stack([product_sq_norm(u, v), lost, torch.zeros_like(lost)])
 
 
 def _appended_stats(ledger: "_Ledger", old_u, old_v, k: int, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -216,9 +216,9 @@ def _appended_stats(ledger: "_Ledger", old_u, old_v, k: int, u: torch.Tensor, v:
     large terms, so a lossless append measures exactly 0 and a lossy one its true loss.
     """
     new_u, new_v = ledger.u[:, k:], ledger.v[k:]
-    residual = _product_sq_norm(torch.cat([new_u - u, u], dim=1), torch.cat([new_v, new_v - v], dim=0))
+    residual = product_sq_norm(torch.cat([new_u - u, u], dim=1), torch.cat([new_v, new_v - v], dim=0))
     changed = (ledger.u[:, :k] != old_u).sum() + (ledger.v[:k] != old_v).sum()
-    return torch.stack([_product_sq_norm(u, v), residual, changed.to(residual.dtype)])
+    return torch.stack([product_sq_norm(u, v), residual, changed.to(residual.dtype)])
 
 
 class MergedState:

@@ -29,6 +29,7 @@ from torchtune import config, utils
 from torchtune.config._utils import _get_component_from_path
 from torchtune.data import padded_collate_packed
 
+from torchtune_xgb.config_checks import positive_int
 from torchtune_xgb.errors import ConfigError
 
 log = utils.get_logger("INFO")
@@ -38,20 +39,11 @@ EXACT_MATCH = "exact_match"
 DEFAULT_COLLATE = "torchtune.data.padded_collate_sft"
 
 
-def _interval(cfg: DictConfig, key: str) -> Optional[int]:
-    value = OmegaConf.select(cfg, key)
-    if value is None:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"{key}: must be an integer ≥ 1, got {value!r}")
-    return value
-
-
 def validate_periodic_eval_config(cfg: DictConfig) -> None:
     """Check ``dataset_val``, ``run_val_every_n_steps``, ``batch_size_val`` and ``eval.every_n_steps``
     (one-line ConfigError naming the key); loads nothing."""
-    every = _interval(cfg, "run_val_every_n_steps")
-    _interval(cfg, "batch_size_val")
+    every = positive_int(cfg, "run_val_every_n_steps", optional=True)
+    positive_int(cfg, "batch_size_val", optional=True)
     dataset_val = cfg.get("dataset_val")
     if every is not None and dataset_val is None:
         raise ConfigError("run_val_every_n_steps: set, but there is no dataset_val to score")
@@ -63,7 +55,7 @@ def validate_periodic_eval_config(cfg: DictConfig) -> None:
     eval_cfg = cfg.get("eval")
     if eval_cfg is not None and not isinstance(eval_cfg, DictConfig):
         raise ConfigError(f"eval: must be a mapping of keys, got {eval_cfg!r}")
-    if _interval(cfg, "eval.every_n_steps") is not None and OmegaConf.select(cfg, "eval.examples") is None:
+    if positive_int(cfg, "eval.every_n_steps", optional=True) is not None and OmegaConf.select(cfg, "eval.examples") is None:
         raise ConfigError("eval.every_n_steps: set, but eval.examples is missing")
 
 

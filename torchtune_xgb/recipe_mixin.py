@@ -71,8 +71,8 @@ class BoostedRecipeMixin:
             OmegaConf.to_container(guard_block, resolve=True) if guard_block is not None else None
         ))
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self._resume_checkpoint = validate_resume(cfg, world_size)  # verified, same run
-        self._run_identity = run_identity(cfg, world_size)
+        self._run_identity = run_identity(cfg, world_size)  # recorded in every resume checkpoint
+        self._resume_checkpoint = validate_resume(cfg, world_size, self._run_identity)  # verified, same run
         self._single_round = cfg.get("boost") is None  # no boosting: one round, the whole run
         if self._single_round:
             self._boost = replace(self._boost, lr_restart="none")

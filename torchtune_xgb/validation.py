@@ -11,7 +11,7 @@ from torchtune.modules.peft import LoRALinear
 from torchtune_xgb.adapter_export import parse_export_config
 from torchtune_xgb.boost_config import AdapterConfig, BoostConfig
 from torchtune_xgb.checkpointing import ResumeCheckpoint, resume_root, select_resume_checkpoint, step_dirs
-from torchtune_xgb.config_checks import check_run_config
+from torchtune_xgb.config_checks import check_run_config, positive_int
 from torchtune_xgb.errors import ConfigError
 from torchtune_xgb.eval_config import validate_eval_config
 from torchtune_xgb.paths import check_prepared
@@ -20,14 +20,6 @@ from torchtune_xgb.run_identity import check_resume_identity, run_identity
 
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "output_proj")
 DTYPES = ("fp32", "bf16")
-
-
-def _positive_int(cfg: DictConfig, key: str, optional: bool = False) -> None:
-    value = OmegaConf.select(cfg, key)
-    if value is None and optional:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"{key}: must be an integer ≥ 1, got {value!r}")
 
 
 def _existing(path: Any, key: str, kind: str = "file") -> Path:
@@ -64,9 +56,9 @@ def validate_config(cfg: DictConfig) -> Tuple[BoostConfig, AdapterConfig]:
     if cfg.get("dtype") not in DTYPES:
         raise ConfigError(f"dtype: must be one of {DTYPES}, got {cfg.get('dtype')!r}")
     for key in ("epochs", "batch_size", "gradient_accumulation_steps"):
-        _positive_int(cfg, key)
+        positive_int(cfg, key)
     for key in ("max_steps_per_epoch", "save_every_n_steps", "log_every_n_steps"):
-        _positive_int(cfg, key, optional=True)
+        positive_int(cfg, key, optional=True)
     validate_periodic_eval_config(cfg)  # dataset_val, run_val_every_n_steps, eval.every_n_steps
     parse_export_config(cfg)  # export.adapter_rank
     validate_eval_config(cfg)  # eval.normalize, the user's eval file, generated data never over user files
@@ -134,11 +126,14 @@ def validate_config(cfg: DictConfig) -> Tuple[BoostConfig, AdapterConfig]:
     return boost, adapter
 
 
-def validate_resume(cfg: DictConfig, world_size: int = 1) -> Optional[ResumeCheckpoint]:
+def validate_resume(
+    cfg: DictConfig, world_size: int = 1, identity: Optional[dict] = None
+) -> Optional[ResumeCheckpoint]:
     """With ``resume_from_checkpoint``: the intact checkpoint to resume from, after checking that
     the config defines the same run as the one that wrote it (run_identity.py). None otherwise.
 
-    Raises one-line errors: ConfigError for no checkpoint or a changed config, RunError when no
+    ``identity``: the config's :func:`run_identity`, if the caller already has it (it hashes the
+    dataset's local files). Raises one-line errors: ConfigError for no checkpoint or a changed config, RunError when no
     checkpoint is intact. Reads only the small manifests and checksums, no weights."""
     if not cfg.get("resume_from_checkpoint"):
         return None
@@ -148,5 +143,6 @@ def validate_resume(cfg: DictConfig, world_size: int = 1) -> Optional[ResumeChec
     allowed = cfg.get("resume_allow_changes") or []
     if not isinstance(allowed, (list, ListConfig)):
         raise ConfigError(f"resume_allow_changes: must be a list of config keys, got {allowed!r}")
-    check_resume_identity(checkpoint.run, run_identity(cfg, world_size), [str(k) for k in allowed], checkpoint.path)
+    current = identity if identity is not None else run_identity(cfg, world_size)
+    check_resume_identity(checkpoint.run, current, [str(k) for k in allowed], checkpoint.path)
     return checkpoint
