@@ -15,7 +15,7 @@ DEMO_OUT := $(CURDIR)/outputs/demo
 HF_VENV := .venv-hf
 HF_SPEC := transformers==5.18.0 peft==0.21.0 safetensors==0.8.0
 
-.PHONY: install demo test clean gpu-wheels
+.PHONY: install demo test clean gpu-wheels quality
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,15 @@ $(HF_VENV)/.installed: Makefile
 
 test: install $(HF_VENV)/.installed
 	$(BIN)/python -m pytest -q
+
+# The quality benchmark (benchmarks/quality.py): the sweep that sets the packaged defaults, then
+# every task family x method x LR grid x 3 seeds. Resumable: run it again to continue.
+QUALITY_OUT := $(CURDIR)/outputs/quality
+quality: install
+	$(BIN)/pip install -q -e ".[plot]"
+	$(BIN)/tune-xgb prepare smollm2-135m-instruct
+	$(BIN)/python -m benchmarks.quality --sweep --out $(QUALITY_OUT)/sweep_cpu.md
+	$(BIN)/python -m benchmarks.quality --tasks all --seeds 3 --grid --out $(QUALITY_OUT)/quality_cpu.md
 
 clean:
 	rm -rf $(VENV) $(HF_VENV) outputs .pytest_cache

@@ -331,6 +331,14 @@ def run_id(parts: Dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def config_fingerprint(cfg, out_dir: Path) -> str:
+    """The resolved config as text with the run's own directory (and the checkout) written
+    symbolically: equal for the same run in another workdir or clone, different when any value
+    that reaches the recipe changes."""
+    text = OmegaConf.to_yaml(cfg).replace(str(out_dir), "<run>").replace(str(REPO), "<repo>")
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 class RunCache:
     """``WORKDIR/runs.jsonl``: finished runs by id, so a restarted benchmark skips them."""
 
@@ -354,12 +362,15 @@ def run_method(key: str, task: TaskSpec, lr: float, seed: int, setting: Setting,
                overrides: Optional[Dict[str, Any]] = None, curve: bool = True, label: str = "") -> Dict[str, Any]:
     """Train one run, score it (val + test, and the test curve), return its row (cached)."""
     method, _ = METHODS[key]
+    out_dir = args.workdir / "runs" / f"{task.name}_{key}{label}_lr{lr:g}_seed{seed}"
+    cfg = run_config(key, task, lr, seed, out_dir, setting, args, overrides, curve)
+    # the id covers the resolved config itself, so a changed packaged default (or recipe setting)
+    # reruns exactly the runs it affects instead of reusing a stale cached row
     ident = run_id({"key": key, "task": asdict(task), "lr": lr, "seed": seed, "setting": asdict(setting),
-                    "overrides": overrides or {}, "curve": curve})
+                    "overrides": overrides or {}, "curve": curve, "config": config_fingerprint(cfg, out_dir)})
     if ident in cache.rows and not cache.rows[ident].get("failed"):  # a failed run is tried again
         return cache.rows[ident]
-    out_dir = clean_dir(args.workdir / "runs" / f"{task.name}_{key}{label}_lr{lr:g}_seed{seed}")
-    cfg = run_config(key, task, lr, seed, out_dir, setting, args, overrides, curve)
+    clean_dir(out_dir)
     result = run_subprocess(tune_command(method.recipe, write_config(cfg, out_dir / "config.yaml")), out_dir / "stdout.txt")
     row: Dict[str, Any] = {"id": ident, "method": method.name, "key": key, "task": task.name, "lr": lr, "seed": seed,
                            "overrides": overrides or {}, "seconds": result.wall_seconds, "out_dir": str(out_dir)}
@@ -376,6 +387,7 @@ def run_method(key: str, task: TaskSpec, lr: float, seed: int, setting: Setting,
                test_correct=final["test"]["correct"], test_item_loss=final["test"]["item_loss"],
                test_item_tokens=final["test"]["item_tokens"])
     lines = read_log(out_dir)
+    row["train_seconds"] = seconds_to_step(lines, setting.steps)  # median step time × steps + merges
     if curve:
         if method.recipe == OURS:  # the recipe's own periodic evaluation (on the test split here)
             points = {s: v for s, v in curve_from_log(lines).items() if s > 0}
