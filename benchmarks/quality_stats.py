@@ -113,12 +113,42 @@ def mean_curve(curves: Sequence[Curve], key: str = "exact_match") -> Dict[int, f
     return {s: statistics.mean(c[s][key] for c in curves) for s in sorted(steps)}
 
 
+def median_curve(curves: Sequence[Curve], key: str) -> Dict[int, float]:
+    """``{step: median over runs}`` at the steps every run has ``key`` at."""
+    steps = set.intersection(*({s for s, v in c.items() if key in v} for c in curves)) if curves else set()
+    return {s: statistics.median(c[s][key] for c in curves) for s in sorted(steps)}
+
+
 def steps_to_reach(curve: Mapping[int, float], target: float, tolerance: float = 1e-9) -> Optional[int]:
     """The first step whose value is ≥ ``target``; None if the curve never gets there."""
     for step in sorted(curve):
         if curve[step] >= target - tolerance:
             return step
     return None
+
+
+def crossing_step(curve: Mapping[int, float], target: float, tolerance: float = 1e-9) -> Optional[float]:
+    """The step at which ``curve`` first reaches ``target``, interpolated linearly between the
+    last evaluated point below it and the first at or above it (the curve is only evaluated every
+    few steps; this is the estimate a reader would draw by eye). None if never reached."""
+    previous = None
+    for step in sorted(curve):
+        if curve[step] >= target - tolerance:
+            if previous is None or curve[step] == curve[previous]:
+                return float(step)
+            fraction = (target - curve[previous]) / (curve[step] - curve[previous])
+            return previous + min(max(fraction, 0.0), 1.0) * (step - previous)
+        previous = step
+    return None
+
+
+def value_at(curve: Mapping[int, float], step: float) -> Optional[float]:
+    """``curve`` linearly interpolated at ``step`` (None outside its evaluated range)."""
+    points = sorted(curve)
+    for low, high in zip(points, points[1:]):
+        if low <= step <= high:
+            return curve[low] + (curve[high] - curve[low]) * (step - low) / (high - low)
+    return curve[points[0]] if points and step == points[0] else None
 
 
 def seconds_to_step(lines: Sequence[MetricLine], step: int, skip: int = 3) -> Optional[float]:

@@ -15,11 +15,14 @@ from benchmarks import quality
 from benchmarks.quality_report import render_protocol, summarise, time_to_quality
 from benchmarks.quality_stats import (
     bootstrap_interval,
+    crossing_step,
     curve_from_log,
     mean_curve,
+    median_curve,
     seconds_to_step,
     select_lr,
     steps_to_reach,
+    value_at,
     verdict,
 )
 from torchtune_xgb.plot import parse_metric_lines
@@ -121,9 +124,26 @@ def test_time_to_quality_against_lora_r8():
         "full": {"exact_match": (0.3, 0.2, 0.4), "curve": {20: 0.1, 40: 0.2, 60: 0.3}, "seconds": {}},
     }
     ttq = time_to_quality(summary, summary["base"])
-    assert ttq["lora_r8"] == {"target": 0.5, "steps": 40, "seconds": 24.0, "ratio": 1.0, "budget": 60}
+    assert ttq["lora_r8"] == {"target": 0.5, "steps": 40, "crossing": 40.0, "seconds": 24.0, "ratio": 1.0, "budget": 60}
+    # XGBLoRA: 0.0 at step 0, 0.5 at step 20 → crosses 0.5 exactly at 20, in 10 s
     assert ttq["xgblora"]["steps"] == 20 and ttq["xgblora"]["ratio"] == 0.5 and ttq["xgblora"]["seconds"] == 10.0
-    assert ttq["full"]["steps"] is None and ttq["full"]["ratio"] is None
+    assert ttq["full"]["steps"] is None and ttq["full"]["ratio"] is None and ttq["full"]["seconds"] is None
+    # between evaluated points: 0.4 at 20, 0.6 at 40 → 0.5 is crossed at 30 (15 s on a 10 s / 20 steps clock);
+    # LoRA r=8 crosses at 40 (0.2 at 20, 0.5 at 40), so 30 / 40 = 0.75
+    summary["xgblora"].update(curve={20: 0.4, 40: 0.6, 60: 0.6})
+    ttq = time_to_quality(summary, summary["base"])["xgblora"]
+    assert ttq["steps"] == 40 and ttq["crossing"] == pytest.approx(30.0)
+    assert ttq["ratio"] == pytest.approx(0.75) and ttq["seconds"] == pytest.approx(15.0)
+
+
+def test_crossing_step_and_value_at():
+    assert crossing_step({0: 0.0, 20: 0.2, 40: 0.6}, 0.5) == pytest.approx(35.0)  # 0.2 → 0.6 over 20 steps
+    assert crossing_step({0: 0.1, 20: 0.2}, 0.05) == 0.0 and crossing_step({0: 0.1, 20: 0.2}, 0.3) is None
+    assert crossing_step({0: 0.0, 10: 0.5, 20: 0.4, 30: 0.9}, 0.45) == pytest.approx(9.0)  # the first crossing
+    assert value_at({0: 0.0, 20: 10.0, 40: 30.0}, 30) == pytest.approx(20.0)
+    assert value_at({0: 0.0, 20: 10.0}, 50) is None and value_at({0: 0.0, 20: 10.0}, 0) == 0.0
+    assert median_curve([{2: {"seconds": 1.0}}, {2: {"seconds": 9.0}}, {2: {"seconds": 2.0}, 4: {"seconds": 3.0}}],
+                        "seconds") == {2: 2.0}
 
 
 def _rows():
@@ -159,7 +179,7 @@ def test_report_tables_and_goals():
     assert "| dates | LoRA-XS r=16 | 0.004 | 0.0% [0.0%, 0.0%] | level |" in text
     assert "| dates | base (no training) | – | 0.0% [0.0%, 0.0%] | – | 2.000 [2.000, 2.000] | 0 | 1 |" in text
     # LoRA r=8 ends at 0%, the untrained model's score: reached at step 0, no ratio to speak of
-    assert "| dates | XGBLoRA r=1 boosted | 0.0% | 0 | – | 0 |" in text
+    assert "| dates | XGBLoRA r=1 boosted | 0.0% | 0 | 0 | – | 0 |" in text
     assert "- PASS: XGBLoRA r=1 ≥ LoRA r=8 within the interval on every family — dates ahead" in text
     assert "- n/a: XGBLoRA reaches LoRA r=8's final exact match in ≤ 0.8× its steps" in text
     assert "- PASS: LoRA-XS within 2 points of LoRA r=8 — dates +0.0 points" in text
@@ -250,19 +270,23 @@ def test_json_task_argument_errors(tmp_path):
 def test_sweep_table_marks_the_best_on_val():
     from benchmarks.quality_report import render_sweep
 
-    def run(value, val_em, val_loss, test_em, seed=0, default=False):
+    def run(value, val_em, val_loss, test_em, seed=0, default=False, seconds=None):
+        # every test item right (1.0) or wrong (0.0): the bootstrap interval is the point itself
         return {"task": "strings", "factor": "κ (steps per round)", "value": value, "default": default, "seed": seed,
-                "val_exact_match": val_em, "val_loss": val_loss, "test_exact_match": test_em, "test_loss": 1.0}
+                "val_exact_match": val_em, "val_loss": val_loss, "test_exact_match": test_em, "test_loss": 1.0,
+                "test_correct": [int(test_em)] * 4, "train_seconds": seconds}
 
-    rows = [run(5, 0.4, 1.0, 0.9), run(5, 0.2, 1.0, 0.9, seed=1),  # mean val 0.3, best on test: ignored
-            run(20, 0.3, 0.8, 0.1, default=True),  # val 0.3 too, lower val loss: chosen
-            run(40, 0.1, 0.5, 0.5), {"task": "strings", "factor": "κ (steps per round)", "value": 80, "default": False,
+    rows = [run(5, 0.4, 1.0, 1.0, seconds=100.0), run(5, 0.2, 1.0, 1.0, seed=1, seconds=140.0),  # val 0.3; test ignored
+            run(20, 0.3, 0.8, 0.0, default=True, seconds=90.0),  # val 0.3 too, lower val loss: chosen
+            run(40, 0.1, 0.5, 0.0), {"task": "strings", "factor": "κ (steps per round)", "value": 80, "default": False,
                                      "failed": True}]
     header = {"date": "d", "hardware": "h", "seeds": [0, 1], "setting": {"steps": 60, "batch_size": 8, "dtype": "fp32"}}
     text = render_sweep(rows, header)
-    assert "| strings | κ (steps per round) | 5 | 30.0% | 1.000 | 90.0% | 1.000 |  |" in text
-    assert "| strings | κ (steps per round) | 20 (packaged) | 30.0% | 0.800 | 10.0% | 1.000 | ✓ |" in text
-    assert "| strings | κ (steps per round) | 80 | FAILED | – | – | – |  |" in text
+    # training seconds: the median over seeds (100 and 140 → 120)
+    assert "| strings | κ (steps per round) | 5 | 30.0% | 1.000 | 100.0% [100.0%, 100.0%] | 1.000 | 120 |  |" in text
+    assert "| strings | κ (steps per round) | 20 (packaged) | 30.0% | 0.800 | 0.0% [0.0%, 0.0%] | 1.000 | 90 | ✓ |" in text
+    assert "| strings | κ (steps per round) | 40 | 10.0% | 0.500 | 0.0% [0.0%, 0.0%] | 1.000 | – |  |" in text
+    assert "| strings | κ (steps per round) | 80 | FAILED | – | – | – | – |  |" in text
 
 
 @pytest.mark.parametrize("key", list(quality.METHODS))
