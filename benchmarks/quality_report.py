@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from benchmarks.common import fmt, markdown_table
-from benchmarks.quality_stats import bootstrap_interval, crossing_step, mean_curve, median_curve, steps_to_reach, value_at, verdict
+from benchmarks.quality_stats import DEFAULT_MARGIN, bootstrap_interval, crossing_step, implied_defaults, mean_curve, median_curve, steps_to_reach, value_at, verdict
 
 REFERENCE = "lora_r8"
 ORDER = ["lora_r8", "full", "xgblora", "loraxs", "xgblora_xs"]
@@ -283,6 +283,13 @@ def render_sweep(rows: List[Dict[str, Any]], header: Dict[str, Any]) -> str:
         "",
         markdown_table(["task", "factor", "value", "val exact match", "val loss", "test exact match [95%]", "test loss",
                         "training s", "best (val)"], table),
+        "",
+        f"### Defaults the sweep implies (val exact match averaged over the families; a default moves only "
+        f"when another value beats it by more than {DEFAULT_MARGIN:.0%})",
+        "",
+        *[f"- {factor}: best {d['best']} ({d['gain'] * 100:+.1f} points over the packaged {d['default']}) → "
+          + (f"change to {d['best']}" if d["change"] else f"keep {d['default']}")
+          for factor, d in implied_defaults(rows).items()],
     ])
 
 

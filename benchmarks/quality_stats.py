@@ -169,3 +169,44 @@ def seconds_to_step(lines: Sequence[MetricLine], step: int, skip: int = 3) -> Op
     merges = sum(v.get("merge_seconds", 0.0) + v.get("reset_seconds", 0.0)
                  for s, v in lines if "kept_fraction" in v and s <= step)
     return statistics.median(intervals) * step + merges
+
+
+# --- defaults from the sweep ----------------------------------------------------------------
+# A packaged default moves only when another value beats it by more than this on the validation
+# exact match averaged over the sweep's families: at 100 items a single score's standard error is
+# up to 5 points, so a 2-family mean below 5 points apart is not evidence.
+DEFAULT_MARGIN = 0.05
+
+
+def implied_defaults(rows: Iterable[Mapping], margin: float = DEFAULT_MARGIN) -> Dict[str, Dict[str, object]]:
+    """Per sweep factor: ``{"best", "default", "change", "gain"}`` from the *validation* split.
+
+    ``rows``: sweep rows with ``factor``, ``value``, ``default`` (True on the packaged value),
+    ``task``, ``val_exact_match``, ``val_loss`` (``failed`` rows ignored). A value's score is its
+    val exact match averaged over seeds within a task, then over the tasks where every value of the
+    factor ran; ``best`` is the highest (ties to the lower mean val loss); ``change`` is True when
+    ``best`` is not the packaged value and beats it by more than ``margin`` (``gain``).
+    """
+    cells: Dict[str, Dict[str, Dict[str, List[Mapping]]]] = {}
+    defaults: Dict[str, str] = {}
+    for row in rows:
+        if row.get("failed"):
+            continue
+        value = str(row["value"])
+        cells.setdefault(row["factor"], {}).setdefault(value, {}).setdefault(row["task"], []).append(row)
+        if row.get("default"):
+            defaults[row["factor"]] = value
+    out: Dict[str, Dict[str, object]] = {}
+    for factor, by_value in cells.items():
+        tasks = set.intersection(*(set(t) for t in by_value.values()))
+        if not tasks or factor not in defaults:
+            continue
+
+        def score(value: str, metric: str) -> float:
+            return statistics.mean(statistics.mean(r[metric] for r in by_value[value][t]) for t in sorted(tasks))
+
+        best = min(by_value, key=lambda v: (-round(score(v, "val_exact_match"), 9), score(v, "val_loss")))
+        gain = score(best, "val_exact_match") - score(defaults[factor], "val_exact_match")
+        out[factor] = {"best": best, "default": defaults[factor], "gain": gain,
+                       "change": best != defaults[factor] and gain > margin + 1e-12}
+    return out

@@ -17,6 +17,7 @@ from benchmarks.quality_stats import (
     bootstrap_interval,
     crossing_step,
     curve_from_log,
+    implied_defaults,
     mean_curve,
     median_curve,
     seconds_to_step,
@@ -332,3 +333,24 @@ def test_tiny_run_configs_keep_one_round_loraxs_unboosted(tmp_path):
     assert plain.model.lora_rank == 16 and plain.model._component_.endswith("lora_llama3_2")
     full = quality.run_config("full", task, 1e-5, 0, tmp_path / "c", quick, args)
     assert full.model._component_.endswith("._component_builders.llama3_2") and "lora_rank" not in full.model
+
+
+def test_implied_defaults_need_a_margin_on_val():
+    def run(factor, value, task, val_em, default=False, val_loss=1.0):
+        return {"factor": factor, "value": value, "task": task, "val_exact_match": val_em, "val_loss": val_loss,
+                "default": default, "test_exact_match": 1.0 - val_em}
+
+    rows = [
+        # κ: 10 averages (0.50 + 0.40) / 2 = 0.45 vs the default 20's (0.40 + 0.30) / 2 = 0.35 → +10 points: change
+        run("κ", 10, "a", 0.50), run("κ", 10, "b", 0.40), run("κ", 20, "a", 0.40, True), run("κ", 20, "b", 0.30, True),
+        # α: 32 is best but by (0.42 + 0.40) / 2 - (0.40 + 0.38) / 2 = 2 points only: keep 16
+        run("α", 32, "a", 0.42), run("α", 32, "b", 0.40), run("α", 16, "a", 0.40, True), run("α", 16, "b", 0.38, True),
+        run("α", 8, "a", 0.10), run("α", 8, "b", 0.10),
+        # lr: a tie on val exact match goes to the lower val loss (the default here)
+        run("lr", 0.004, "a", 0.3, val_loss=0.9), run("lr", 0.002, "a", 0.3, True, val_loss=0.8),
+        {"factor": "lr", "value": 0.001, "task": "a", "failed": True},
+    ]
+    got = implied_defaults(rows)
+    assert got["κ"]["best"] == "10" and got["κ"]["change"] and got["κ"]["gain"] == pytest.approx(0.10)
+    assert got["α"]["best"] == "32" and not got["α"]["change"] and got["α"]["gain"] == pytest.approx(0.02)
+    assert got["lr"] == {"best": "0.002", "default": "0.002", "gain": 0.0, "change": False}
