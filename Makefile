@@ -11,9 +11,12 @@ DEMO_OUT := $(CURDIR)/outputs/demo
 
 # The Hugging Face loaders the tests check the exports with (transformers from_pretrained, PEFT).
 # A venv of its own: peft 0.21 refuses the torchao 0.15 that torchtune_xgb pins (needs >= 0.16),
-# and transformers 4.x needs huggingface_hub < 1, which the main venv's datasets excludes.
+# and transformers 4.x needs huggingface_hub < 1, which the main venv's datasets excludes: each
+# transformers major version the exports are checked with gets its own venv.
 HF_VENV := .venv-hf
 HF_SPEC := transformers==5.18.0 peft==0.21.0 safetensors==0.8.0
+HF4_VENV := .venv-hf4
+HF4_SPEC := transformers==4.57.6 peft==0.21.0 safetensors==0.8.0
 
 .PHONY: install demo test clean gpu-wheels quality
 
@@ -44,7 +47,12 @@ $(HF_VENV)/.installed: Makefile
 	$(HF_VENV)/bin/pip install -q $(TORCH_SPEC) $(HF_SPEC)
 	touch $@
 
-test: install $(HF_VENV)/.installed
+$(HF4_VENV)/.installed: Makefile
+	$(PYTHON) -m venv $(HF4_VENV)
+	$(HF4_VENV)/bin/pip install -q $(TORCH_SPEC) $(HF4_SPEC)
+	touch $@
+
+test: install $(HF_VENV)/.installed $(HF4_VENV)/.installed
 	$(BIN)/python -m pytest -q
 
 # The quality benchmark (benchmarks/quality.py): the sweep that sets the packaged defaults, then
@@ -57,7 +65,7 @@ quality: install
 	$(BIN)/python -m benchmarks.quality --tasks all --seeds 3 --grid --out $(QUALITY_OUT)/quality_cpu.md
 
 clean:
-	rm -rf $(VENV) $(HF_VENV) outputs .pytest_cache
+	rm -rf $(VENV) $(HF_VENV) $(HF4_VENV) outputs .pytest_cache
 
 # Wheels the GPU machine lacks (Python 3.12, torch 2.11 preinstalled, no network; its package
 # list is in the device docs), for `pip install --no-index --no-deps --target` there (README "GPU").

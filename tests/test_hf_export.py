@@ -8,8 +8,10 @@ Two independent checks of the adapter:
 - in plain torch, applying PEFT's rule W + (α/r)·B·A per module (with rank_pattern/alpha_pattern)
   to the base checkpoint gives the merged export (no Hugging Face code involved);
 - with the real loaders (transformers ``from_pretrained``, ``PeftModel``, ``AutoPeftModelForCausalLM``)
-  in a second venv, ``.venv-hf`` (built by ``make test``; peft 0.21 refuses torchao 0.15, which the
-  main venv pins), run as a subprocess by tests/hf_peft_check.py.
+  in venvs of their own, ``.venv-hf`` (transformers 5) and ``.venv-hf4`` (transformers 4), built by
+  ``make test`` (peft 0.21 refuses torchao 0.15, which the main venv pins; transformers 4 needs
+  huggingface_hub < 1, which the main venv's datasets excludes), run as a subprocess by
+  tests/hf_peft_check.py.
 """
 
 import json
@@ -28,7 +30,11 @@ from tests.tiny_model import TINY
 
 RUNS = ("loraxs_plain", "xgblora", "xgblora_xs")
 EXPORT = "model-00001-of-00001.safetensors"
-HF_PYTHON = Path(os.environ.get("TORCHTUNE_XGB_HF_PYTHON", REPO / ".venv-hf" / "bin" / "python"))
+# the loaders' venvs, one per transformers major version users have (make test builds both)
+HF_PYTHONS = {
+    "5": Path(os.environ.get("TORCHTUNE_XGB_HF_PYTHON", REPO / ".venv-hf" / "bin" / "python")),
+    "4": Path(os.environ.get("TORCHTUNE_XGB_HF4_PYTHON", REPO / ".venv-hf4" / "bin" / "python")),
+}
 TOKENS = torch.arange(1, 17).unsqueeze(0)
 # fp32 runs: logits of two loaders of the same weights agree to ~1e-6; an adapter applied twice or
 # left out moves them by ≥ 8e-3 in these runs (asserted below: > 10 × the tolerance)
@@ -113,19 +119,23 @@ def test_adapter_by_peft_rule_on_base_equals_merged_export(runs, name):
     assert (reference - _torchtune_logits(base)).abs().max() > 10 * LOGITS_ATOL  # the run changed the model
 
 
-@pytest.fixture(scope="module")
-def hf_logits(runs, tmp_path_factory):
-    """Logits of transformers / PEFT loaders, from the HF venv (skips without it)."""
-    if not HF_PYTHON.is_file():
-        pytest.skip(f"no Hugging Face venv at {HF_PYTHON} (make test builds .venv-hf: transformers + peft)")
+@pytest.fixture(scope="module", params=sorted(HF_PYTHONS, reverse=True), ids=lambda major: f"transformers{major}")
+def hf_logits(runs, tmp_path_factory, request):
+    """Logits of transformers / PEFT loaders, from the HF venv of one transformers major version
+    (skips without it)."""
+    major, python = request.param, HF_PYTHONS[request.param]
+    if not python.is_file():
+        pytest.skip(f"no Hugging Face venv at {python} (make test builds .venv-hf and .venv-hf4: transformers + peft)")
     base_dir = make_tiny_model_dir(runs["xgblora"].parent)
     out = tmp_path_factory.mktemp("hf") / "logits.safetensors"
     result = subprocess.run(
-        [str(HF_PYTHON), str(REPO / "tests" / "hf_peft_check.py"), str(base_dir), str(out), *map(str, runs.values())],
+        [str(python), str(REPO / "tests" / "hf_peft_check.py"), str(base_dir), str(out), *map(str, runs.values())],
         capture_output=True, text=True, timeout=600, env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"),
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    return load_file(out), json.loads(out.with_suffix(".json").read_text())
+    info = json.loads(out.with_suffix(".json").read_text())
+    assert info["transformers"].split(".")[0] == major, f"{python} has transformers {info['transformers']}"
+    return load_file(out), info
 
 
 @pytest.mark.parametrize("name", RUNS)
