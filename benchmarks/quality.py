@@ -61,6 +61,7 @@ from benchmarks.common import (
     build_config,
     check_model_ready,
     clean_dir,
+    config_files,
     count_params,
     hardware,
     read_log,
@@ -73,13 +74,21 @@ from benchmarks.common import (
 from benchmarks.quality_stats import curve_from_log, seconds_to_step, select_lr
 from torchtune_xgb.errors import ConfigError
 
+def packaged(config: str, key: str):
+    """A value of a packaged config (``key`` dotted), so labels and the sweep's centre follow the
+    configs users run instead of a second copy of their defaults."""
+    return OmegaConf.select(OmegaConf.load(config_files()[config]), key)
+
+
 # name → (row, learning-rate grid: the first is the default, used without --grid)
 METHODS = {
     "lora_r8": (Method("torchtune LoRA r=8", TORCHTUNE_LORA, overrides={"model.lora_rank": 8, "model.lora_alpha": 16}),
                 [1e-3, 3e-4, 3e-3]),
     "xgblora": (Method("XGBLoRA r=1 boosted", OURS), [2e-3, 1e-3, 4e-3]),
-    "loraxs": (Method("LoRA-XS r=16", OURS, "smollm2_135m_loraxs", {"adapter.method": "loraxs"}), [4e-3, 1e-3, 1e-2]),
-    "xgblora_xs": (Method("boosted LoRA-XS r=16", OURS, "smollm2_135m_xgblora_xs", {"adapter.method": "loraxs"}),
+    "loraxs": (Method(f"LoRA-XS r={packaged('smollm2_135m_loraxs', 'model.lora_rank')}", OURS, "smollm2_135m_loraxs",
+                      {"adapter.method": "loraxs"}), [4e-3, 1e-3, 1e-2]),
+    "xgblora_xs": (Method(f"boosted LoRA-XS r={packaged('smollm2_135m_xgblora_xs', 'model.lora_rank')}", OURS,
+                          "smollm2_135m_xgblora_xs", {"adapter.method": "loraxs"}),
                    [4e-3, 1e-3, 1e-2]),
     "full": (Method("full fine-tuning", TORCHTUNE_FULL), [2e-5, 1e-5, 5e-5]),
 }
@@ -468,8 +477,10 @@ SWEEP = {
     "lr": ("xgblora", "optimizer.lr", [1e-3, 2e-3, 4e-3]),
     "r (LoRA-XS)": ("loraxs", "model.lora_rank", [8, 16, 32]),
 }
-SWEEP_DEFAULTS = {"boost.steps_per_round": 20, "boost.blocks_per_round": "all", "model.lora_alpha": 16,
-                  "optimizer.lr": 2e-3, "model.lora_rank": 16}
+# the sweep's centre: the packaged defaults themselves (LoRA-XS's r from its own config)
+SWEEP_DEFAULTS = {**{k: packaged("smollm2_135m_xgblora", k) for k in
+                     ("boost.steps_per_round", "boost.blocks_per_round", "model.lora_alpha", "optimizer.lr")},
+                  "model.lora_rank": packaged("smollm2_135m_loraxs", "model.lora_rank")}
 SWEEP_TASKS = ["arithmetic", "strings"]
 
 
@@ -557,6 +568,7 @@ def main(argv=None) -> int:
               "tasks": [t.name for t in tasks], "grid": {k: lrs[k] for k in methods},
               "arithmetic": {t.name: t.arithmetic for t in tasks}}
     if args.sweep:
+        header["centre"] = dict(SWEEP_DEFAULTS)
         rows = sweep(tasks, seeds, setting, args, cache)
         report = render_sweep(rows, header)
     else:

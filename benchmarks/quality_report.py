@@ -272,12 +272,13 @@ def render_sweep(rows: List[Dict[str, Any]], header: Dict[str, Any]) -> str:
                       None if m is None else fmt(m["train_seconds"], ".0f"),
                       "✓" if best.get((task, factor), (None, None))[1] == value else ""])
     setting = header["setting"]
+    centre = ", ".join(f"{k} {v}" for k, v in header.get("centre", {}).items()) or "as packaged"
     return "\n".join([
         f"## Hyperparameter sweep: XGBLoRA and LoRA-XS, {header['date']}",
         "",
         f"Hardware: {header['hardware']}. {setting['steps']} steps, batch {setting['batch_size']}, dtype "
         f"{setting['dtype']}, seeds {header['seeds']}; one factor at a time around the packaged defaults "
-        "(κ 20, all blocks, α 16, lr 2e-3; LoRA-XS r 16, α = r, lr 4e-3). Best on the validation split ✓ "
+        f"({centre}; LoRA-XS α = r). Best on the validation split ✓ "
         "(val exact match, ties to the lower val loss). Test exact match with its 95% interval (bootstrap over "
         "seeds and test items); training seconds: median step time × steps + merge time.",
         "",
