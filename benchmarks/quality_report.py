@@ -286,7 +286,7 @@ def render_sweep(rows: List[Dict[str, Any]], header: Dict[str, Any]) -> str:
                         "training s", "best (val)"], table),
         "",
         f"### Defaults the sweep implies (val exact match averaged over the families; a default moves only "
-        f"when another value beats it by more than {DEFAULT_MARGIN:.0%})",
+        f"when another value beats it by more than {DEFAULT_MARGIN * 100:.0f} points)",
         "",
         *[f"- {factor}: best {d['best']} ({d['gain'] * 100:+.1f} points over the packaged {d['default']}) → "
           + (f"change to {d['best']}" if d["change"] else f"keep {d['default']}")

@@ -354,3 +354,18 @@ def test_implied_defaults_need_a_margin_on_val():
     assert got["κ"]["best"] == "10" and got["κ"]["change"] and got["κ"]["gain"] == pytest.approx(0.10)
     assert got["α"]["best"] == "32" and not got["α"]["change"] and got["α"]["gain"] == pytest.approx(0.02)
     assert got["lr"] == {"best": "0.002", "default": "0.002", "gain": 0.0, "change": False}
+
+
+def test_packaged_defaults_follow_the_recorded_sweep():
+    """benchmarks/results/sweep_cpu.json (written by `python -m benchmarks.quality --sweep`, README
+    "Choosing κ…") decides the packaged defaults by implied_defaults' rule: a changed default
+    without a new sweep, or a sweep result not carried into the configs, fails here."""
+    recorded = json.loads((quality.REPO / "benchmarks" / "results" / "sweep_cpu.json").read_text())
+    implied = implied_defaults(recorded["rows"])
+    factor_key = {factor: name for factor, (_, name, _) in quality.SWEEP.items()}
+    assert set(implied) == set(factor_key)
+    for factor, decision in implied.items():
+        key = factor_key[factor]
+        wanted = decision["best"] if decision["change"] else decision["default"]
+        assert str(recorded["header"]["centre"][key]) == decision["default"]  # the sweep centred on what it says
+        assert str(quality.SWEEP_DEFAULTS[key]) == wanted, (factor, quality.SWEEP_DEFAULTS[key], decision)
