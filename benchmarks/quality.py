@@ -341,10 +341,14 @@ def run_id(parts: Dict[str, Any]) -> str:
 
 
 def config_fingerprint(cfg, out_dir: Path) -> str:
-    """The resolved config as text with the run's own directory (and the checkout) written
-    symbolically: equal for the same run in another workdir or clone, different when any value
-    that reaches the recipe changes."""
-    text = OmegaConf.to_yaml(cfg).replace(str(out_dir), "<run>").replace(str(REPO), "<repo>")
+    """The resolved config as text with the run's own directory, the model cache and the checkout
+    written symbolically: equal for the same run in another workdir, cache or clone (a benchmark
+    can run from a worktree pinned at one commit while the checkout changes), different when any
+    value that reaches the recipe changes."""
+    from torchtune_xgb.paths import cache_root
+
+    text = OmegaConf.to_yaml(cfg).replace(str(out_dir), "<run>").replace(str(cache_root()), "<cache>")
+    text = text.replace(str(REPO), "<repo>")
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
