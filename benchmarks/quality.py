@@ -37,6 +37,7 @@ failed run is tried again), so an interrupted full run continues where it stoppe
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import importlib.util
 import json
@@ -74,10 +75,15 @@ from benchmarks.common import (
 from benchmarks.quality_stats import curve_from_log, seconds_to_step, select_lr
 from torchtune_xgb.errors import ConfigError
 
+@functools.lru_cache(maxsize=None)
+def _packaged_config(config: str):
+    return OmegaConf.load(config_files()[config])
+
+
 def packaged(config: str, key: str):
     """A value of a packaged config (``key`` dotted), so labels and the sweep's centre follow the
     configs users run instead of a second copy of their defaults."""
-    return OmegaConf.select(OmegaConf.load(config_files()[config]), key)
+    return OmegaConf.select(_packaged_config(config), key)
 
 
 # name → (row, learning-rate grid: the first is the default, used without --grid)

@@ -8,7 +8,17 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from benchmarks.common import fmt, markdown_table
-from benchmarks.quality_stats import DEFAULT_MARGIN, bootstrap_interval, crossing_step, implied_defaults, mean_curve, median_curve, steps_to_reach, value_at, verdict
+from benchmarks.quality_stats import (
+    DEFAULT_MARGIN,
+    bootstrap_interval,
+    crossing_step,
+    implied_defaults,
+    mean_curve,
+    median_curve,
+    steps_to_reach,
+    value_at,
+    verdict,
+)
 
 REFERENCE = "lora_r8"
 ORDER = ["lora_r8", "full", "xgblora", "loraxs", "xgblora_xs"]

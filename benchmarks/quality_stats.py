@@ -107,16 +107,15 @@ def curve_from_log(lines: Sequence[MetricLine], em_key: str = "exact_match", los
     return curve
 
 
-def mean_curve(curves: Sequence[Curve], key: str = "exact_match") -> Dict[int, float]:
-    """``{step: mean over runs}`` at the steps every run has ``key`` at."""
+def mean_curve(curves: Sequence[Curve], key: str = "exact_match", reduce=statistics.mean) -> Dict[int, float]:
+    """``{step: reduce(values over runs)}`` (the mean by default) at the steps every run has ``key`` at."""
     steps = set.intersection(*({s for s, v in c.items() if key in v} for c in curves)) if curves else set()
-    return {s: statistics.mean(c[s][key] for c in curves) for s in sorted(steps)}
+    return {s: reduce([c[s][key] for c in curves]) for s in sorted(steps)}
 
 
 def median_curve(curves: Sequence[Curve], key: str) -> Dict[int, float]:
     """``{step: median over runs}`` at the steps every run has ``key`` at."""
-    steps = set.intersection(*({s for s, v in c.items() if key in v} for c in curves)) if curves else set()
-    return {s: statistics.median(c[s][key] for c in curves) for s in sorted(steps)}
+    return mean_curve(curves, key, reduce=statistics.median)
 
 
 def steps_to_reach(curve: Mapping[int, float], target: float, tolerance: float = 1e-9) -> Optional[int]:

@@ -61,3 +61,13 @@ def single_process_run(tmp_path_factory):
         return done[name]
 
     return run
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory, request):
+    """A module's own directory holding the tiny 2-layer model in HF format (tests/e2e_fixture.py)."""
+    from tests.e2e_fixture import make_tiny_model_dir
+
+    root = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+    make_tiny_model_dir(root)
+    return root

@@ -20,6 +20,8 @@ from tests.tiny_model import TINY, tiny_base
 from torchtune_xgb.hf_io import llama_hf_config, save_hf_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
+# the merged export a one-epoch run leaves, relative to its output_dir
+EXPORT = "epoch_0/model-00001-of-00001.safetensors"
 # the venv's own `tune`; else the one on PATH (a `pip install --target DIR` puts it in DIR/bin)
 _VENV_TUNE = Path(sys.executable).parent / "tune"
 TUNE = str(_VENV_TUNE) if _VENV_TUNE.exists() else (shutil.which("tune") or "tune")

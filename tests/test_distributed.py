@@ -32,7 +32,7 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.e2e_fixture import (
-    TUNE, kill_and_resume, losses, make_tiny_model_dir, read_metric, run_recipe, tiny_config, tiny_loraxs_config,
+    EXPORT, TUNE, kill_and_resume, losses, make_tiny_model_dir, read_metric, run_recipe, tiny_config, tiny_loraxs_config,
     tiny_nf4_config,
 )
 from tests.tiny_model import TINY
@@ -43,7 +43,6 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 GOLDEN_DIR = Path(__file__).parent / "golden"
 GOLDEN_XGB = json.loads((GOLDEN_DIR / "tiny_xgblora_losses.json").read_text())["losses"]
 GOLDEN_XS = json.loads((GOLDEN_DIR / "tiny_xgblora_xs_losses.json").read_text())["losses"]
-EXPORT = "epoch_0/model-00001-of-00001.safetensors"
 SELECTION_LOG_ENV = "TORCHTUNE_XGB_SELECTION_LOG"
 LOSS_REL = 1e-5
 WEIGHT_ATOL = 1e-5
@@ -78,13 +77,6 @@ def with_val_loss(cfg, root: Path):
                           "n_eval": 7, "data_dir": str(root / "val_data")}
     cfg["run_val_every_n_steps"] = 6
     return cfg
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dist")
-    make_tiny_model_dir(root)
-    return root
 
 
 @pytest.fixture(scope="module")

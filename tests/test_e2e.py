@@ -11,17 +11,9 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.tiny_model import TINY
-from tests.e2e_fixture import TUNE, kill_and_resume, losses, make_tiny_model_dir, read_metric, run_recipe, tiny_config
+from tests.e2e_fixture import EXPORT, TUNE, kill_and_resume, losses, make_tiny_model_dir, read_metric, run_recipe, tiny_config
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "tiny_xgblora_losses.json").read_text())["losses"]
-EXPORT = "epoch_0/model-00001-of-00001.safetensors"
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e")
-    make_tiny_model_dir(root)
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -9,20 +9,12 @@ from safetensors.torch import load_file
 from torchtune.models.convert_weights import hf_to_tune
 from torchtune.models.llama3_2._component_builders import llama3_2
 
-from tests.e2e_fixture import losses, make_tiny_model_dir, read_metric
+from tests.e2e_fixture import EXPORT, losses, make_tiny_model_dir, read_metric
 from tests.tiny_model import TINY
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "tiny_xgblora_xs_losses.json").read_text())["losses"]
-EXPORT = "epoch_0/model-00001-of-00001.safetensors"
 # q, v and the three MLP projections of both blocks, each with an r×r = 4×4 core
 MODULES = 2 * 5
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e_xs")
-    make_tiny_model_dir(root)
-    return root
 
 
 def test_boosted_loraxs_golden_losses_and_parameter_count(single_process_run):

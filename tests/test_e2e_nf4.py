@@ -7,17 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.e2e_fixture import kill_and_resume, losses, make_tiny_model_dir, read_metric, run_recipe, tiny_nf4_config
+from tests.e2e_fixture import EXPORT, kill_and_resume, losses, make_tiny_model_dir, read_metric, run_recipe, tiny_nf4_config
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "tiny_xgblora_nf4_losses.json").read_text())["losses"]
-EXPORT = "epoch_0/model-00001-of-00001.safetensors"
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e_nf4")
-    make_tiny_model_dir(root)
-    return root
 
 
 def test_nf4_golden_losses_kept_fraction_and_resume(root, single_process_run):

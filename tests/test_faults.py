@@ -17,18 +17,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.e2e_fixture import losses, make_tiny_model_dir, read_metric, run_recipe, tiny_config
+from tests.e2e_fixture import EXPORT, read_metric, run_recipe, tiny_config
 from torchtune_xgb.faults import FAULT_ENV
 
 pytestmark = pytest.mark.slow
-EXPORT = "epoch_0/model-00001-of-00001.safetensors"
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    make_tiny_model_dir(root)
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -9,18 +9,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.e2e_fixture import make_tiny_model_dir, tiny_config
+from tests.e2e_fixture import tiny_config
 from torchtune_xgb.errors import ConfigError, RunError
 from torchtune_xgb.guard import GuardConfig, TrainingGuard
 from torchtune_xgb.run_dir import acquire_lock, claim_output_dir
 from torchtune_xgb.validation import validate_config
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("checks")
-    make_tiny_model_dir(root)
-    return root
 
 
 BAD = [

@@ -18,17 +18,9 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from tests.e2e_fixture import make_tiny_model_dir, read_metric, run_recipe, tiny_config
+from tests.e2e_fixture import EXPORT, make_tiny_model_dir, read_metric, run_recipe, tiny_config
 from tests.tiny_model import TINY, tiny_base
 
-EXPORT = "epoch_0/model-00001-of-00001.safetensors"
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("periodic_eval")
-    make_tiny_model_dir(root)
-    return root
 
 
 def _val_dataset_cfg(root):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.e2e_fixture import make_tiny_model_dir, tiny_config
+from tests.e2e_fixture import tiny_config
 from torchtune_xgb import checkpointing
 from torchtune_xgb.errors import ConfigError, RunError
 from torchtune_xgb.faults import FAULT_ENV
@@ -115,13 +115,6 @@ def test_full_disk_while_saving_is_one_line_and_keeps_the_previous(tmp_path, mon
 
 
 # --- the run's identity: a resume must continue the same run -----------------------------------
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("identity")
-    make_tiny_model_dir(root)
-    return root
 
 
 def _checkpointed_cfg(root: Path, name: str):
