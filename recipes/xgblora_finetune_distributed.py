@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import sys
+import traceback
 from typing import Any, Dict, Iterator, Tuple
 
 import torch
@@ -219,10 +220,8 @@ class XGBLoRAFinetuneRecipeDistributed(BoostedRecipeMixin, _torchtune_lora.LoRAF
         """Close the metric logger and wait until every rank is past its last collective.
 
         Unlike torchtune's ``cleanup`` this does not destroy the process group: the worker ends
-        with ``os._exit`` right after (``leave_without_teardown``). Tearing gloo down while the
-        peer rank tears down its side aborted a finished run now and then ("terminate called
-        without an active exception", SIGABRT: once in CI, once in `make test` on a loaded machine);
-        after the barrier no rank has anything in flight, and process exit closes the sockets.
+        with ``os._exit`` right after (``leave_without_teardown`` says why); after the barrier no
+        rank has anything in flight, and process exit closes the sockets.
         """
         if self._is_rank_zero:
             self._metric_logger.close()
@@ -264,8 +263,13 @@ def recipe_main(cfg: DictConfig) -> None:
 
 
 def main() -> int:
-    """Run the recipe; the worker process then ends without interpreter teardown."""
-    code = run_entry_point(recipe_main)
+    """Run the recipe; the worker process then ends without interpreter teardown, whatever the
+    outcome (an unexpected exception is printed and ends the worker with code 1)."""
+    try:
+        code = run_entry_point(recipe_main)
+    except BaseException:  # noqa: B036 -- a traceback, then the same teardown-free exit
+        traceback.print_exc()
+        code = 1
     leave_without_teardown(code)
     return code  # not reached
 
@@ -273,12 +277,16 @@ def main() -> int:
 def leave_without_teardown(code: int) -> None:
     """Flush everything and end the process with ``code``, skipping interpreter finalisation.
 
-    Why: the process group is never freed in-process (``destroy_process_group`` would not free it
-    either: DTensor's sharding caches keep it through ``DeviceMesh._pg_registry``), so its gloo
-    worker threads are alive at exit, and a C++ thread that touches Python while the interpreter
-    finalises is ended mid-destructor: SIGABRT after a run whose checkpoint and logs are complete
-    (upstream: pytorch/pytorch#179291). Everything the recipe writes is closed by now: ``cleanup``
-    closes the metric logger, the checkpointer and summary files are closed on write.
+    Why: gloo's worker thread frees each finished collective (the last ones: the barrier in
+    ``cleanup`` and the work it chains to) on its own schedule, and freeing one drops tensors
+    whose last reference is a Python object, which needs the GIL. If the main thread is by then
+    finalising the interpreter, that thread is ended mid-destructor and the process aborts
+    ("terminate called without an active exception", SIGABRT) after a run whose checkpoint and
+    logs are complete: about one run in fifty on 2 loaded cores, traced from a core dump
+    (ProcessGroupGloo::runLoop → ~AsyncBarrierWork → decref → take_gil → pthread_exit).
+    ``destroy_process_group`` does not prevent it (DTensor's sharding caches keep the group
+    through ``DeviceMesh._pg_registry``). Everything the recipe writes is closed by now:
+    ``cleanup`` closes the metric logger, the checkpointer and summary files are closed on write.
     """
     import logging
 

@@ -54,7 +54,9 @@ def run_entry_point(recipe_main: Callable[[], None]) -> int:
     (:class:`ConfigError`, a missing file) ends as one ``error:`` line and exit code 2; a run
     that cannot finish correctly (:class:`RunError`: divergence, a failed export, no intact
     checkpoint) as one ``error:`` line and exit code 1. ``TORCHTUNE_XGB_DEBUG=1`` adds the
-    traceback."""
+    traceback. Returns the exit code, also on success: torchtune's ``config.parse`` ends with
+    ``sys.exit``, whose ``SystemExit`` is turned into the code here so that the caller decides
+    how the process ends (the distributed worker must end without interpreter teardown)."""
     import os
     import traceback
 
@@ -68,4 +70,17 @@ def run_entry_point(recipe_main: Callable[[], None]) -> int:
             traceback.print_exc()
         print(f"error: {err}", file=sys.stderr)
         return 1 if isinstance(err, RunError) else 2
+    except SystemExit as done:
+        return exit_code(done)
     return 0
+
+
+def exit_code(done: SystemExit) -> int:
+    """The process exit code ``sys.exit`` would give: None → 0, an int as is, anything else
+    (a message) printed to stderr → 1."""
+    if done.code is None:
+        return 0
+    if isinstance(done.code, int):
+        return done.code
+    print(done.code, file=sys.stderr)
+    return 1
