@@ -72,7 +72,7 @@ from benchmarks.common import (
     tune_command,
     write_config,
 )
-from benchmarks.quality_stats import curve_from_log, seconds_to_step, select_lr
+from benchmarks.quality_stats import curve_from_log, seconds_to_step, select_lr, slow_runs
 from torchtune_xgb.errors import ConfigError
 
 @functools.lru_cache(maxsize=None)
@@ -387,8 +387,9 @@ def run_method(key: str, task: TaskSpec, lr: float, seed: int, setting: Setting,
     # reruns exactly the runs it affects instead of reusing a stale cached row
     ident = run_id({"key": key, "task": asdict(task), "lr": lr, "seed": seed, "setting": asdict(setting),
                     "overrides": overrides or {}, "curve": curve, "config": config_fingerprint(cfg, out_dir)})
-    if ident in cache.rows and not cache.rows[ident].get("failed"):  # a failed run is tried again
-        return cache.rows[ident]
+    cached = cache.rows.get(ident)
+    if cached and not cached.get("failed") and ident not in getattr(args, "rerun", ()):  # failed: tried again
+        return cached
     clean_dir(out_dir)
     result = run_subprocess(tune_command(method.recipe, write_config(cfg, out_dir / "config.yaml")), out_dir / "stdout.txt")
     row: Dict[str, Any] = {"id": ident, "method": method.name, "key": key, "task": task.name, "lr": lr, "seed": seed,
@@ -533,6 +534,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--every", type=int, default=None, help="curve interval in steps (preset: cpu 20, gpu 50)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--keep-checkpoints", action="store_true")
+    p.add_argument("--rerun-slow", action="store_true", help="run again the finished runs whose training took "
+                   "over 1.5x the median of their task and method (slowed by other work on the machine)")
     p.add_argument("--workdir", type=Path, default=REPO / "outputs" / "bench" / "quality")
     p.add_argument("--out", type=Path, default=None, help="write the report to OUT (.md), OUT.json and OUT.png")
     args = p.parse_args(argv)
@@ -574,6 +577,13 @@ def main(argv=None) -> int:
     lrs = {k: given.get(k, METHODS[k][1] if args.grid else METHODS[k][1][:1]) for k in methods}
     seeds = list(range(args.seeds))
     cache = RunCache(args.workdir / "runs.jsonl")
+    slow = slow_runs(cache.rows.values())
+    if slow and args.rerun_slow:
+        args.rerun = set(slow)
+        print(f"--rerun-slow: {len(slow)} finished runs took over 1.5x their median training time; rerunning those this command covers")
+    elif slow:
+        print(f"note: {len(slow)} finished runs took over 1.5x their median training time (other work on the "
+              "machine?); their seconds enter the time-to-quality medians, --rerun-slow runs them again")
     header = {"date": today(), "model": "tiny 2-layer test model" if setting.model == "tiny" else "SmolLM2-135M-Instruct", "hardware": hardware(setting.device), "setting": asdict(setting), "seeds": seeds,
               "tasks": [t.name for t in tasks], "grid": {k: lrs[k] for k in methods},
               "arithmetic": {t.name: t.arithmetic for t in tasks}}

@@ -170,6 +170,28 @@ def seconds_to_step(lines: Sequence[MetricLine], step: int, skip: int = 3) -> Op
     return statistics.median(intervals) * step + merges
 
 
+def slow_runs(rows: Iterable[Mapping], factor: float = 1.5, minimum: int = 3) -> List[str]:
+    """Ids of runs whose ``train_seconds`` exceed ``factor`` × the median of their group.
+
+    A group is one task, method and set of overrides (the learning rate and seed do not change the
+    cost of a step), judged only with at least ``minimum`` timed runs. Such a run shared the cores
+    with other work (a test suite beside a niced benchmark): its scores stand, its seconds do not.
+    """
+    groups: Dict[Tuple[str, str, str], List[Mapping]] = {}
+    for row in rows:
+        if row.get("failed") or not row.get("train_seconds"):
+            continue
+        key = (row["task"], row["key"], repr(sorted((row.get("overrides") or {}).items())))
+        groups.setdefault(key, []).append(row)
+    slow = []
+    for group in groups.values():
+        if len(group) < minimum:
+            continue
+        median = statistics.median(r["train_seconds"] for r in group)
+        slow += [r["id"] for r in group if r["train_seconds"] > factor * median]
+    return slow
+
+
 # --- defaults from the sweep ----------------------------------------------------------------
 # A packaged default moves only when another value beats it by more than this on the validation
 # exact match averaged over the sweep's families: at 100 items a single score's standard error is

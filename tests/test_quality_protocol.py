@@ -22,6 +22,7 @@ from benchmarks.quality_stats import (
     median_curve,
     seconds_to_step,
     select_lr,
+    slow_runs,
     steps_to_reach,
     value_at,
     verdict,
@@ -333,6 +334,24 @@ def test_tiny_run_configs_keep_one_round_loraxs_unboosted(tmp_path):
     assert plain.model.lora_rank == 16 and plain.model._component_.endswith("lora_llama3_2")
     full = quality.run_config("full", task, 1e-5, 0, tmp_path / "c", quick, args)
     assert full.model._component_.endswith("._component_builders.llama3_2") and "lora_rank" not in full.model
+
+
+def test_slow_runs_against_their_group_median():
+    def run(ident, seconds, task="a", key="xgblora", overrides=None, **extra):
+        return {"id": ident, "task": task, "key": key, "overrides": overrides or {}, "train_seconds": seconds, **extra}
+
+    rows = [
+        # median of 100, 110, 120, 400 is 115; 1.5 × 115 = 172.5: only 400 is slow (170 is not)
+        run("a1", 100), run("a2", 110), run("a3", 120), run("a4", 400), run("a5", 170, lr=0.004),
+        # another task: its own median (300, 310, 320 → 310), so 320 is not slow there
+        run("b1", 300, task="b"), run("b2", 310, task="b"), run("b3", 320, task="b"),
+        # a sweep variant (overrides) is its own group; two runs are too few to judge
+        run("c1", 100, overrides={"boost.steps_per_round": 5}), run("c2", 900, overrides={"boost.steps_per_round": 5}),
+        # failed and untimed rows neither count nor get flagged
+        run("d1", 5000, failed=True), run("d2", None),
+    ]
+    assert slow_runs(rows) == ["a4"]
+    assert sorted(slow_runs(rows, minimum=2)) == ["a4", "c2"]
 
 
 def test_implied_defaults_need_a_margin_on_val():
