@@ -72,7 +72,7 @@ from benchmarks.common import (
     tune_command,
     write_config,
 )
-from benchmarks.quality_stats import curve_from_log, seconds_to_step, select_lr, slow_runs
+from benchmarks.quality_stats import curve_from_log, lr_past_edge, seconds_to_step, select_lr, slow_runs
 from torchtune_xgb.errors import ConfigError
 
 @functools.lru_cache(maxsize=None)
@@ -460,9 +460,13 @@ def base_row(task: TaskSpec, setting: Setting, args, cache: RunCache) -> Dict[st
     return row
 
 
+EDGE_STEPS = 2  # at most this many learning rates tried past the edge of a grid the best sits on
+
+
 def protocol(tasks: List[TaskSpec], methods: List[str], lrs: Dict[str, List[float]], seeds: List[int],
              setting: Setting, args, cache: RunCache) -> List[Dict[str, Any]]:
-    """All runs of the protocol: per task and method, the LR grid on the first seed, then the rest."""
+    """All runs of the protocol: per task and method, the LR grid on the first seed (extended past
+    an edge the val-best LR sits on, up to ``EDGE_STEPS`` values), then the other seeds at the best."""
     rows = []
     for task in tasks:
         rows.append(base_row(task, setting, args, cache))
@@ -471,6 +475,13 @@ def protocol(tasks: List[TaskSpec], methods: List[str], lrs: Dict[str, List[floa
             print(f"{task.name} / {METHODS[key][0].name}: lr grid {grid}, seeds {seeds}")
             runs = [run_method(key, task, lr, seeds[0], setting, args, cache) for lr in grid]
             best = select_lr(runs) if len(grid) > 1 else grid[0]
+            for _ in range(EDGE_STEPS if len(grid) > 1 else 0):
+                beyond = lr_past_edge([r["lr"] for r in runs], best) if best is not None else None
+                if beyond is None:
+                    break
+                print(f"  best lr {best:g} is on the grid's edge: trying {beyond:g}")
+                runs.append(run_method(key, task, beyond, seeds[0], setting, args, cache))
+                best = select_lr(runs)
             for run in runs:
                 run["chosen"] = run["lr"] == best
             if best is not None:

@@ -185,7 +185,8 @@ def render_protocol(rows: List[Dict[str, Any]], header: Dict[str, Any], png: Opt
         "",
         f"Hardware: {header['hardware']}. {setting['steps']} steps, batch {setting['batch_size']}, dtype "
         f"{setting['dtype']}, seeds {header['seeds']}, the same data order per seed for every method; learning "
-        f"rate chosen on the validation split (first seed) from {header['grid']}; figures on the test split; 95% "
+        f"rate chosen on the validation split (first seed) from {header['grid']}, extended past a grid edge the best "
+        "sat on (grid table below); figures on the test split; 95% "
         "intervals bootstrap over seeds and test items; 'vs LoRA r=8': level when the intervals overlap. "
         f"Arithmetic families: {', '.join(arithmetic) or 'none'}.",
         "",

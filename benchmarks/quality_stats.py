@@ -88,6 +88,21 @@ def select_lr(runs: Iterable[Mapping]) -> Optional[float]:
     return min(by_lr, key=key)
 
 
+def lr_past_edge(tried: Iterable[float], best: float) -> Optional[float]:
+    """The next learning rate to try when ``best`` is the largest or smallest of ``tried``: one
+    geometric step past it (its ratio to the nearest tried value), to 3 significant digits.
+    None when ``best`` lies inside the tried range (or fewer than two values were tried).
+
+    A best value on the grid's edge says the optimum may lie beyond it; a reference tuned short
+    of its optimum would flatter the methods compared with it.
+    """
+    values = sorted(set(tried))
+    if len(values) < 2 or values[0] < best < values[-1]:
+        return None
+    inner = values[-2] if best == values[-1] else values[1]
+    return float(f"{best * best / inner:.3g}")
+
+
 # --- time-to-quality ------------------------------------------------------------------------
 Curve = Dict[int, Dict[str, float]]  # step → {"exact_match": …, "loss": …}
 

@@ -18,6 +18,7 @@ from benchmarks.quality_stats import (
     crossing_step,
     curve_from_log,
     implied_defaults,
+    lr_past_edge,
     mean_curve,
     median_curve,
     seconds_to_step,
@@ -334,6 +335,37 @@ def test_tiny_run_configs_keep_one_round_loraxs_unboosted(tmp_path):
     assert plain.model.lora_rank == 16 and plain.model._component_.endswith("lora_llama3_2")
     full = quality.run_config("full", task, 1e-5, 0, tmp_path / "c", quick, args)
     assert full.model._component_.endswith("._component_builders.llama3_2") and "lora_rank" not in full.model
+
+
+def test_lr_past_edge():
+    # top edge: 5e-5 is 2.5× its neighbour 2e-5, so one step on is 5e-5 × 2.5 = 1.25e-4
+    assert lr_past_edge([2e-5, 1e-5, 5e-5], 5e-5) == 1.25e-4
+    # bottom edge: 1e-5 is half of 2e-5, so 5e-6
+    assert lr_past_edge([2e-5, 1e-5, 5e-5], 1e-5) == 5e-6
+    # inside the range: nothing to add; after one extension the old edge is inside
+    assert lr_past_edge([2e-5, 1e-5, 5e-5], 2e-5) is None
+    assert lr_past_edge([2e-5, 1e-5, 5e-5, 1.25e-4], 5e-5) is None
+    # 3 significant digits keep run ids stable: 4e-3 × 4e-3 / 1e-3 = 1.6e-2 (not 0.016000000000000004)
+    assert lr_past_edge([1e-3, 4e-3], 4e-3) == 0.016
+    assert lr_past_edge([3e-3], 3e-3) is None
+
+
+def test_protocol_extends_the_grid_past_an_edge_best(monkeypatch):
+    """protocol(): with val exact match rising with the LR up to 1e-3, the grid [1e-5, 1e-4] is
+    extended to 1e-3 (best, still the edge), then 1e-2 (worse): 1e-3 is chosen and its seeds run."""
+    calls = []
+
+    def fake_run(key, task, lr, seed, setting, args, cache):
+        calls.append((lr, seed))
+        return {"lr": lr, "seed": seed, "val_exact_match": {1e-5: 0.1, 1e-4: 0.2, 1e-3: 0.4, 1e-2: 0.3}[lr],
+                "val_loss": 1.0}
+
+    monkeypatch.setattr(quality, "run_method", fake_run)
+    monkeypatch.setattr(quality, "base_row", lambda *a: {"key": "base"})
+    task = quality.task_specs(["strings"], [])[0]
+    rows = quality.protocol([task], ["full"], {"full": [1e-5, 1e-4]}, [0, 1, 2], None, None, None)
+    assert calls == [(1e-5, 0), (1e-4, 0), (1e-3, 0), (1e-2, 0), (1e-3, 1), (1e-3, 2)]
+    assert [r["lr"] for r in rows[1:] if r["chosen"]] == [1e-3, 1e-3, 1e-3]
 
 
 def test_slow_runs_against_their_group_median():
