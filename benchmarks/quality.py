@@ -591,7 +591,8 @@ def main(argv=None) -> int:
     slow = slow_runs(cache.rows.values())
     if slow and args.rerun_slow:
         args.rerun = set(slow)
-        print(f"--rerun-slow: {len(slow)} finished runs took over 1.5x their median training time; rerunning those this command covers")
+        print(f"--rerun-slow: {len(slow)} finished runs took over 1.5x their median training time; "
+              "rerunning those this command covers")
     elif slow:
         print(f"note: {len(slow)} finished runs took over 1.5x their median training time (other work on the "
               "machine?); their seconds enter the time-to-quality medians, --rerun-slow runs them again")

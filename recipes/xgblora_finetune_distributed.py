@@ -282,7 +282,7 @@ def leave_without_teardown(code: int) -> None:
     whose last reference is a Python object, which needs the GIL. If the main thread is by then
     finalising the interpreter, that thread is ended mid-destructor and the process aborts
     ("terminate called without an active exception", SIGABRT) after a run whose checkpoint and
-    logs are complete: about one run in fifty on 2 loaded cores, traced from a core dump
+    logs are complete: 2 runs in about 60 on 2 loaded cores, traced from a core dump
     (ProcessGroupGloo::runLoop → ~AsyncBarrierWork → decref → take_gil → pthread_exit).
     ``destroy_process_group`` does not prevent it (DTensor's sharding caches keep the group
     through ``DeviceMesh._pg_registry``). Everything the recipe writes is closed by now:
