@@ -72,7 +72,7 @@ from benchmarks.common import (
     tune_command,
     write_config,
 )
-from benchmarks.quality_stats import curve_from_log, lr_past_edge, seconds_to_step, select_lr, slow_runs
+from benchmarks.quality_stats import SLOW_FACTOR, curve_from_log, lr_past_edge, seconds_to_step, select_lr, slow_runs
 from torchtune_xgb.errors import ConfigError
 
 @functools.lru_cache(maxsize=None)
@@ -475,7 +475,7 @@ def protocol(tasks: List[TaskSpec], methods: List[str], lrs: Dict[str, List[floa
             print(f"{task.name} / {METHODS[key][0].name}: lr grid {grid}, seeds {seeds}")
             runs = [run_method(key, task, lr, seeds[0], setting, args, cache) for lr in grid]
             best = select_lr(runs) if len(grid) > 1 else grid[0]
-            for _ in range(EDGE_STEPS if len(grid) > 1 else 0):
+            for _ in range(EDGE_STEPS):  # a one-value grid has no edge (lr_past_edge: None)
                 beyond = lr_past_edge([r["lr"] for r in runs], best) if best is not None else None
                 if beyond is None:
                     break
@@ -546,7 +546,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--keep-checkpoints", action="store_true")
     p.add_argument("--rerun-slow", action="store_true", help="run again the finished runs whose training took "
-                   "over 1.5x the median of their task and method (slowed by other work on the machine)")
+                   f"over {SLOW_FACTOR}x the median of their task and method (slowed by other work on the machine)")
     p.add_argument("--workdir", type=Path, default=REPO / "outputs" / "bench" / "quality")
     p.add_argument("--out", type=Path, default=None, help="write the report to OUT (.md), OUT.json and OUT.png")
     args = p.parse_args(argv)
@@ -591,10 +591,10 @@ def main(argv=None) -> int:
     slow = slow_runs(cache.rows.values())
     if slow and args.rerun_slow:
         args.rerun = set(slow)
-        print(f"--rerun-slow: {len(slow)} finished runs took over 1.5x their median training time; "
+        print(f"--rerun-slow: {len(slow)} finished runs took over {SLOW_FACTOR}x their median training time; "
               "rerunning those this command covers")
     elif slow:
-        print(f"note: {len(slow)} finished runs took over 1.5x their median training time (other work on the "
+        print(f"note: {len(slow)} finished runs took over {SLOW_FACTOR}x their median training time (other work on the "
               "machine?); their seconds enter the time-to-quality medians, --rerun-slow runs them again")
     header = {"date": today(), "model": "tiny 2-layer test model" if setting.model == "tiny" else "SmolLM2-135M-Instruct", "hardware": hardware(setting.device), "setting": asdict(setting), "seeds": seeds,
               "tasks": [t.name for t in tasks], "grid": {k: lrs[k] for k in methods},

@@ -185,7 +185,10 @@ def seconds_to_step(lines: Sequence[MetricLine], step: int, skip: int = 3) -> Op
     return statistics.median(intervals) * step + merges
 
 
-def slow_runs(rows: Iterable[Mapping], factor: float = 1.5, minimum: int = 3) -> List[str]:
+SLOW_FACTOR = 1.5  # a run this many times its group's median training time shared the cores
+
+
+def slow_runs(rows: Iterable[Mapping], factor: float = SLOW_FACTOR, minimum: int = 3) -> List[str]:
     """Ids of runs whose ``train_seconds`` exceed ``factor`` × the median of their group.
 
     A group is one task, method and set of overrides (the learning rate and seed do not change the

@@ -410,9 +410,26 @@ def test_shard_local_merge_and_optimizer_reset_equal_one_device(tmp_path):
             assert torch.equal(got["lora_a"][name], reference["lora_a"][name]), name  # re-init: same draw
 
 
-@pytest.mark.parametrize("ending, code", [("return None", 0), ("raise RunError('diverged')", 1),
-                                          ("raise ValueError('bug')", 1), ("sys.exit(5)", 5)])
-def test_worker_main_always_leaves_through_os_exit(tmp_path, monkeypatch, ending, code):
+def _returns(cfg):
+    return None
+
+
+def _diverges(cfg):
+    from torchtune_xgb.errors import RunError
+
+    raise RunError("diverged")
+
+
+def _has_a_bug(cfg):
+    raise ValueError("bug")
+
+
+def _exits_5(cfg):
+    raise SystemExit(5)
+
+
+@pytest.mark.parametrize("body, code", [(_returns, 0), (_diverges, 1), (_has_a_bug, 1), (_exits_5, 5)])
+def test_worker_main_always_leaves_through_os_exit(tmp_path, monkeypatch, body, code):
     """``xgblora_finetune_distributed.main`` reaches ``os._exit`` with the recipe's code however
     the recipe ends, including a normal return through torchtune's ``config.parse`` (which
     raises ``SystemExit``)."""
@@ -421,14 +438,11 @@ def test_worker_main_always_leaves_through_os_exit(tmp_path, monkeypatch, ending
 
     import xgblora_finetune_distributed as worker
     from torchtune import config
-    from torchtune_xgb.errors import RunError
 
-    namespace = {"sys": sys, "RunError": RunError}
-    exec(f"def body(cfg):\n    {ending}\n", namespace)
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text("seed: 0\n")
     monkeypatch.setattr(sys, "argv", ["xgblora_finetune", "--config", str(cfg_path)])
-    monkeypatch.setattr(worker, "recipe_main", config.parse(namespace["body"]))
+    monkeypatch.setattr(worker, "recipe_main", config.parse(body))
 
     class Left(BaseException):
         pass
