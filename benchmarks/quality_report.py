@@ -220,31 +220,50 @@ def render_protocol(rows: List[Dict[str, Any]], header: Dict[str, Any], png: Opt
     return "\n".join(text)
 
 
+PANELS = (("curve", "exact_match", "test exact match"), ("loss_curve", "loss", "test loss (per token)"))
+
+
+def curve_series(summary: Dict[str, Dict[str, Any]]) -> List[Dict[str, Dict[str, List[float]]]]:
+    """What one task's column of the plot draws, one ``{method name: (steps, values)}`` per row of
+    ``PANELS``: the seed-mean test exact match, then the test loss, with the untrained model
+    (``base``) as step 0."""
+    base = summary.get("base")
+    rows = []
+    for curve_key, base_key, _ in PANELS:
+        series = {}
+        for key in [k for k in ORDER if k in summary and not summary[k].get("failed") and summary[k][curve_key]]:
+            curve = dict(summary[key][curve_key])
+            if base:
+                curve = {0: base[base_key][0], **curve}
+            steps = sorted(curve)
+            series[summary[key]["method"]] = (steps, [curve[s] for s in steps])
+        rows.append(series)
+    return rows
+
+
 def plot_curves(summaries: Dict[str, Dict[str, Dict[str, Any]]], png: Path) -> Path:
-    """Seed-mean test exact match vs step, one panel per task; XGBLoRA's merges as dotted lines."""
+    """Seed-mean test exact match (top row) and test loss (bottom row) vs step, one column per
+    task (``curve_series``); XGBLoRA's merges as dotted lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     tasks = list(summaries)
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), dpi=100, squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        summary = summaries[task]
-        base = summary.get("base")
-        for key in [k for k in ORDER if k in summary and not summary[k].get("failed") and summary[k]["curve"]]:
-            curve = dict(summary[key]["curve"])
-            if base:
-                curve = {0: base["exact_match"][0], **curve}
-            steps = sorted(curve)
-            ax.plot(steps, [curve[s] for s in steps], marker="o", ms=3, label=summary[key]["method"])
-        xgb = summary.get("xgblora")
-        for i, step in enumerate((xgb or {}).get("merges", [])):
-            ax.axvline(step, color="tab:red", ls=":", lw=0.8, alpha=0.6, label="XGBLoRA merge" if i == 0 else None)
-        ax.set_title(task)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("test exact match")
-        ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(len(PANELS), len(tasks), figsize=(4.2 * len(tasks), 6.6), dpi=100, squeeze=False,
+                             sharex="col")
+    for col, task in enumerate(tasks):
+        merges = (summaries[task].get("xgblora") or {}).get("merges", [])
+        for row, series in enumerate(curve_series(summaries[task])):
+            ax = axes[row][col]
+            for name, (steps, values) in series.items():
+                ax.plot(steps, values, marker="o", ms=3, label=name)
+            for i, step in enumerate(merges):
+                ax.axvline(step, color="tab:red", ls=":", lw=0.8, alpha=0.6, label="XGBLoRA merge" if i == 0 else None)
+            ax.set_ylabel(PANELS[row][2])
+            ax.grid(alpha=0.3)
+        axes[0][col].set_title(task)
+        axes[-1][col].set_xlabel("optimizer step")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from benchmarks import quality
-from benchmarks.quality_report import render_protocol, summarise, time_to_quality
+from benchmarks.quality_report import curve_series, plot_curves, render_protocol, summarise, time_to_quality
 from benchmarks.quality_stats import (
     bootstrap_interval,
     crossing_step,
@@ -187,6 +187,19 @@ def test_report_tables_and_goals():
     assert "- n/a: XGBLoRA reaches LoRA r=8's final exact match in ≤ 0.8× its steps" in text
     assert "- PASS: LoRA-XS within 2 points of LoRA r=8 — dates +0.0 points" in text
     assert "| dates | torchtune LoRA r=8 | 0.003 | 10.0% | 1.000 |  |" in text  # grid: val figures, not chosen
+
+
+def test_curve_plot_draws_exact_match_and_loss_from_the_untrained_model(tmp_path):
+    rows = _rows()
+    for row in rows[1:]:  # a loss point beside every exact-match point: 1.5 at step 20, seed 1 lower
+        row["curve"]["20"]["loss"] = 1.5 - 0.25 * row["seed"]
+    em, loss = curve_series(summarise(rows)["dates"])
+    # step 0 is the untrained model: 0% exact match, item losses all 2.0 → token mean 2.0
+    assert em["XGBLoRA r=1 boosted"] == ([0, 20], [0.0, 1.0]) and em["torchtune LoRA r=8"] == ([0, 20], [0.0, 0.0])
+    assert loss["LoRA-XS r=16"] == ([0, 20], [2.0, 1.375])  # seed mean of 1.5 and 1.25
+    assert list(loss) == ["torchtune LoRA r=8", "XGBLoRA r=1 boosted", "LoRA-XS r=16"]  # the table's order
+    png = plot_curves(summarise(rows), tmp_path / "curves.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_plain_model_of_the_tiny_lora_config():
