@@ -220,3 +220,32 @@ def test_merge_rate_nan_is_refused_before_loading(root, tmp_path):
     assert result.returncode == 2
     assert _errors(result) == ["error: boost.merge_rate: must be a finite number, got nan"]
     assert not (tmp_path / "nan_rate").exists() or not any((tmp_path / "nan_rate").iterdir())
+
+
+def test_a_resume_on_changed_base_weights_is_refused_before_loading_and_the_original_resumes(reference, tmp_path):
+    """The base is read again on resume: other bytes there would continue the run on weights it never saw."""
+    from safetensors.torch import save_file
+
+    from tests.e2e_fixture import make_tiny_model_dir
+
+    weights = make_tiny_model_dir(tmp_path) / "model.safetensors"  # a base of this test's own to change
+    out = tmp_path / "base_changed"
+    cfg = tiny_config(tmp_path, out)
+    killed = run_recipe(cfg, tmp_path, env_extra={FAULT_ENV: "kill:mid_step:8"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    original = weights.read_bytes()
+    tensors = load_file(weights)
+    tensors = {k: v + 0.01 if "layers.0.self_attn.q_proj" in k else v for k, v in tensors.items()}
+    save_file(tensors, weights, metadata={"format": "pt"})  # a different base, same names and shapes
+    before = _tree(out)
+    refused = run_recipe(cfg, tmp_path, "resume_from_checkpoint=True")
+    assert refused.returncode == 2
+    (line,) = _errors(refused)
+    assert line.startswith("error: checkpointer.checkpoint_dir: the base weights changed") and "model.safetensors (other bytes)" in line
+    assert "Model is initialized" not in refused.stderr + refused.stdout
+    assert _tree(out) == before and not (out / "epoch_0").exists() and not (out / "xgb_summary.json").exists()
+    weights.write_bytes(original)
+    resumed = run_recipe(cfg, tmp_path, "resume_from_checkpoint=True")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resumed at step 6" in resumed.stderr + resumed.stdout
+    _same_run(out, reference)

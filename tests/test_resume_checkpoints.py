@@ -5,18 +5,22 @@ saving, and every changed-config resume the reliability issue found. The end-to-
 (a real run killed, corrupted and resumed) are in test_faults.py.
 """
 
+import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
 
 from tests.e2e_fixture import tiny_config
 from torchtune_xgb import checkpointing
 from torchtune_xgb.errors import ConfigError, RunError
 from torchtune_xgb.faults import FAULT_ENV
-from torchtune_xgb.run_identity import run_identity
+from torchtune_xgb.base_fingerprint import base_checkpoint_files, sampled_fingerprint
+from torchtune_xgb.run_identity import BASE_KEY, run_identity
 from torchtune_xgb.validation import validate_resume
 
 
@@ -190,3 +194,88 @@ def test_a_changed_local_data_file_is_a_different_run(root, tmp_path):
     data.write_text(json.dumps([{"input": "a", "output": "c"}]))  # same name, other content
     with pytest.raises(ConfigError, match=r"dataset.data_files#sha256"):
         validate_resume(cfg)
+
+
+# --- the base weights: a resume rebuilds W0 from checkpointer.checkpoint_dir --------------------
+
+
+def test_the_base_fingerprint_reads_samples_of_large_files_and_all_of_small_ones(tmp_path):
+    small = tmp_path / "small.bin"
+    small.write_bytes(b"weights" * 1000)
+    expected = hashlib.sha256(b"7000" + b"weights" * 1000).hexdigest()  # the size, then every byte
+    assert sampled_fingerprint(small) == f"7000:{expected}"
+
+    big = tmp_path / "big.safetensors"
+    size = 40 << 20
+    data = bytearray(torch.randint(0, 256, (size,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).numpy().tobytes())
+    big.write_bytes(data)
+    before = sampled_fingerprint(big)
+    copy = tmp_path / "copy.safetensors"
+    shutil.copy(big, copy)  # other timestamps, same bytes: the same base
+    assert sampled_fingerprint(copy) == before
+
+    def changed_at(offset: int) -> str:
+        edited = bytearray(data)
+        edited[offset] ^= 0xFF
+        big.write_bytes(edited)
+        return sampled_fingerprint(big)
+
+    # the header region, a sampled block (the 10th of 64 evenly spaced after the first MiB), the tail
+    stride = (size - (2 << 20)) // 64
+    for offset in (100, (1 << 20) + 10 * stride + 5, size - 1):
+        assert changed_at(offset) != before, offset
+    # the documented limit: a byte between two samples is not read
+    assert changed_at((1 << 20) + 10 * stride + (64 << 10) + 1000) == before
+    big.write_bytes(data[:-1])  # one byte shorter
+    assert sampled_fingerprint(big) != before
+
+
+def test_base_files_in_torchtunes_two_forms(tmp_path):
+    formatted = OmegaConf.create({"checkpoint_dir": str(tmp_path), "checkpoint_files": {
+        "filename_format": "model-{}-of-{}.safetensors", "max_filename": "00003"}})
+    assert [p.name for p in base_checkpoint_files(formatted)] == [
+        "model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors"]
+    listed = OmegaConf.create({"checkpoint_dir": str(tmp_path), "checkpoint_files": ["a.safetensors", "b.safetensors"]})
+    assert base_checkpoint_files(listed) == [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    with pytest.raises(ConfigError, match="^checkpointer.checkpoint_files: "):
+        base_checkpoint_files(OmegaConf.create({"checkpoint_dir": str(tmp_path), "checkpoint_files": {"max_filename": "2"}}))
+
+
+@pytest.fixture
+def private_base(tmp_path):
+    """A copy of the tiny model that a test may change (the module's ``root`` is shared)."""
+    from tests.e2e_fixture import make_tiny_model_dir
+
+    make_tiny_model_dir(tmp_path)
+    return tmp_path
+
+
+def test_a_resume_on_changed_base_weights_is_refused_in_one_line(private_base):
+    cfg = _checkpointed_cfg(private_base, "base")
+    weights = Path(cfg.checkpointer.checkpoint_dir) / "model.safetensors"
+    original = weights.read_bytes()
+    assert validate_resume(cfg).path.name == "step_00000006"
+    tensors = load_file(weights)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 0.01  # e.g. a merged model saved over its own base
+    save_file(tensors, weights)
+    with pytest.raises(ConfigError) as err:
+        validate_resume(cfg)
+    message = str(err.value)
+    assert message.startswith("checkpointer.checkpoint_dir: the base weights changed") and "\n" not in message
+    assert "model.safetensors (other bytes)" in message and "step_00000006" in message
+    weights.unlink()
+    with pytest.raises(ConfigError, match=r"model.safetensors \(missing\)"):
+        validate_resume(cfg)
+    weights.write_bytes(original)  # the same bytes again (new timestamps): the same run
+    assert validate_resume(cfg).path.name == "step_00000006"
+
+
+def test_a_checkpoint_from_before_base_fingerprints_resumes_with_a_warning(private_base, caplog):
+    cfg = _checkpointed_cfg(private_base, "older")
+    out = Path(cfg.output_dir)
+    older = {k: v for k, v in run_identity(cfg).items() if k != BASE_KEY}
+    _save(out, 9, 9.0, run=older)
+    with caplog.at_level("WARNING"):
+        assert validate_resume(cfg).path.name == "step_00000009"
+    assert "without a fingerprint of the base weights" in caplog.text

@@ -4,7 +4,8 @@ A resume continues the run that wrote the checkpoint, step for step. If the conf
 anything that defines that run — method, rank, alpha, target modules, the ``adapter:`` and
 ``boost:`` blocks, optimizer and scheduler, batch size, gradient accumulation, the dataset (its
 config and the bytes of any local file it names), dtype, epochs and max steps, seed, the base
-checkpoint, the number of processes — the continuation would silently be a different run. The
+checkpoint (its path, and a fingerprint of its files: base_fingerprint.py), the number of
+processes — the continuation would silently be a different run. The
 identity is the resolved config flattened to dotted keys, minus the keys that only say where
 output goes, how often to log or save, what to evaluate, or how to execute (device, compile,
 activation checkpointing), which may change freely.
@@ -21,7 +22,12 @@ from typing import Any, Dict, Iterable, List, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
+from torchtune import utils
+
+from torchtune_xgb.base_fingerprint import base_fingerprints
 from torchtune_xgb.errors import ConfigError
+
+log = utils.get_logger("INFO")
 
 # Keys (and key prefixes) that do not define the run: output, logging, saving, evaluation, execution.
 FREE_KEYS = (
@@ -35,6 +41,8 @@ FREE_KEYS = (
 )
 # Keys a resume may change when it names them in resume_allow_changes.
 CHANGEABLE_ON_REQUEST = ("optimizer.", "lr_scheduler.", "clip_grad_norm", "world_size")
+# The base files' fingerprints: checked on their own, with a message about the files, not the config.
+BASE_KEY = "checkpointer#base_weights"
 _HASH_LIMIT = 1 << 30  # files above 1 GiB: size and the first and last MiB, not every byte
 
 
@@ -86,6 +94,8 @@ def run_identity(cfg: DictConfig, world_size: int = 1) -> Dict[str, Any]:
             prints = [file_fingerprint(p) for p in _data_files(value)]
             if prints:
                 identity[f"{key}#sha256"] = prints
+    if cfg.get("checkpointer") is not None:
+        identity[BASE_KEY] = base_fingerprints(cfg.checkpointer)
     identity["world_size"] = world_size
     return identity
 
@@ -119,6 +129,7 @@ def check_resume_identity(saved: Dict[str, Any], current: Dict[str, Any], allowe
     refused = [
         (key, a, b)
         for key, a, b in differences(saved, current)
+        if key != BASE_KEY
         if not any(key == k or key.startswith(k + ".") or key.startswith(k + "#") for k in allowed)
     ]
     if refused:
@@ -128,4 +139,23 @@ def check_resume_identity(saved: Dict[str, Any], current: Dict[str, Any], allowe
         raise ConfigError(
             f"resume_from_checkpoint: the config differs from the run that wrote {checkpoint} in {listed}; "
             f"a resume must continue the same run (choose another output_dir for a new one){hint}"
+        )
+    _check_base_weights(saved, current, checkpoint)  # after the config: a moved checkpoint_dir is said as such
+
+
+def _check_base_weights(saved: Dict[str, Any], current: Dict[str, Any], checkpoint: Path) -> None:
+    """The base files must be the bytes the checkpoint's run started from (base_fingerprint.py)."""
+    if BASE_KEY not in saved:  # written before base fingerprints were recorded
+        log.warning(f"{checkpoint}: written without a fingerprint of the base weights; "
+                    "resuming without checking that checkpointer.checkpoint_dir holds the same files")
+        return
+    before, now = saved[BASE_KEY], current.get(BASE_KEY, {})
+    changed = sorted(name for name in set(before) | set(now) if before.get(name) != now.get(name))
+    if changed:
+        what = ", ".join(f"{name} ({'new' if name not in before else 'missing' if name not in now else 'other bytes'})"
+                         for name in changed)
+        raise ConfigError(
+            f"checkpointer.checkpoint_dir: the base weights changed since the run that wrote {checkpoint} started "
+            f"({what}); a resume rebuilds the model from these files and would continue on weights the run never "
+            "saw: restore the original files, or start a new run in another output_dir"
         )

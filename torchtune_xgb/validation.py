@@ -16,6 +16,7 @@ from torchtune_xgb.errors import ConfigError
 from torchtune_xgb.eval_config import validate_eval_config
 from torchtune_xgb.paths import check_prepared
 from torchtune_xgb.periodic_eval import validate_periodic_eval_config
+from torchtune_xgb.base_fingerprint import base_checkpoint_files
 from torchtune_xgb.run_identity import check_resume_identity, run_identity
 
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "output_proj")
@@ -94,11 +95,9 @@ def validate_config(cfg: DictConfig) -> Tuple[BoostConfig, AdapterConfig]:
 
     ckpt = cfg.checkpointer
     check_prepared(ckpt.get("checkpoint_dir"))  # a model missing from the cache: how to prepare it
-    ckpt_dir = _existing(ckpt.get("checkpoint_dir"), "checkpointer.checkpoint_dir", "dir")
-    files = ckpt.get("checkpoint_files")
-    if isinstance(files, (list, ListConfig)):
-        for name in files:
-            _existing(ckpt_dir / str(name), "checkpointer.checkpoint_files")
+    _existing(ckpt.get("checkpoint_dir"), "checkpointer.checkpoint_dir", "dir")
+    for path in base_checkpoint_files(ckpt):  # a list, or torchtune's {filename_format, max_filename}
+        _existing(path, "checkpointer.checkpoint_files")
     tok_path = cfg.tokenizer.get("path")
     if tok_path is not None:
         _existing(tok_path, "tokenizer.path")
