@@ -81,6 +81,15 @@ class XGBLoRAFinetuneRecipeDistributed(BoostedRecipeMixin, _torchtune_lora.LoRAF
         dist.broadcast(flag, src=0)
         return bool(flag.item())
 
+    def _any_rank_signal(self, signum: int) -> int:
+        # every rank must stop at the same step: a signal that reached one rank stops them all
+        flag = torch.tensor([signum], device=self._device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+    def _wait_for_all_ranks(self) -> None:
+        dist.barrier()
+
     def _scale_grads(self, num_tokens: torch.Tensor) -> None:
         dist.all_reduce(num_tokens)  # in place: the step's loss is normalised by all ranks' tokens
         # FSDP2's reduce-scatter averages over ranks: multiply the world size back in

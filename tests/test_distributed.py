@@ -180,6 +180,31 @@ def test_resume_under_fsdp_matches_uninterrupted(root, fsdp):
         assert torch.allclose(a[key], b[key], rtol=0, atol=1e-6), key
 
 
+def test_sigterm_on_one_rank_stops_both_after_the_step_and_the_resume_matches_uninterrupted(root, fsdp):
+    """A pre-empted node: SIGTERM reaches rank 1 only, mid-step 8. Both ranks finish step 8, agree
+    to stop (an all-reduce of the request), save it and exit; the resume repeats the fsdp run."""
+    from torchtune_xgb.faults import FAULT_ENV, FAULT_RANK_ENV
+
+    out = root / "sigterm_rank1"
+    cfg = no_eval(tiny_config(root, out))
+    stopped = run_distributed(cfg, root, env_extra={FAULT_ENV: "term:mid_step:8", FAULT_RANK_ENV: "1"})
+    assert stopped.returncode != 0
+    errors = [line for line in stopped.stderr.splitlines() if line.startswith("error:")]
+    # every rank that is still running when it prints says so (torchrun stops the others once one exits)
+    assert errors and all(e.startswith("error: stopped by SIGTERM after step 8 of 12") for e in errors), errors
+    assert (out / "xgb_resume" / "latest").read_text().strip() == "step_00000008"
+    assert sorted(read_metric(out, "loss")) == list(range(1, 9))
+    assert not (out / "epoch_0").exists() and not (out / "xgb_summary.json").exists()
+    resumed = run_distributed(cfg, root, "resume_from_checkpoint=True")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "Resumed at step 8" in resumed.stderr + resumed.stdout
+    full, again = read_metric(fsdp, "loss"), read_metric(out, "loss")
+    assert [again[s] for s in range(1, 13)] == pytest.approx([full[s] for s in range(1, 13)], rel=1e-6)
+    a, b = load_file(fsdp / EXPORT), load_file(out / EXPORT)
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=0, atol=1e-6), key
+
+
 def test_boosted_loraxs_two_processes_match_one(root):
     out = root / "xs"
     # the explicit recipe name works as well as the dispatch from xgblora_finetune

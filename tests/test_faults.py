@@ -9,6 +9,7 @@ test runs unprivileged; the error path is the same OSError the kernel raises).
 
 import fcntl
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -248,4 +249,34 @@ def test_a_resume_on_changed_base_weights_is_refused_before_loading_and_the_orig
     resumed = run_recipe(cfg, tmp_path, "resume_from_checkpoint=True")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resumed at step 6" in resumed.stderr + resumed.stdout
+    _same_run(out, reference)
+
+
+@pytest.mark.parametrize(
+    "fault,code,stopped_at,saves",
+    [
+        ("term:mid_step:8", 143, 8, [3, 6, 8]),  # a scheduler pre-empts the job mid-step: step 8 finishes, saved
+        ("int:mid_step:12", 130, 12, [3, 6, 9, 12]),  # Ctrl-C in the last step: saved, no export; the resume writes it
+        ("term:after_step:6", 143, 6, [3, 6]),  # right after the save_every_n_steps checkpoint: no second save
+    ],
+)
+def test_sigterm_or_ctrl_c_finishes_the_step_saves_it_and_the_resume_equals_the_uninterrupted_run(
+        root, reference, tmp_path, fault, code, stopped_at, saves):
+    out = tmp_path / "stopped"
+    cfg = tiny_config(root, out)
+    stopped = run_recipe(cfg, root, env_extra={FAULT_ENV: fault})
+    assert stopped.returncode == code, stopped.stderr[-3000:]
+    (line,) = _errors(stopped)
+    name = "SIGTERM" if code == 143 else "SIGINT"
+    checkpoint = out / "xgb_resume" / f"step_{stopped_at:08d}"
+    assert line.startswith(f"error: stopped by {name} after step {stopped_at} of 12") and str(checkpoint) in line
+    assert "Traceback" not in stopped.stderr
+    # the interrupted step was trained, logged and saved; nothing after it; no export, no summary
+    assert sorted(read_metric(out, "loss")) == list(range(1, stopped_at + 1))
+    assert (out / "xgb_resume" / "latest").read_text().strip() == checkpoint.name
+    assert re.findall(r"Saved resume checkpoint \S+step_0*(\d+)", stopped.stderr) == [str(s) for s in saves]
+    assert not (out / "epoch_0").exists() and not (out / "xgb_summary.json").exists()
+    resumed = run_recipe(cfg, root, "resume_from_checkpoint=True")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resumed at step {stopped_at}" in resumed.stderr + resumed.stdout
     _same_run(out, reference)

@@ -53,7 +53,8 @@ def run_entry_point(recipe_main: Callable[[], None]) -> int:
     """Run a ``@config.parse`` recipe main with our config names resolved. A config mistake
     (:class:`ConfigError`, a missing file) ends as one ``error:`` line and exit code 2; a run
     that cannot finish correctly (:class:`RunError`: divergence, a failed export, no intact
-    checkpoint) as one ``error:`` line and exit code 1. ``TORCHTUNE_XGB_DEBUG=1`` adds the
+    checkpoint) as one ``error:`` line and exit code 1 (a stop on SIGTERM/Ctrl-C after its
+    resume checkpoint: 128 + the signal's number). ``TORCHTUNE_XGB_DEBUG=1`` adds the
     traceback. Returns the exit code, also on success: torchtune's ``config.parse`` ends with
     ``sys.exit``, whose ``SystemExit`` is turned into the code here so that the caller decides
     how the process ends (the distributed worker must end without interpreter teardown)."""
@@ -69,7 +70,7 @@ def run_entry_point(recipe_main: Callable[[], None]) -> int:
         if os.environ.get("TORCHTUNE_XGB_DEBUG"):
             traceback.print_exc()
         print(f"error: {err}", file=sys.stderr)
-        return 1 if isinstance(err, RunError) else 2
+        return getattr(err, "exit_code", 1) if isinstance(err, RunError) else 2
     except SystemExit as done:
         return exit_code(done)
     return 0

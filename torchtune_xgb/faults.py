@@ -1,8 +1,9 @@
 """Fault injection for the reliability tests: kill the process or fail a write at a named phase.
 
 ``TORCHTUNE_XGB_FAULT=ACTION:PHASE[:STEP]`` with ACTION ``kill`` (SIGKILL this process, as an OOM
-killer or a pre-empted node would) or ``enospc`` (raise ``OSError(ENOSPC)``, a full disk), at one
-of the phases the recipe announces with :func:`fault_point`:
+killer or a pre-empted node would), ``term`` / ``int`` (send this process SIGTERM, as a scheduler
+pre-empting the job does, or SIGINT, as Ctrl-C does) or ``enospc`` (raise ``OSError(ENOSPC)``, a
+full disk), at one of the phases the recipe announces with :func:`fault_point`:
 
 - ``mid_step``: after the forward/backward of a step, before the optimizer applies it;
 - ``after_step``: after a step (and its merge, if it ended a round);
@@ -15,7 +16,8 @@ of the phases the recipe announces with :func:`fault_point`:
 (:func:`fault_value`), as a diverged forward pass would.
 
 STEP, when given, restricts the fault to that global step (the step being trained for ``mid_step``,
-the step just finished otherwise). Without the variable nothing happens; the check is one dict
+the step just finished otherwise); ``TORCHTUNE_XGB_FAULT_RANK=R`` restricts it to the process of
+rank R under torchrun. Without the variable nothing happens; the check is one dict
 lookup.
 """
 
@@ -25,6 +27,8 @@ import signal
 from typing import Optional
 
 FAULT_ENV = "TORCHTUNE_XGB_FAULT"
+FAULT_RANK_ENV = "TORCHTUNE_XGB_FAULT_RANK"
+SIGNALS = {"term": signal.SIGTERM, "int": signal.SIGINT}
 # Older spelling kept for the existing resume tests: SIGKILL right after the given step.
 KILL_AT_STEP_ENV = "TORCHTUNE_XGB_KILL_AT_STEP"
 
@@ -37,6 +41,9 @@ def _configured(phase: str, step: Optional[int]) -> Optional[str]:
     action, _, rest = spec.partition(":")
     want_phase, _, want_step = rest.partition(":")
     if want_phase != phase or (want_step and str(step) != want_step):
+        return None
+    rank = os.environ.get(FAULT_RANK_ENV)
+    if rank is not None and os.environ.get("RANK", "0") != rank:
         return None
     return action
 
@@ -51,10 +58,12 @@ def fault_point(phase: str, step: Optional[int] = None) -> None:
         return
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    elif action in SIGNALS:
+        os.kill(os.getpid(), SIGNALS[action])
     elif action == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"<injected at {phase}>")
     else:
-        raise ValueError(f"{FAULT_ENV}: unknown action {action!r} (kill, enospc, nan, inf)")
+        raise ValueError(f"{FAULT_ENV}: unknown action {action!r} (kill, term, int, enospc, nan, inf)")
 
 
 def fault_value(phase: str, step: Optional[int] = None) -> float:

@@ -13,12 +13,13 @@ Mixed in front of torchtune's recipe class (loaded by path, see torchtune_recipe
   profiler, metric logger) plus the divergence guard before each step is applied (guard.py),
   the round hook, periodic evaluation, a progress bar that shows the round, mid-run checkpoints
   every ``save_every_n_steps`` and exact mid-epoch resume; a resume at an epoch's end writes an
-  export that never arrived;
+  export that never arrived; SIGTERM or Ctrl-C during the steps finishes the step, writes a
+  resume checkpoint and stops (stop_signal.py);
 - ``save_checkpoint``: exports the folded merged model in the checkpointer's format and the
   run's adapter, through a staging directory renamed into place (staged_export.py).
 
 Subclasses for other launch modes override the small hooks ``_scale_grads``, ``_reduce_loss``,
-``_is_main_process``, ``_rank0_decides``, ``_model_state_dict``, ``_merged_weights``,
+``_is_main_process``, ``_rank0_decides``, ``_any_rank_signal``, ``_wait_for_all_ranks``, ``_model_state_dict``, ``_merged_weights``,
 ``_optimizer_state_dict`` and ``_load_optimizer_state``.
 """
 import json
@@ -38,7 +39,7 @@ from tqdm import tqdm
 from torchtune_xgb.adapter_export import collect_run_factors, parse_export_config, write_adapter_dir
 from torchtune_xgb.boosting import Booster, RoundReport
 from torchtune_xgb.checkpointing import latest_resume_dir, load_resume_state, save_resume_state
-from torchtune_xgb.errors import ConfigError
+from torchtune_xgb.errors import ConfigError, StoppedBySignal
 from torchtune_xgb.export import clean_name, fold_merged_weights
 from torchtune_xgb.faults import KILL_AT_STEP_ENV, fault_point, fault_value  # noqa: F401 (KILL_AT_STEP_ENV: tests)
 from torchtune_xgb.guard import GuardConfig, TrainingGuard
@@ -50,6 +51,7 @@ from torchtune_xgb.run_identity import run_identity
 from torchtune_xgb.schedules import apply_round_restarts, set_scheduler_step
 from torchtune_xgb.sharding import local
 from torchtune_xgb.staged_export import export_complete, staged_export
+from torchtune_xgb.stop_signal import FORCE_AFTER_S, StopOnSignal, signal_name
 from torchtune_xgb.validation import validate_config, validate_resume
 
 log = utils.get_logger("INFO")
@@ -104,6 +106,13 @@ class BoostedRecipeMixin:
     def _rank0_decides(self, value: bool) -> bool:
         """``value`` as rank 0 sees it, on every rank (one process: as is)."""
         return value
+
+    def _any_rank_signal(self, signum: int) -> int:
+        """The largest stop-signal number any rank received (0: none; one process: as is)."""
+        return signum
+
+    def _wait_for_all_ranks(self) -> None:
+        """Return when every rank got here (one process: at once)."""
 
     def _scale_grads(self, num_tokens: torch.Tensor) -> None:
         training.scale_grads(self._model, 1 / num_tokens)
@@ -347,7 +356,6 @@ class BoostedRecipeMixin:
         pbar = tqdm(total=total_steps, initial=self.global_step, disable=not self._is_main_process())
         sampler = self._dataloader.sampler
         samples_per_step = self._gradient_accumulation_steps * self._dataloader.batch_size
-        t0 = time.perf_counter()
         with self._profiler as prof, _closing(pbar):  # an error line then starts on a line of its own
             for epoch in range(self.epochs_run, self.total_epochs):
                 done = self.global_step - epoch * self._steps_per_epoch
@@ -355,36 +363,68 @@ class BoostedRecipeMixin:
                 if done:  # mid-epoch resume: continue after the samples already trained on
                     sampler.load_state_dict({"yielded": done * samples_per_step})
                 batches = iter(self._dataloader)
-                for _ in range(done, self._steps_per_epoch):
-                    out = self._train_step(batches)
-                    self._last_loss = out["loss"]
-                    pbar.update(1)
-                    pbar.set_description(f"round {out['round']}|step {self.global_step}|loss {out['loss']:.4f}")
-                    if self.global_step % self._log_every_n_steps == 0:
-                        seconds = time.perf_counter() - t0
-                        log_dict = {
-                            "loss": out["loss"],
-                            "lr": out["lr"],
-                            "tokens_per_second_per_gpu": out["num_tokens"] / seconds,
-                            "round": out["round"],
-                            "trainable_params": out["trainable_params"],
-                        }
-                        if self._clip_grad_norm is not None:
-                            log_dict["grad_norm"] = out["grad_norm"]
-                        if self._device.type == "cuda" and self._log_peak_memory_stats:
-                            log_dict.update(training.get_memory_stats(device=self._device))
-                        self._metric_logger.log_dict(log_dict, step=self.global_step)
-                    if out["report"] is not None:
-                        self._log_round(out["report"])
-                    self._periodic_eval.after_step(self.global_step, total_steps)  # val_loss, exact_match
-                    if self._save_every and self.global_step % self._save_every == 0:
-                        self._save_resume()
-                    fault_point("after_step", self.global_step)
-                    prof.step()
-                    t0 = time.perf_counter()
+                # SIGTERM / Ctrl-C during the steps: finish the step, save, stop (stop_signal.py)
+                with StopOnSignal(self._log_stop_request) as stop:
+                    self._train_epoch_steps(batches, done, total_steps, pbar, prof, stop)
                 self.epochs_run += 1
                 self._end_epoch(epoch)
         self._finish()
+
+    def _train_epoch_steps(self, batches, done: int, total_steps: int, pbar, prof, stop: StopOnSignal) -> None:
+        """The optimizer steps ``done`` … end of the epoch, each logged, evaluated and saved as
+        configured; after each, a requested stop (any rank) saves and ends the run."""
+        t0 = time.perf_counter()
+        for _ in range(done, self._steps_per_epoch):
+            out = self._train_step(batches)
+            self._last_loss = out["loss"]
+            pbar.update(1)
+            pbar.set_description(f"round {out['round']}|step {self.global_step}|loss {out['loss']:.4f}")
+            if self.global_step % self._log_every_n_steps == 0:
+                seconds = time.perf_counter() - t0
+                log_dict = {
+                    "loss": out["loss"],
+                    "lr": out["lr"],
+                    "tokens_per_second_per_gpu": out["num_tokens"] / seconds,
+                    "round": out["round"],
+                    "trainable_params": out["trainable_params"],
+                }
+                if self._clip_grad_norm is not None:
+                    log_dict["grad_norm"] = out["grad_norm"]
+                if self._device.type == "cuda" and self._log_peak_memory_stats:
+                    log_dict.update(training.get_memory_stats(device=self._device))
+                self._metric_logger.log_dict(log_dict, step=self.global_step)
+            if out["report"] is not None:
+                self._log_round(out["report"])
+            self._periodic_eval.after_step(self.global_step, total_steps)  # val_loss, exact_match
+            if self._save_every and self.global_step % self._save_every == 0:
+                self._save_resume()
+            fault_point("after_step", self.global_step)
+            signum = self._any_rank_signal(stop.requested or 0)
+            if signum:
+                self._stop_for_signal(signum)
+            prof.step()
+            t0 = time.perf_counter()
+
+    def _log_stop_request(self, signum: int) -> None:
+        """Said at once (from the signal handler): a raw write on a line of its own, no lock that
+        the interrupted code (logging, the progress bar) could be holding."""
+        if self._is_main_process():
+            os.write(2, (f"\n{signal_name(signum)}: stopping after step {self.global_step + 1} with a resume checkpoint "
+                         f"(the same signal again, after {FORCE_AFTER_S:g} s, stops at once)\n").encode())
+
+    def _stop_for_signal(self, signum: int) -> None:
+        """Write a resume checkpoint of this step (unless the step just wrote one), then end the run."""
+        if self._last_resume_step != self.global_step:
+            self._save_resume()
+        # no rank leaves before rank 0 has written the checkpoint: torchrun stops the other
+        # workers as soon as one exits non-zero
+        self._wait_for_all_ranks()
+        total = self.total_epochs * self._steps_per_epoch
+        raise StoppedBySignal(
+            f"stopped by {signal_name(signum)} after step {self.global_step} of {total} (round {self._booster.round}); "
+            f"{self._last_good_checkpoint()} holds everything trained so far: resume_from_checkpoint=True continues the run",
+            signum,
+        )
 
     def _finish_interrupted_export(self) -> bool:
         """After a resume exactly at an epoch's end whose export never arrived (killed, or the disk
