@@ -34,6 +34,25 @@ def test_validate_accepts_a_good_config_and_names_the_key_of_a_bad_override(tmp_
     assert err == ["error: boost.steps_per_round: must be an integer ≥ 1, got 0"]
 
 
+def test_validate_merges_overrides_as_tune_run_does(tmp_path, empty_cache, capsys):
+    path = _tiny_yaml(tmp_path)
+    swap = "eval.examples._component_=torchtune_xgb.data.json_eval_examples"
+    assert main(["validate", str(path), swap]) == 2  # the file's data_dir stays: one line, with the way out
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: eval.examples.") and "json_eval_examples() has no argument" in err[0]
+    assert "remove it with ~eval.examples." in err[0]
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text('{"q": "1+1", "a": "2"}\n')
+    # torchtune's `~key` removal, as `tune run` applies it: the generated task's keys (split, data_dir, …)
+    removed = [f"~eval.examples.{k}" for k in yaml.safe_load(path.read_text())["eval"]["examples"] if k != "_component_"]
+    assert main(["validate", str(path), swap, *removed, f"eval.examples.path={mine}",
+                 "eval.examples.input_column=q", "eval.examples.output_column=a"]) == 0, capsys.readouterr().err
+    # `block=builder` sets a component block's _component_ (torchtune's shorthand), not the whole block
+    assert main(["validate", str(path), "optimizer=torch.optim.SGD"]) == 0, capsys.readouterr().err
+    assert main(["validate", str(path), "no_equals_sign"]) == 2
+    assert "Command-line overrides must be in the form of key=value" in capsys.readouterr().err
+
+
 def test_validate_resolves_packaged_names_and_the_cache_resolver(empty_cache, capsys):
     # the packaged config uses ${xgb_cache:…}; the model is not prepared in this empty cache
     assert main(["validate", "smollm2_135m_xgblora"]) == 2

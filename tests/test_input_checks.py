@@ -54,6 +54,40 @@ if not torch.cuda.is_available():
     BAD += [("device=cuda", "device"), ("boost.base_device=cuda", "boost.base_device")]
 
 
+BUILDER_ARGS = [
+    # a misspelt argument: the closest real one is named
+    ("optimizer.betas2=[0.9,0.99]", "error: optimizer.betas2: AdamW() has no argument 'betas2' (did you mean betas?)"),
+    ("lr_scheduler.num_warmup_step=3",
+     "error: lr_scheduler.num_warmup_step: get_cosine_schedule_with_warmup() has no argument 'num_warmup_step' "
+     "(did you mean num_warmup_steps?)"),
+    # what the recipe passes itself
+    ("optimizer.params=1", "error: optimizer.params: the recipe passes AdamW() its 'params' itself; remove the key"),
+    # a builder swapped by an override keeps the file's other keys (the tiny config's eval examples: split, …)
+    ("eval.examples._component_=torchtune_xgb.data.json_eval_examples",
+     "error: eval.examples.split: json_eval_examples() has no argument 'split' (it takes input_column, "
+     "max_examples, messages_column, output_column, path, system_prompt; if the config file set it for a builder "
+     "an override replaced, remove it with ~eval.examples.split)"),
+    ("dataset._component_=torchtune.datasets.alpaca_cleand_dataset",
+     "error: dataset._component_: cannot import 'torchtune.datasets.alpaca_cleand_dataset' (Error loading"),
+]
+
+
+@pytest.mark.parametrize("override,line", BUILDER_ARGS)
+def test_a_key_the_builder_does_not_take_is_one_line_before_loading(root, override, line):
+    """torchtune builds the optimizer, datasets and eval examples after the weights load: checked first."""
+    cfg = OmegaConf.merge(OmegaConf.create(tiny_config(root, root / "bad")), OmegaConf.from_dotlist([override]))
+    with pytest.raises(ConfigError) as err:
+        validate_config(cfg)
+    assert f"error: {err.value}".startswith(line) and "\n" not in str(err.value)
+
+
+def test_a_builder_taking_any_keyword_accepts_extra_keys(root):
+    # torchtune's DiskLogger(log_dir, filename=None, **kwargs): nothing to check against
+    cfg = OmegaConf.create(tiny_config(root, root / "kw"))
+    cfg.metric_logger = {"_component_": "torchtune.training.metric_logging.DiskLogger", "log_dir": str(root), "anything": 1}
+    validate_config(cfg)
+
+
 @pytest.mark.parametrize("override,key", BAD)
 def test_bad_value_is_one_line_naming_the_key(root, override, key):
     cfg = OmegaConf.merge(OmegaConf.create(tiny_config(root, root / "bad")), OmegaConf.from_dotlist([override]))

@@ -74,6 +74,21 @@ def test_bad_file_or_columns_name_the_key(tmp_path, content, kwargs, key):
 
 
 @pytest.mark.parametrize(
+    "content,expected",
+    [
+        ('{"q": "1", "a": "2"}\n\n{"q": "3", "a": "4"}\n{"q": "5", a: "6"}\n', "is not JSON lines (Expecting property name enclosed in double quotes, line 4)"),
+        ('\n[\n {"q": "1", "a": "2"},\n {"q": "3" "a": "4"}\n]\n', "is not JSON (Expecting ',' delimiter, line 4)"),
+    ],
+)
+def test_a_malformed_file_names_the_line_of_the_file(tmp_path, content, expected):
+    path = tmp_path / "eval.jsonl"
+    path.write_text(content)  # line 4 is the broken one in both (blank lines count)
+    with pytest.raises(ConfigError) as err:
+        json_eval_examples(str(path), input_column="q", output_column="a")
+    assert str(err.value) == f"eval.examples.path: {path} {expected}"
+
+
+@pytest.mark.parametrize(
     "normalize,text,expected",
     [
         ("none", " 85 ", " 85 "),

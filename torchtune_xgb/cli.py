@@ -75,6 +75,7 @@ def _validate(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
     from torchtune import config as tt_config
     from torchtune.config._errors import ConfigError as TorchtuneConfigError
+    from torchtune.config._utils import _merge_yaml_and_cli_args
 
     from torchtune_xgb.config_names import resolve_config
     from torchtune_xgb.errors import ConfigError
@@ -83,16 +84,20 @@ def _validate(args: argparse.Namespace) -> int:
     register_resolvers()
     try:
         path = resolve_config(args.config)
-        cfg = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(list(args.overrides)))
+        try:  # overrides exactly as `tune run` merges them (`block=builder`, `~key` removes a key)
+            yaml_args = argparse.Namespace(**OmegaConf.to_container(OmegaConf.load(path), resolve=False))
+            cfg = _merge_yaml_and_cli_args(yaml_args, list(args.overrides))
+        except ValueError as err:
+            raise ConfigError(f"{args.config}: {err}") from None
         OmegaConf.resolve(cfg)
-        try:
-            tt_config.validate(cfg)
-        except TorchtuneConfigError as err:
-            raise ConfigError(" ".join(str(err).split())) from err
         if cfg.get("optimizer") is not None:  # a training config for the xgblora_finetune recipe
             from torchtune_xgb.validation import validate_config
 
-            validate_config(cfg)
+            validate_config(cfg)  # one line naming the key, builders' arguments included
+        try:
+            tt_config.validate(cfg)
+        except (TorchtuneConfigError, TypeError) as err:  # its partial-binding retry can raise TypeError
+            raise ConfigError(" ".join(str(err).split())) from err
     except (ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -9,14 +9,15 @@ from torchtune import config as tt_config
 from torchtune.modules.peft import LoRALinear
 
 from torchtune_xgb.adapter_export import parse_export_config
+from torchtune_xgb.base_fingerprint import base_checkpoint_files
 from torchtune_xgb.boost_config import AdapterConfig, BoostConfig
 from torchtune_xgb.checkpointing import ResumeCheckpoint, resume_root, select_resume_checkpoint, step_dirs
+from torchtune_xgb.component_args import check_component_args
 from torchtune_xgb.config_checks import check_run_config, positive_int
 from torchtune_xgb.errors import ConfigError
 from torchtune_xgb.eval_config import validate_eval_config
 from torchtune_xgb.paths import check_prepared
 from torchtune_xgb.periodic_eval import validate_periodic_eval_config
-from torchtune_xgb.base_fingerprint import base_checkpoint_files
 from torchtune_xgb.run_identity import check_resume_identity, run_identity
 
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "output_proj")
@@ -60,6 +61,7 @@ def validate_config(cfg: DictConfig) -> Tuple[BoostConfig, AdapterConfig]:
         positive_int(cfg, key)
     for key in ("max_steps_per_epoch", "save_every_n_steps", "log_every_n_steps"):
         positive_int(cfg, key, optional=True)
+    check_component_args(cfg)  # every _component_ block's keys against its builder's signature
     validate_periodic_eval_config(cfg)  # dataset_val, run_val_every_n_steps, eval.every_n_steps
     parse_export_config(cfg)  # export.adapter_rank
     validate_eval_config(cfg)  # eval.normalize, the user's eval file, generated data never over user files

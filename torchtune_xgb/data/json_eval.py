@@ -27,12 +27,20 @@ KEY = "eval.examples"
 def _records(path: Path) -> List[Any]:
     text = path.read_text(encoding="utf-8")
     stripped = text.lstrip()
-    try:
-        if stripped.startswith("["):
+    if stripped.startswith("["):
+        try:
             return json.loads(stripped)
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{KEY}.path: {path} is not JSON or JSON lines ({err.msg}, line {err.lineno})") from err
+        except json.JSONDecodeError as err:
+            line = err.lineno + text[: len(text) - len(stripped)].count("\n")
+            raise ConfigError(f"{KEY}.path: {path} is not JSON ({err.msg}, line {line})") from err
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):  # JSON lines: say which line of the file
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"{KEY}.path: {path} is not JSON lines ({err.msg}, line {number})") from err
+    return records
 
 
 def json_eval_examples(
