@@ -280,3 +280,12 @@ def test_sigterm_or_ctrl_c_finishes_the_step_saves_it_and_the_resume_equals_the_
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Resumed at step {stopped_at}" in resumed.stderr + resumed.stdout
     _same_run(out, reference)
+
+
+def test_a_key_the_optimizer_does_not_take_is_refused_before_loading(root, tmp_path):
+    """torchtune would build the optimizer after the weights load and end in a TypeError traceback."""
+    result = run_recipe(tiny_config(root, tmp_path / "betas2"), root, "optimizer.betas2=[0.9,0.99]")
+    assert result.returncode == 2
+    assert _errors(result) == ["error: optimizer.betas2: AdamW() has no argument 'betas2' (did you mean betas?)"]
+    assert "Traceback" not in result.stderr and "Model is initialized" not in result.stderr + result.stdout
+    assert not (tmp_path / "betas2").exists() or not any((tmp_path / "betas2").iterdir())
