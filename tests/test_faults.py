@@ -223,7 +223,7 @@ def test_merge_rate_nan_is_refused_before_loading(root, tmp_path):
     assert not (tmp_path / "nan_rate").exists() or not any((tmp_path / "nan_rate").iterdir())
 
 
-def test_a_resume_on_changed_base_weights_is_refused_before_loading_and_the_original_resumes(reference, tmp_path):
+def test_a_resume_on_changed_base_weights_is_refused_before_loading(tmp_path):
     """The base is read again on resume: other bytes there would continue the run on weights it never saw."""
     from safetensors.torch import save_file
 
@@ -234,7 +234,6 @@ def test_a_resume_on_changed_base_weights_is_refused_before_loading_and_the_orig
     cfg = tiny_config(tmp_path, out)
     killed = run_recipe(cfg, tmp_path, env_extra={FAULT_ENV: "kill:mid_step:8"})
     assert killed.returncode == -9, killed.stderr[-2000:]
-    original = weights.read_bytes()
     tensors = load_file(weights)
     tensors = {k: v + 0.01 if "layers.0.self_attn.q_proj" in k else v for k, v in tensors.items()}
     save_file(tensors, weights, metadata={"format": "pt"})  # a different base, same names and shapes
@@ -245,19 +244,15 @@ def test_a_resume_on_changed_base_weights_is_refused_before_loading_and_the_orig
     assert line.startswith("error: checkpointer.checkpoint_dir: the base weights changed") and "model.safetensors (other bytes)" in line
     assert "Model is initialized" not in refused.stderr + refused.stdout
     assert _tree(out) == before and not (out / "epoch_0").exists() and not (out / "xgb_summary.json").exists()
-    weights.write_bytes(original)
-    resumed = run_recipe(cfg, tmp_path, "resume_from_checkpoint=True")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "Resumed at step 6" in resumed.stderr + resumed.stdout
-    _same_run(out, reference)
+    # the original bytes back resume (new timestamps, same fingerprint): tests/test_resume_checkpoints.py
 
 
 @pytest.mark.parametrize(
     "fault,code,stopped_at,saves",
     [
         ("term:mid_step:8", 143, 8, [3, 6, 8]),  # a scheduler pre-empts the job mid-step: step 8 finishes, saved
-        ("int:mid_step:12", 130, 12, [3, 6, 9, 12]),  # Ctrl-C in the last step: saved, no export; the resume writes it
-        ("term:after_step:6", 143, 6, [3, 6]),  # right after the save_every_n_steps checkpoint: no second save
+        # Ctrl-C in the last step, which save_every_n_steps saves anyway: saved once, no export; the resume writes it
+        ("int:mid_step:12", 130, 12, [3, 6, 9, 12]),
     ],
 )
 def test_sigterm_or_ctrl_c_finishes_the_step_saves_it_and_the_resume_equals_the_uninterrupted_run(
