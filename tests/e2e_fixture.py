@@ -7,6 +7,7 @@ both run exactly the same configuration.
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -138,6 +139,9 @@ def run_recipe(cfg: Dict, cwd: Path, *extra: str, env_extra: Dict[str, str] = No
     return subprocess.run(
         [TUNE, "run", "xgblora_finetune", "--config", str(cfg_path), *extra],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=600,
+        # Ctrl-C as at a terminal even when the suite runs as a background job (SIGINT ignored,
+        # which a child inherits and the recipe rightly keeps ignoring)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
