@@ -19,8 +19,8 @@ Mixed in front of torchtune's recipe class (loaded by path, see torchtune_recipe
   run's adapter, through a staging directory renamed into place (staged_export.py).
 
 Subclasses for other launch modes override the small hooks ``_scale_grads``, ``_reduce_loss``,
-``_is_main_process``, ``_rank0_decides``, ``_any_rank_signal``, ``_wait_for_all_ranks``, ``_model_state_dict``, ``_merged_weights``,
-``_optimizer_state_dict`` and ``_load_optimizer_state``.
+``_is_main_process``, ``_rank0_decides``, ``_any_rank_signal``, ``_wait_for_all_ranks``,
+``_model_state_dict``, ``_merged_weights``, ``_optimizer_state_dict`` and ``_load_optimizer_state``.
 """
 import json
 import os

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Tuple
 
 from omegaconf import DictConfig, OmegaConf
-
 from torchtune import utils
 
 from torchtune_xgb.base_fingerprint import base_fingerprints
