@@ -205,6 +205,15 @@ def test_sigterm_on_one_rank_stops_both_after_the_step_and_the_resume_matches_un
         assert torch.allclose(a[key], b[key], rtol=0, atol=1e-6), key
 
 
+def test_a_config_mistake_under_torchrun_is_one_line(root, tmp_path):
+    out = tmp_path / "bad"
+    bad = run_distributed(tiny_config(root, out), root, "boost.steps_per_round=0")
+    assert bad.returncode != 0
+    errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: boost.steps_per_round: must be an integer ≥ 1, got 0"]  # not one per worker
+    assert not out.exists() or not any(out.iterdir())
+
+
 def test_boosted_loraxs_two_processes_match_one(root):
     out = root / "xs"
     # the explicit recipe name works as well as the dispatch from xgblora_finetune

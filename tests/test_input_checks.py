@@ -228,3 +228,28 @@ def test_live_update_ratio_is_the_update_norm_over_the_weight_norm():
     assert 1e50 < booster.live_update_ratio()[0] < math.inf
     module.lora_a.weight.data[0, 0] = float("nan")
     assert booster.live_update_ratio()[0] == math.inf
+
+
+@pytest.mark.parametrize("local_rank,printed", [(None, True), ("0", True), ("1", False)])
+def test_a_config_error_is_said_once_per_node_and_a_run_error_by_every_rank(monkeypatch, capsys, local_rank, printed):
+    """Under torchrun every worker hits the same config mistake: one line per node, not one per GPU."""
+    import sys
+
+    from torchtune_xgb.config_names import run_entry_point
+
+    def bad_config():
+        raise ConfigError("boost.steps_per_round: must be an integer ≥ 1, got 0")
+
+    def diverged():
+        raise RunError("training diverged at step 3")
+
+    monkeypatch.setattr(sys, "argv", ["xgblora_finetune"])
+    if local_rank is None:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+    assert run_entry_point(bad_config) == 2
+    said = "error: boost.steps_per_round: must be an integer ≥ 1, got 0\n"
+    assert capsys.readouterr().err == (said if printed else "")
+    assert run_entry_point(diverged) == 1  # what happened to a run can differ per rank: each says it
+    assert capsys.readouterr().err == "error: training diverged at step 3\n"

@@ -51,7 +51,8 @@ def resolve_config_arg(argv: List[str]) -> List[str]:
 
 def run_entry_point(recipe_main: Callable[[], None]) -> int:
     """Run a ``@config.parse`` recipe main with our config names resolved. A config mistake
-    (:class:`ConfigError`, a missing file) ends as one ``error:`` line and exit code 2; a run
+    (:class:`ConfigError`, a missing file) ends as one ``error:`` line (under torchrun, from the
+    first worker of each node) and exit code 2; a run
     that cannot finish correctly (:class:`RunError`: divergence, a failed export, no intact
     checkpoint) as one ``error:`` line and exit code 1 (a stop on SIGTERM/Ctrl-C after its
     resume checkpoint: 128 + the signal's number). ``TORCHTUNE_XGB_DEBUG=1`` adds the
@@ -69,7 +70,10 @@ def run_entry_point(recipe_main: Callable[[], None]) -> int:
     except (ConfigError, FileNotFoundError, RunError) as err:
         if os.environ.get("TORCHTUNE_XGB_DEBUG"):
             traceback.print_exc()
-        print(f"error: {err}", file=sys.stderr)
+        # a config mistake is the same on every rank of a node: said once per node under torchrun
+        # (not only on rank 0: a file missing on one node of several is that node's to report)
+        if isinstance(err, RunError) or os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"error: {err}", file=sys.stderr)
         return getattr(err, "exit_code", 1) if isinstance(err, RunError) else 2
     except SystemExit as done:
         return exit_code(done)
