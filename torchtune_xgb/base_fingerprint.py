@@ -10,8 +10,8 @@ load.
 
 The fingerprint is the file's size and the sha256 of its first MiB (a safetensors header names
 every tensor, its dtype, shape and offset), its last MiB and ``SAMPLES`` evenly spaced 64 KiB
-blocks: under 6 MiB read per file whatever its size, so an 8B or 70B base costs milliseconds on
-every start. It catches a replaced, re-downloaded, re-quantised or merged-over file; an edit
+blocks: under 6 MiB read per file whatever its size (a bound on the reads; its time on a large
+base was not measured). It catches a replaced, re-downloaded, re-quantised or merged-over file; an edit
 confined to bytes between the samples (one hand-changed tensor) is not caught, and a copy with
 other timestamps but the same bytes is correctly the same base.
 """
@@ -33,19 +33,19 @@ def base_checkpoint_files(checkpointer: Any) -> List[Path]:
     """The base weight files a ``checkpointer:`` block names: ``checkpoint_files`` as a list, or
     torchtune's ``{filename_format, max_filename}`` form expanded the way torchtune expands it."""
     ckpt_dir = Path(str(checkpointer.get("checkpoint_dir"))).expanduser()
+    return [ckpt_dir / name for name in _names(checkpointer)]
+
+
+def _names(checkpointer: Any) -> List[str]:
     files = checkpointer.get("checkpoint_files")
     if files is None:
         return []
     if hasattr(files, "keys"):  # dict or DictConfig
         try:
-            names = FormattedCheckpointFiles.from_dict(dict(files)).build_checkpoint_filenames()
+            return FormattedCheckpointFiles.from_dict(dict(files)).build_checkpoint_filenames()
         except ValueError as err:
             raise ConfigError(f"checkpointer.checkpoint_files: {err}") from None
-    elif isinstance(files, str):
-        names = [files]
-    else:
-        names = [str(name) for name in files]
-    return [ckpt_dir / name for name in names]
+    return [files] if isinstance(files, str) else [str(name) for name in files]
 
 
 def sampled_fingerprint(path: Path) -> str:
@@ -69,5 +69,4 @@ def base_fingerprints(checkpointer: Any) -> Dict[str, str]:
     """``{file name: fingerprint}`` of every base file that exists (a missing one is reported by
     the config checks, which name the key)."""
     ckpt_dir = Path(str(checkpointer.get("checkpoint_dir"))).expanduser()
-    return {str(path.relative_to(ckpt_dir)): sampled_fingerprint(path)
-            for path in base_checkpoint_files(checkpointer) if path.is_file()}
+    return {name: sampled_fingerprint(ckpt_dir / name) for name in _names(checkpointer) if (ckpt_dir / name).is_file()}
