@@ -247,6 +247,25 @@ def test_a_resume_on_changed_base_weights_is_refused_before_loading(tmp_path):
     # the original bytes back resume (new timestamps, same fingerprint): tests/test_resume_checkpoints.py
 
 
+def test_a_resume_after_the_model_moved_to_another_path_equals_the_uninterrupted_run(root, reference, tmp_path):
+    """A job that copies the model to node-local disk resumes from another path: the same bytes
+    (base files and tokenizer, by fingerprint) are the same run."""
+    node_a, node_b = tmp_path / "node_a" / "model", tmp_path / "node_b" / "model"
+    shutil.copytree(root / "tiny_model", node_a)
+    out = tmp_path / "moved"
+    cfg = tiny_config(root, out, model_dir=str(node_a))
+    cfg["tokenizer"]["path"] = str(node_a / "tokenizer.json")
+    killed = run_recipe(cfg, tmp_path, env_extra={FAULT_ENV: "kill:mid_step:8"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    node_b.parent.mkdir()
+    node_a.rename(node_b)  # the old path is gone
+    resumed = run_recipe(cfg, tmp_path, "resume_from_checkpoint=True", f"model_dir={node_b}",
+                         f"tokenizer.path={node_b / 'tokenizer.json'}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resumed at step 6" in resumed.stderr + resumed.stdout
+    _same_run(out, reference)
+
+
 @pytest.mark.parametrize(
     "fault,code,stopped_at,saves",
     [

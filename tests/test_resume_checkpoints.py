@@ -191,6 +191,15 @@ def test_a_changed_local_data_file_is_a_different_run(root, tmp_path):
     out = Path(cfg.output_dir)
     _save(out, 9, 9.0, run=run_identity(cfg))
     assert validate_resume(cfg).path.name == "step_00000009"
+    moved = tmp_path / "elsewhere" / "train.json"
+    moved.parent.mkdir()
+    shutil.copy(data, moved)
+    cfg.dataset.data_files = str(moved)  # the same bytes at another path: the same run
+    assert validate_resume(cfg).path.name == "step_00000009"
+    moved.write_text(json.dumps([{"input": "a", "output": "c"}]))  # moved and changed
+    with pytest.raises(ConfigError, match=r"in dataset.data_files \(checkpoint .*dataset.data_files#sha256"):
+        validate_resume(cfg)
+    cfg.dataset.data_files = str(data)
     data.write_text(json.dumps([{"input": "a", "output": "c"}]))  # same name, other content
     with pytest.raises(ConfigError, match=r"dataset.data_files#sha256"):
         validate_resume(cfg)
@@ -279,3 +288,46 @@ def test_a_checkpoint_from_before_base_fingerprints_resumes_with_a_warning(priva
     with caplog.at_level("WARNING"):
         assert validate_resume(cfg).path.name == "step_00000009"
     assert "without a fingerprint of the base weights" in caplog.text
+
+
+def _move_model(cfg, to: Path) -> None:
+    """Copy the base directory and tokenizer to ``to`` and point the config there."""
+    shutil.copytree(cfg.checkpointer.checkpoint_dir, to)
+    cfg.checkpointer.checkpoint_dir = str(to)
+    cfg.tokenizer.path = str(to / "tokenizer.json")
+
+
+def test_a_moved_base_and_tokenizer_resume_when_their_bytes_are_the_same(private_base, tmp_path):
+    cfg = _checkpointed_cfg(private_base, "moved")
+    original = Path(cfg.checkpointer.checkpoint_dir)
+    _move_model(cfg, tmp_path / "node_b")
+    assert validate_resume(cfg).path.name == "step_00000006"
+
+    tokenizer = Path(cfg.tokenizer.path)
+    text = tokenizer.read_text()
+    tokenizer.write_text(text + " ")  # other bytes at the new path
+    with pytest.raises(ConfigError, match=r"^resume_from_checkpoint: .* tokenizer.path \(checkpoint .*tokenizer.path#sha256"):
+        validate_resume(cfg)
+    tokenizer.write_text(text)
+
+    weights = Path(cfg.checkpointer.checkpoint_dir) / "model.safetensors"
+    tensors = load_file(weights)
+    name = sorted(tensors)[0]
+    save_file({**tensors, name: tensors[name] + 0.01}, weights)  # another base at the new path
+    with pytest.raises(ConfigError) as err:
+        validate_resume(cfg)
+    assert str(err.value).startswith(f"checkpointer.checkpoint_dir: {tmp_path / 'node_b'} holds other base weights "
+                                     f"than {original}, where the run that wrote ")
+    assert "model.safetensors (other bytes)" in str(err.value)
+
+
+def test_a_checkpoint_without_tokenizer_fingerprints_resumes_in_place_but_not_moved(private_base, tmp_path):
+    cfg = _checkpointed_cfg(private_base, "no_tokenizer_print")
+    out = Path(cfg.output_dir)
+    older = {k: v for k, v in run_identity(cfg).items() if not k.startswith("tokenizer.") or "#" not in k}
+    assert len(older) == len(run_identity(cfg)) - 1  # only tokenizer.path#sha256 left out
+    _save(out, 9, 9.0, run=older)
+    assert validate_resume(cfg).path.name == "step_00000009"
+    _move_model(cfg, tmp_path / "node_b")  # nothing recorded vouches for the tokenizer at its new path
+    with pytest.raises(ConfigError, match=r"^resume_from_checkpoint: .* in tokenizer.path \(checkpoint "):
+        validate_resume(cfg)

@@ -4,11 +4,16 @@ A resume continues the run that wrote the checkpoint, step for step. If the conf
 anything that defines that run — method, rank, alpha, target modules, the ``adapter:`` and
 ``boost:`` blocks, optimizer and scheduler, batch size, gradient accumulation, the dataset (its
 config and the bytes of any local file it names), dtype, epochs and max steps, seed, the base
-checkpoint (its path, and a fingerprint of its files: base_fingerprint.py), the number of
-processes — the continuation would silently be a different run. The
-identity is the resolved config flattened to dotted keys, minus the keys that only say where
-output goes, how often to log or save, what to evaluate, or how to execute (device, compile,
-activation checkpointing), which may change freely.
+checkpoint (a fingerprint of its files: base_fingerprint.py), the tokenizer files, the number of
+processes — the continuation would silently be a different run. The identity is the resolved
+config flattened to dotted keys, minus the keys that only say where output goes, how often to log
+or save, what to evaluate, or how to execute (device, compile, activation checkpointing), which
+may change freely.
+
+Inputs may move: a base directory, tokenizer file or local data file at another path is the same
+run when its recorded fingerprint matches (a job that copies the model to node-local disk gets a
+new path every time it is resumed). A path without a fingerprint (a directory the recipe reads,
+a checkpoint written before the tokenizer was fingerprinted) must stay where it was.
 
 Changing the optimizer, scheduler or gradient clipping on purpose (typically: resuming a run that
 diverged with a lower learning rate) is allowed when the resume lists the keys in
@@ -42,6 +47,9 @@ FREE_KEYS = (
 CHANGEABLE_ON_REQUEST = ("optimizer.", "lr_scheduler.", "clip_grad_norm", "world_size")
 # The base files' fingerprints: checked on their own, with a message about the files, not the config.
 BASE_KEY = "checkpointer#base_weights"
+# Blocks whose local files are hashed (``KEY#sha256``), so their bytes define the run and their paths may move.
+HASHED_BLOCKS = ("dataset.", "tokenizer.")
+HASH_SUFFIX = "#sha256"
 _HASH_LIMIT = 1 << 30  # files above 1 GiB: size and the first and last MiB, not every byte
 
 
@@ -75,7 +83,7 @@ def file_fingerprint(path: Path) -> str:
 
 
 def _data_files(value: Any) -> Iterable[Path]:
-    """Local files named anywhere in the dataset block."""
+    """The local files a config value names (a path, or a list of them)."""
     values = value if isinstance(value, (list, tuple)) else [value]
     for v in values:
         if isinstance(v, str) and len(v) < 4096:
@@ -89,10 +97,10 @@ def run_identity(cfg: DictConfig, world_size: int = 1) -> Dict[str, Any]:
     flat = _flatten(OmegaConf.to_container(cfg, resolve=True))
     identity = {k: v for k, v in flat.items() if not _is_free(k)}
     for key, value in list(identity.items()):
-        if key.startswith("dataset."):
+        if key.startswith(HASHED_BLOCKS):
             prints = [file_fingerprint(p) for p in _data_files(value)]
             if prints:
-                identity[f"{key}#sha256"] = prints
+                identity[key + HASH_SUFFIX] = prints
     if cfg.get("checkpointer") is not None:
         identity[BASE_KEY] = base_fingerprints(cfg.checkpointer)
     identity["world_size"] = world_size
@@ -128,7 +136,7 @@ def check_resume_identity(saved: Dict[str, Any], current: Dict[str, Any], allowe
     refused = [
         (key, a, b)
         for key, a, b in differences(saved, current)
-        if key != BASE_KEY
+        if key != BASE_KEY and not _unrecorded_hash(key, saved) and not _moved(key, a, b, saved, current)
         if not any(key == k or key.startswith(k + ".") or key.startswith(k + "#") for k in allowed)
     ]
     if refused:
@@ -142,6 +150,25 @@ def check_resume_identity(saved: Dict[str, Any], current: Dict[str, Any], allowe
     _check_base_weights(saved, current, checkpoint)  # after the config: a moved checkpoint_dir is said as such
 
 
+def _unrecorded_hash(key: str, saved: Dict[str, Any]) -> bool:
+    """A fingerprint the checkpoint's version did not record (tokenizer files before they were
+    hashed): nothing to compare; the path itself is still compared."""
+    return key.endswith(HASH_SUFFIX) and key not in saved and key[: -len(HASH_SUFFIX)] in saved
+
+
+def _moved(key: str, before: Any, now: Any, saved: Dict[str, Any], current: Dict[str, Any]) -> bool:
+    """``key`` names an input at another path whose recorded fingerprint is the same (the base
+    directory is left to ``_check_base_weights``, which says which files differ)."""
+    if key == "checkpointer.checkpoint_dir":
+        moved = bool(saved.get(BASE_KEY))
+    else:
+        prints = saved.get(key + HASH_SUFFIX)
+        moved = bool(prints) and prints == current.get(key + HASH_SUFFIX)
+    if moved:
+        log.info(f"{key}: moved from {before} to {now}; resuming on its recorded fingerprint")
+    return moved
+
+
 def _check_base_weights(saved: Dict[str, Any], current: Dict[str, Any], checkpoint: Path) -> None:
     """The base files must be the bytes the checkpoint's run started from (base_fingerprint.py)."""
     if BASE_KEY not in saved:  # written before base fingerprints were recorded
@@ -153,8 +180,11 @@ def _check_base_weights(saved: Dict[str, Any], current: Dict[str, Any], checkpoi
     if changed:
         what = ", ".join(f"{name} ({'new' if name not in before else 'missing' if name not in now else 'other bytes'})"
                          for name in changed)
+        key = "checkpointer.checkpoint_dir"
+        where = (f"{current.get(key)} holds other base weights than {saved.get(key)}, where the run that wrote "
+                 f"{checkpoint} started" if saved.get(key) != current.get(key) else
+                 f"the base weights changed since the run that wrote {checkpoint} started")
         raise ConfigError(
-            f"checkpointer.checkpoint_dir: the base weights changed since the run that wrote {checkpoint} started "
-            f"({what}); a resume rebuilds the model from these files and would continue on weights the run never "
-            "saw: restore the original files, or start a new run in another output_dir"
+            f"{key}: {where} ({what}); a resume rebuilds the model from these files and would continue on weights "
+            "the run never saw: restore the original files, or start a new run in another output_dir"
         )
