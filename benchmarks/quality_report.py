@@ -220,7 +220,10 @@ def render_protocol(rows: List[Dict[str, Any]], header: Dict[str, Any], png: Opt
     return "\n".join(text)
 
 
-PANELS = (("curve", "exact_match", "test exact match"), ("loss_curve", "loss", "test loss (per token)"))
+# (summary key, base row key, y label, y scale): the loss on a log scale, since the untrained
+# model's loss (step 0) is several times the trained ones and would flatten their differences
+PANELS = (("curve", "exact_match", "test exact match", "linear"),
+          ("loss_curve", "loss", "test loss (per token, log scale)", "log"))
 
 
 def curve_series(summary: Dict[str, Dict[str, Any]]) -> List[Dict[str, Dict[str, List[float]]]]:
@@ -229,7 +232,7 @@ def curve_series(summary: Dict[str, Dict[str, Any]]) -> List[Dict[str, Dict[str,
     (``base``) as step 0."""
     base = summary.get("base")
     rows = []
-    for curve_key, base_key, _ in PANELS:
+    for curve_key, base_key, _, _ in PANELS:
         series = {}
         for key in [k for k in ORDER if k in summary and not summary[k].get("failed") and summary[k][curve_key]]:
             curve = dict(summary[key][curve_key])
@@ -248,6 +251,7 @@ def plot_curves(summaries: Dict[str, Dict[str, Dict[str, Any]]], png: Path) -> P
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter
 
     tasks = list(summaries)
     fig, axes = plt.subplots(len(PANELS), len(tasks), figsize=(4.2 * len(tasks), 6.6), dpi=100, squeeze=False,
@@ -261,6 +265,10 @@ def plot_curves(summaries: Dict[str, Dict[str, Dict[str, Any]]], png: Path) -> P
             for i, step in enumerate(merges):
                 ax.axvline(step, color="tab:red", ls=":", lw=0.8, alpha=0.6, label="XGBLoRA merge" if i == 0 else None)
             ax.set_ylabel(PANELS[row][2])
+            ax.set_yscale(PANELS[row][3])
+            if PANELS[row][3] == "log":  # 0.4, not 4×10⁻¹
+                ax.yaxis.set_major_formatter(FormatStrFormatter("%.2g"))
+                ax.yaxis.set_minor_formatter(FormatStrFormatter("%.2g"))
             ax.grid(alpha=0.3)
         axes[0][col].set_title(task)
         axes[-1][col].set_xlabel("optimizer step")
