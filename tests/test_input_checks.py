@@ -81,6 +81,21 @@ def test_a_key_the_builder_does_not_take_is_one_line_before_loading(root, overri
     assert f"error: {err.value}".startswith(line) and "\n" not in str(err.value)
 
 
+def test_a_missing_file_in_torchtunes_list_of_datasets_names_its_entry(root, tmp_path):
+    present = tmp_path / "a.json"
+    present.write_text('[{"input": "a", "output": "b"}]')
+    cfg = OmegaConf.create(tiny_config(root, root / "list"))
+    entry = {"_component_": "torchtune.datasets.instruct_dataset", "source": "json", "split": "train"}
+    cfg.dataset = [dict(entry, data_files=str(present)), dict(entry, data_files=[str(present), str(tmp_path / "b.json")])]
+    with pytest.raises(ConfigError) as err:
+        validate_config(cfg)
+    assert str(err.value) == f"dataset[1].data_files: file not found: {tmp_path / 'b.json'}"
+    cfg.dataset = dict(entry, data_files=str(present))
+    cfg.dataset_val = dict(entry, data_files=str(tmp_path / "val.json"))  # built after the weights load
+    with pytest.raises(ConfigError, match=r"^dataset_val.data_files: file not found: "):
+        validate_config(cfg)
+
+
 def test_a_builder_taking_any_keyword_accepts_extra_keys(root):
     # torchtune's DiskLogger(log_dir, filename=None, **kwargs): nothing to check against
     cfg = OmegaConf.create(tiny_config(root, root / "kw"))

@@ -205,6 +205,31 @@ def test_a_changed_local_data_file_is_a_different_run(root, tmp_path):
         validate_resume(cfg)
 
 
+def test_files_in_torchtunes_list_of_datasets_define_the_run_and_may_move(root, tmp_path):
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps([{"input": "a", "output": "b"}]))
+    second.write_text(json.dumps([{"input": "c", "output": "d"}]))
+    cfg = _checkpointed_cfg(root, "data_list")
+    entry = {"_component_": "torchtune.datasets.instruct_dataset", "source": "json", "split": "train"}
+    cfg.dataset = [dict(entry, data_files=str(first)), dict(entry, data_files=str(second))]
+    _save(Path(cfg.output_dir), 9, 9.0, run=run_identity(cfg))
+    assert validate_resume(cfg).path.name == "step_00000009"
+
+    moved = tmp_path / "elsewhere" / "b.json"
+    moved.parent.mkdir()
+    shutil.copy(second, moved)
+    cfg.dataset[1].data_files = str(moved)  # the same bytes at another path
+    assert validate_resume(cfg).path.name == "step_00000009"
+    cfg.dataset[1].split = "train[:50%]"  # moved, and another change in the same list: refused
+    with pytest.raises(ConfigError, match=r"^resume_from_checkpoint: .* in dataset \(checkpoint "):
+        validate_resume(cfg)
+    cfg.dataset[1].split = "train"
+    second.write_text(json.dumps([{"input": "c", "output": "e"}]))  # other bytes in place
+    cfg.dataset[1].data_files = str(second)
+    with pytest.raises(ConfigError, match=r"in dataset#sha256 \(checkpoint "):
+        validate_resume(cfg)
+
+
 # --- the base weights: a resume rebuilds W0 from checkpointer.checkpoint_dir --------------------
 
 

@@ -9,7 +9,8 @@ Each failure is one line naming the key:
 - ``device``: a CUDA device that this machine does not have (torchtune would fall back or fail
   late), and ``boost.base_device`` likewise;
 - optimizer learning rate, weight decay, betas and eps, ``clip_grad_norm`` in range;
-- local dataset files (``dataset.data_files``, or a ``source`` that is a path) exist.
+- local dataset files (``dataset.data_files``, ``dataset_val.data_files``, in a block or each of
+  torchtune's list of blocks) exist.
 """
 
 import difflib
@@ -139,18 +140,17 @@ def _paths(value: Any) -> Iterable[str]:
 
 
 def check_dataset_files(cfg: DictConfig, key: str = "dataset") -> None:
-    """Local files a torchtune dataset names: ``data_files`` (source json/csv/text/parquet...)."""
+    """Local files a torchtune dataset names: ``data_files`` (source json/csv/text/parquet...), in
+    one dataset block or in each of torchtune's list of them (``dataset[1].data_files``)."""
     block = cfg.get(key)
-    if not isinstance(block, DictConfig):
-        return
-    files = block.get("data_files")
-    if files is None:
-        return
-    for path in _paths(files):
-        if "://" in path or any(ch in path for ch in "*?["):
-            continue  # a remote URL or a glob: the dataset library resolves it
-        if not Path(path).expanduser().is_file():
-            raise ConfigError(f"{key}.data_files: file not found: {path}")
+    entries = ([(f"{key}[{i}]", b) for i, b in enumerate(block)] if isinstance(block, ListConfig) else [(key, block)])
+    for where, entry in entries:
+        files = entry.get("data_files") if isinstance(entry, DictConfig) else None
+        for path in _paths(files):
+            if "://" in path or any(ch in path for ch in "*?["):
+                continue  # a remote URL or a glob: the dataset library resolves it
+            if not Path(path).expanduser().is_file():
+                raise ConfigError(f"{where}.data_files: file not found: {path}")
 
 
 def check_run_config(cfg: DictConfig) -> None:
@@ -160,3 +160,4 @@ def check_run_config(cfg: DictConfig) -> None:
     check_device("device", cfg.get("device", "cpu"))
     check_optimizer(cfg)
     check_dataset_files(cfg)
+    check_dataset_files(cfg, "dataset_val")

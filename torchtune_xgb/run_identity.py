@@ -48,7 +48,7 @@ CHANGEABLE_ON_REQUEST = ("optimizer.", "lr_scheduler.", "clip_grad_norm", "world
 # The base files' fingerprints: checked on their own, with a message about the files, not the config.
 BASE_KEY = "checkpointer#base_weights"
 # Blocks whose local files are hashed (``KEY#sha256``), so their bytes define the run and their paths may move.
-HASHED_BLOCKS = ("dataset.", "tokenizer.")
+HASHED_BLOCKS = ("dataset", "tokenizer")
 HASH_SUFFIX = "#sha256"
 _HASH_LIMIT = 1 << 30  # files above 1 GiB: size and the first and last MiB, not every byte
 
@@ -83,13 +83,26 @@ def file_fingerprint(path: Path) -> str:
 
 
 def _data_files(value: Any) -> Iterable[Path]:
-    """The local files a config value names (a path, or a list of them)."""
-    values = value if isinstance(value, (list, tuple)) else [value]
-    for v in values:
-        if isinstance(v, str) and len(v) < 4096:
-            p = Path(v).expanduser()
-            if p.is_file():
-                yield p
+    """The local files a config value names: a path, or paths anywhere in its lists and dicts
+    (torchtune's list of datasets is one value, ``dataset``, since ``_flatten`` keeps lists)."""
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _data_files(v)
+    elif isinstance(value, str) and len(value) < 4096:
+        p = Path(value).expanduser()
+        if p.is_file():
+            yield p
+
+
+def _only_files_differ(before: Any, now: Any) -> bool:
+    """``before`` and ``now`` are the same value but for strings that now name local files."""
+    if isinstance(before, dict) and isinstance(now, dict):
+        return before.keys() == now.keys() and all(_only_files_differ(before[k], now[k]) for k in before)
+    if isinstance(before, list) and isinstance(now, list):
+        return len(before) == len(now) and all(map(_only_files_differ, before, now))
+    return before == now or (isinstance(before, str) and any(True for _ in _data_files(now)))
 
 
 def run_identity(cfg: DictConfig, world_size: int = 1) -> Dict[str, Any]:
@@ -97,7 +110,7 @@ def run_identity(cfg: DictConfig, world_size: int = 1) -> Dict[str, Any]:
     flat = _flatten(OmegaConf.to_container(cfg, resolve=True))
     identity = {k: v for k, v in flat.items() if not _is_free(k)}
     for key, value in list(identity.items()):
-        if key.startswith(HASHED_BLOCKS):
+        if key.split(".")[0] in HASHED_BLOCKS:
             prints = [file_fingerprint(p) for p in _data_files(value)]
             if prints:
                 identity[key + HASH_SUFFIX] = prints
@@ -161,9 +174,9 @@ def _moved(key: str, before: Any, now: Any, saved: Dict[str, Any], current: Dict
     directory is left to ``_check_base_weights``, which says which files differ)."""
     if key == "checkpointer.checkpoint_dir":
         moved = bool(saved.get(BASE_KEY))
-    else:
+    else:  # every differing part a file whose bytes are the recorded ones, in the same order
         prints = saved.get(key + HASH_SUFFIX)
-        moved = bool(prints) and prints == current.get(key + HASH_SUFFIX)
+        moved = bool(prints) and prints == current.get(key + HASH_SUFFIX) and _only_files_differ(before, now)
     if moved:
         log.info(f"{key}: moved from {before} to {now}; resuming on its recorded fingerprint")
     return moved
