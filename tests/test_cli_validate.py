@@ -78,3 +78,53 @@ def test_path_prints_the_packaged_config(capsys):
     printed = capsys.readouterr().out.strip()
     assert printed.endswith("smollm2_135m_generate.yaml") and yaml.safe_load(open(printed))["model"]
     assert main(["path", "nope"]) == 2
+
+
+def _lines(capsys):
+    return capsys.readouterr().err.strip().splitlines()
+
+
+def test_validate_checks_a_resume_and_the_output_dir_as_the_run_would_without_writing(tmp_path, empty_cache, capsys):
+    """Before resubmitting a job: the same run, an intact checkpoint, nobody else in output_dir."""
+    import fcntl
+
+    import torch
+    from omegaconf import OmegaConf
+
+    from torchtune_xgb import checkpointing
+    from torchtune_xgb.paths import register_resolvers
+    from torchtune_xgb.run_identity import run_identity
+
+    path, out = _tiny_yaml(tmp_path), tmp_path / "out"
+    register_resolvers()
+    identity = run_identity(OmegaConf.load(path), world_size=2)  # written by a 2-process run
+    checkpointing.save_resume_state(str(out), 6, {"x": torch.tensor([1.0])}, run=identity)
+    before = sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*"))
+
+    assert main(["validate", str(path), "resume_from_checkpoint=True"]) == 0
+    assert capsys.readouterr().out.strip().endswith("; the resume continues " + str(out / "xgb_resume" / "step_00000006"))
+    assert main(["validate", str(path), "resume_from_checkpoint=True", "model.lora_alpha=32"]) == 2
+    (line,) = _lines(capsys)
+    assert line.startswith("error: resume_from_checkpoint: the config differs from the run that wrote ")
+    assert "model.lora_alpha (checkpoint 2.0, now 32)" in line
+    assert main(["validate", str(path)]) == 2  # a fresh run over the killed one's state
+    assert _lines(capsys) == [f"error: output_dir: {out} holds another run (xgb_resume); resume it with "
+                              "resume_from_checkpoint=True, choose another output_dir, or pass overwrite_output_dir=True "
+                              "to replace it"]
+    assert main(["validate", str(path), "resume_from_checkpoint=True", "overwrite_output_dir=True"]) == 2
+    assert _lines(capsys) == ["error: overwrite_output_dir: cannot be True together with resume_from_checkpoint=True"]
+
+    with open(out / ".xgb_run.lock", "a+") as held:  # a run in progress there
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 4242 on node7")
+        held.flush()
+        assert main(["validate", str(path), "resume_from_checkpoint=True"]) == 2
+        assert _lines(capsys) == [f"error: output_dir: {out} is in use by another run (pid 4242 on node7); wait for it "
+                                  "to end or choose another output_dir"]
+    (out / ".xgb_run.lock").unlink()
+    assert sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*")) == before  # nothing written
+
+    (out / "xgb_resume" / "step_00000006" / "manifest.json").write_text("{}")  # no intact checkpoint left
+    assert main(["validate", str(path), "resume_from_checkpoint=True"]) == 1
+    (line,) = _lines(capsys)
+    assert line.startswith(f"error: resume_from_checkpoint: no intact checkpoint under {out / 'xgb_resume'}: ")

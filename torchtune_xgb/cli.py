@@ -71,14 +71,16 @@ def _path(args: argparse.Namespace) -> int:
 
 def _validate(args: argparse.Namespace) -> int:
     """torchtune's component check (``tune validate``) plus, for training configs, the recipe's own
-    checks (validation.validate_config), with the plugin's resolvers registered."""
+    checks (validation.validate_config), the resume checks (the same run, an intact checkpoint)
+    and the output_dir checks (another run there, or one in progress), with the plugin's resolvers
+    registered. Reads the resume manifests and hashes the inputs (as a resume does); writes nothing."""
     from omegaconf import OmegaConf
     from torchtune import config as tt_config
     from torchtune.config._errors import ConfigError as TorchtuneConfigError
     from torchtune.config._utils import _merge_yaml_and_cli_args
 
     from torchtune_xgb.config_names import resolve_config
-    from torchtune_xgb.errors import ConfigError
+    from torchtune_xgb.errors import ConfigError, RunError
     from torchtune_xgb.paths import register_resolvers
 
     register_resolvers()
@@ -90,10 +92,17 @@ def _validate(args: argparse.Namespace) -> int:
         except ValueError as err:
             raise ConfigError(f"{args.config}: {err}") from None
         OmegaConf.resolve(cfg)
+        resumed = None
         if cfg.get("optimizer") is not None:  # a training config for the xgblora_finetune recipe
-            from torchtune_xgb.validation import validate_config
+            from torchtune_xgb.run_dir import check_output_dir
+            from torchtune_xgb.validation import validate_resume, validate_config
 
             validate_config(cfg)  # one line naming the key, builders' arguments included
+            # as the recipe checks them before loading, without writing anything
+            resumed = validate_resume(cfg, world_size=None)  # the same run; its number of processes: at launch
+            if resumed and cfg.get("overwrite_output_dir"):
+                raise ConfigError("overwrite_output_dir: cannot be True together with resume_from_checkpoint=True")
+            check_output_dir(cfg.output_dir, bool(cfg.get("resume_from_checkpoint")), bool(cfg.get("overwrite_output_dir")))
         try:
             tt_config.validate(cfg)
         except (TorchtuneConfigError, TypeError) as err:  # its partial-binding retry can raise TypeError
@@ -101,7 +110,10 @@ def _validate(args: argparse.Namespace) -> int:
     except (ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"{path}: config is well-formed")
+    except RunError as err:  # no intact resume checkpoint: what the run would exit 1 with
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"{path}: config is well-formed" + (f"; the resume continues {resumed.path}" if resumed else ""))
     return 0
 
 

@@ -42,6 +42,47 @@ def run_artifacts(output_dir: Path) -> List[str]:
     return found
 
 
+def _in_use(output_dir: Path, holder: str) -> ConfigError:
+    return ConfigError(
+        f"output_dir: {output_dir} is in use by another run ({holder}); wait for it to end or choose another output_dir"
+    )
+
+
+def _holds_another_run(output_dir: Path, found: List[str]) -> ConfigError:
+    return ConfigError(
+        f"output_dir: {output_dir} holds another run ({', '.join(found)}); resume it with resume_from_checkpoint=True, "
+        "choose another output_dir, or pass overwrite_output_dir=True to replace it"
+    )
+
+
+def lock_holder(output_dir: Path) -> Optional[str]:
+    """Who holds the run lock of ``output_dir`` now (None: nobody). Creates nothing."""
+    try:
+        handle = open(output_dir / LOCK_FILE)
+    except OSError:  # no lock file: no run has used the directory, or it is not readable
+        return None
+    with handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
+                raise
+            return handle.read().strip() or "unknown"
+    return None  # closing the file released the shared lock
+
+
+def check_output_dir(output_dir: str, resume: bool, overwrite: bool = False) -> None:
+    """What :func:`claim_output_dir` would refuse, checked without writing anything (``tune-xgb
+    validate``): a run in progress there, or another run's artifacts for a fresh run."""
+    out = Path(output_dir).expanduser().resolve()
+    holder = lock_holder(out)
+    if holder is not None:
+        raise _in_use(out, holder)
+    found = [] if resume or overwrite else run_artifacts(out)
+    if found:
+        raise _holds_another_run(out, found)
+
+
 def acquire_lock(output_dir: Path) -> IO:
     """Take the run lock of ``output_dir`` (created if needed); keep the returned file open for
     the run's whole life. Raises a one-line ConfigError if another process holds it."""
@@ -58,9 +99,7 @@ def acquire_lock(output_dir: Path) -> IO:
         handle.seek(0)
         holder = handle.read().strip() or "unknown"
         handle.close()
-        raise ConfigError(
-            f"output_dir: {output_dir} is in use by another run ({holder}); wait for it to end or choose another output_dir"
-        ) from None
+        raise _in_use(output_dir, holder) from None
     handle.seek(0)
     handle.truncate()
     handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
@@ -100,10 +139,7 @@ def claim_output_dir(
     found = run_artifacts(out)
     if found and not overwrite:
         lock.close()
-        raise ConfigError(
-            f"output_dir: {out} holds another run ({', '.join(found)}); resume it with resume_from_checkpoint=True, "
-            "choose another output_dir, or pass overwrite_output_dir=True to replace it"
-        )
+        raise _holds_another_run(out, found)
     if found:
         extra = [Path(metrics_file).expanduser().resolve()] if metrics_file else []
         remove_run_artifacts(out, [p for p in extra if out in p.parents])

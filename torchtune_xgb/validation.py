@@ -128,11 +128,12 @@ def validate_config(cfg: DictConfig) -> Tuple[BoostConfig, AdapterConfig]:
 
 
 def validate_resume(
-    cfg: DictConfig, world_size: int = 1, identity: Optional[dict] = None
+    cfg: DictConfig, world_size: Optional[int] = 1, identity: Optional[dict] = None
 ) -> Optional[ResumeCheckpoint]:
     """With ``resume_from_checkpoint``: the intact checkpoint to resume from, after checking that
     the config defines the same run as the one that wrote it (run_identity.py). None otherwise.
 
+    ``world_size``: the run's number of processes; None: the checkpoint's (not checked).
     ``identity``: the config's :func:`run_identity`, if the caller already has it (it hashes the
     dataset's local files). Raises one-line errors: ConfigError for no checkpoint or a changed config, RunError when no
     checkpoint is intact. Reads only the small manifests and checksums, no weights."""
@@ -144,6 +145,8 @@ def validate_resume(
     allowed = cfg.get("resume_allow_changes") or []
     if not isinstance(allowed, (list, ListConfig)):
         raise ConfigError(f"resume_allow_changes: must be a list of config keys, got {allowed!r}")
+    if world_size is None:  # tune-xgb validate: the launch decides the number of processes
+        world_size = checkpoint.run.get("world_size", 1)
     current = identity if identity is not None else run_identity(cfg, world_size)
     check_resume_identity(checkpoint.run, current, [str(k) for k in allowed], checkpoint.path)
     return checkpoint
