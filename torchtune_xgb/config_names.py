@@ -1,14 +1,16 @@
-"""Packaged config names: ``--config smollm2_135m_xgblora`` works like a torchtune config name.
+"""Config names: ``--config smollm2_135m_xgblora`` works like a torchtune config name.
 
-torchtune resolves names only for its own recipes (and would swap in its own file if one of our
-names equalled one of its configs, so none does); for a plugin the string is a path. We resolve
-our names before torchtune's parser sees the argument.
+``tune run`` resolves torchtune's own config names for any recipe (so ``tune run xgblora_finetune
+--config llama3_2/1B_lora_single_device`` reads torchtune's file, and it would swap in its own
+file if one of our names equalled one of its configs, so none does); anything else reaches the
+recipe as a path. We resolve our names before torchtune's parser sees the argument, and
+torchtune's names too where ``tune run`` is not in between (``tune-xgb validate``).
 """
 
 import sys
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 RECIPES = {
     "xgblora_finetune": "XGBLoRA / LoRA-XS fine-tuning; one device, or FSDP2 under --nproc_per_node",
@@ -25,16 +27,35 @@ def packaged_configs() -> Dict[str, Path]:
     }
 
 
+def torchtune_config(name: str) -> Optional[Path]:
+    """The file of one of torchtune's own config names (``llama3_2/1B_lora_single_device``), found
+    as ``tune run`` finds it; None if torchtune has no such config."""
+    import torchtune
+    from torchtune._recipe_registry import get_all_recipes
+
+    for recipe in get_all_recipes():
+        for config in recipe.configs:
+            if config.name == name:  # tune run's layout: <site-packages>/recipes/configs/<file_path>
+                return Path(torchtune.__file__).parent.parent / "recipes" / "configs" / config.file_path
+    return None
+
+
 def resolve_config(value: str) -> str:
-    """A path that exists is kept; a packaged name (with or without .yaml) becomes its path."""
+    """A path that exists is kept; a packaged name (with or without .yaml) becomes its path; so
+    does one of torchtune's config names (``tune run xgblora_finetune --config
+    llama3_2/1B_lora_single_device`` already reads torchtune's file: ``tune run`` resolves it)."""
     if Path(value).expanduser().exists():
         return value
     configs = packaged_configs()
     name = value[:-5] if value.endswith(".yaml") else value
     if name in configs:
         return str(configs[name])
+    theirs = torchtune_config(value)
+    if theirs is not None and theirs.is_file():
+        return str(theirs)
     raise FileNotFoundError(
-        f"--config: {value!r} is neither a file nor a packaged config ({', '.join(sorted(configs))})"
+        f"--config: {value!r} is neither a file, a packaged config ({', '.join(sorted(configs))}) nor one of "
+        "torchtune's (tune ls)"
     )
 
 
