@@ -66,3 +66,22 @@ def test_torchtunes_own_lora_config_plus_one_boost_key_trains_boosted_rounds(tmp
     assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight", "o_proj.weight", "gate_proj.weight",
                                        "up_proj.weight", "down_proj.weight")) for k in changed), changed
     assert (out / "epoch_0" / "adapter" / "adapter_config.json").is_file()
+
+
+@pytest.mark.slow
+def test_torchtunes_distributed_lora_config_runs_under_fsdp_on_two_processes(tmp_path):
+    """``tune run --nproc_per_node 2 xgblora_finetune --config llama3_2/1B_lora`` (gloo on CPU)."""
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [TUNE, "run", "--nproc_per_node", "2", "--standalone", "xgblora_finetune", "--config", "llama3_2/1B_lora",
+         *_swaps(tmp_path, out), "boost.steps_per_round=4", "max_steps_per_epoch=4", "batch_size=2"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=dict(os.environ, HF_DATASETS_OFFLINE="1"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "xgb_summary.json").read_text())
+    assert summary["steps"] == 4 and summary["rounds"] == 1
+    manifest = json.loads((out / "xgb_resume" / "step_00000004" / "manifest.json").read_text())
+    assert manifest["run"]["world_size"] == 2  # the FSDP2 recipe ran, on two ranks
+    exported = load_file(out / EXPORT)
+    base = load_file(tmp_path / "tiny_model" / "model.safetensors")
+    assert any(not torch.equal(base[k].to(exported[k].dtype), exported[k]) for k in base if k.endswith("q_proj.weight"))
