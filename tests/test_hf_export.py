@@ -168,3 +168,43 @@ def test_nf4_run_writes_a_bf16_adapter_that_names_its_merge_base(single_process_
     assert details["merge_base"] == "dequantized"  # applies to the NF4-quantized base (README)
     assert config["task_type"] == "CAUSAL_LM" and all(t.dtype == torch.bfloat16 for t in tensors.values())
     assert sum(".lora_A." in k for k in tensors) == len(details["modules"]) > 0
+
+
+def test_save_adapter_weights_only_writes_the_same_adapter_and_no_merged_model(runs, tmp_path):
+    """torchtune's ``save_adapter_weights_only: True``: on a large base the merged model is the base's
+    size; the run's update is the adapter alone, identical to a full export's."""
+    from tests.e2e_fixture import run_recipe, tiny_config
+
+    root = runs["xgblora"].parent  # the shared runs' tiny model and data: the same run as "xgblora"
+    out = tmp_path / "adapter_only"
+    result = run_recipe(tiny_config(root, out), tmp_path, "save_adapter_weights_only=True")
+    assert result.returncode == 0, result.stderr[-3000:]
+    epoch = out / "epoch_0"
+    assert sorted(p.name for p in epoch.iterdir()) == ["adapter", "xgb_export.json"]  # no model-*.safetensors
+    tensors, config = _adapter(out)
+    reference, reference_config = _adapter(runs["xgblora"])
+    assert config == reference_config and tensors.keys() == reference.keys()
+    for key in tensors:
+        assert torch.equal(tensors[key], reference[key]), key
+    summary = json.loads((out / "xgb_summary.json").read_text())
+    assert summary["export"] == "adapter"
+    assert json.loads((runs["xgblora"] / "xgb_summary.json").read_text())["export"] == "merged model and adapter"
+
+
+def test_save_adapter_weights_only_needs_the_hf_checkpointer(tmp_path):
+    from omegaconf import OmegaConf
+
+    from tests.e2e_fixture import tiny_config
+    from torchtune_xgb.errors import ConfigError
+    from torchtune_xgb.validation import validate_config
+
+    cfg = OmegaConf.create(tiny_config(tmp_path, tmp_path / "out"))
+    cfg.save_adapter_weights_only = True
+    validate_config(cfg)
+    cfg.checkpointer._component_ = "torchtune.training.FullModelMetaCheckpointer"
+    with pytest.raises(ConfigError, match=r"^save_adapter_weights_only: the run's update is written as a PEFT adapter, "
+                                          r"which needs torchtune.training.FullModelHFCheckpointer"):
+        validate_config(cfg)
+    cfg.save_adapter_weights_only = "yes"
+    with pytest.raises(ConfigError, match=r"^save_adapter_weights_only: must be true or false, got 'yes'"):
+        validate_config(cfg)

@@ -69,6 +69,23 @@ def parse_export_config(cfg: DictConfig) -> ExportConfig:
     return build_block(ExportConfig, "export", OmegaConf.to_container(block, resolve=True) if block is not None else None)
 
 
+def adapter_only(cfg: DictConfig) -> bool:
+    """torchtune's ``save_adapter_weights_only``: True → ``epoch_N/`` holds the run's whole update
+    as the PEFT adapter (``epoch_N/adapter/``) and no merged model (on a large base the merged
+    model is the size of the base). It needs the HF checkpointer: PEFT adapters name HF modules."""
+    value = cfg.get("save_adapter_weights_only", False)
+    if not isinstance(value, bool):
+        raise ConfigError(f"save_adapter_weights_only: must be true or false, got {value!r}")
+    component = OmegaConf.select(cfg, "checkpointer._component_")
+    if value and str(component).rsplit(".", 1)[-1] != "FullModelHFCheckpointer":
+        raise ConfigError(
+            "save_adapter_weights_only: the run's update is written as a PEFT adapter, which needs "
+            f"torchtune.training.FullModelHFCheckpointer (checkpointer._component_ is {component}); "
+            "set it to False to export the merged model"
+        )
+    return value
+
+
 # --- gathering (every rank) ----------------------------------------------------------------
 
 

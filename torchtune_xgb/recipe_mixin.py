@@ -36,10 +36,10 @@ from torchtune import config, training, utils
 from torchtune.modules.peft import LoRALinear, get_adapter_params, set_trainable_params
 from tqdm import tqdm
 
-from torchtune_xgb.adapter_export import collect_run_factors, parse_export_config, write_adapter_dir
+from torchtune_xgb.adapter_export import adapter_only, collect_run_factors, parse_export_config, write_adapter_dir
 from torchtune_xgb.boosting import Booster, RoundReport
 from torchtune_xgb.checkpointing import latest_resume_dir, load_resume_state, save_resume_state
-from torchtune_xgb.errors import ConfigError, StoppedBySignal
+from torchtune_xgb.errors import ConfigError, RunError, StoppedBySignal
 from torchtune_xgb.export import clean_name, fold_merged_weights
 from torchtune_xgb.faults import KILL_AT_STEP_ENV, fault_point, fault_value  # noqa: F401 (KILL_AT_STEP_ENV: tests)
 from torchtune_xgb.guard import GuardConfig, TrainingGuard
@@ -95,6 +95,7 @@ class BoostedRecipeMixin:
         self._save_every = cfg.get("save_every_n_steps")
         self._eval_cfg = cfg.get("eval")
         self._export = parse_export_config(cfg)  # the export: block (adapter_export.py)
+        self._adapter_only = adapter_only(cfg)  # torchtune's save_adapter_weights_only
         self._summary: Dict[str, Any] = {}
         self._wall_before_resume = 0.0
         self._last_loss: Optional[float] = None
@@ -261,27 +262,36 @@ class BoostedRecipeMixin:
     # --- export ---------------------------------------------------------------------------
     def save_checkpoint(self, epoch: int) -> None:
         """Write the merged full model to ``output_dir/epoch_{epoch}`` via the checkpointer, and the
-        run's update as a PEFT LoRA adapter to ``epoch_{epoch}/adapter`` (adapter_export.py)."""
-        model_sd = self._model_state_dict()
-        merged = self._merged_weights()  # an iterator: under FSDP2 every rank must drain it
+        run's update as a PEFT LoRA adapter to ``epoch_{epoch}/adapter`` (adapter_export.py); with
+        ``save_adapter_weights_only`` the adapter only."""
+        if self._adapter_only:  # the same on every rank: no rank gathers the model
+            model_sd, merged = None, iter(())
+        else:
+            model_sd = self._model_state_dict()
+            merged = self._merged_weights()  # an iterator: under FSDP2 every rank must drain it
         updates = collect_run_factors(self._booster)  # gathers under FSDP2: every rank takes part
         if not self._is_main_process():
             for _ in merged:
                 pass
             return
-        ckpt = {training.MODEL_KEY: fold_merged_weights(model_sd, merged, dtype=self._dtype)}
+        if self._adapter_only and not updates:  # an export of nothing would look like a finished run
+            raise RunError("save_adapter_weights_only: the run has no update to write as an adapter")
+        ckpt = None if self._adapter_only else {training.MODEL_KEY: fold_merged_weights(model_sd, merged, dtype=self._dtype)}
         resume_hint = (
             f"the resume checkpoint {latest_resume_dir(self._output_dir)} is intact: free space and run again with "
             "resume_from_checkpoint=True to write the export"
         )
         # written to a staging directory and renamed into place: epoch_N/ (with its adapter/)
         # exists only once complete
-        with staged_export(self._checkpointer, self._output_dir, epoch, self.global_step, resume_hint):
+        with staged_export(self._checkpointer, self._output_dir, epoch, self.global_step, resume_hint) as staged:
             fault_point("export_write", self.global_step)
-            self._checkpointer.save_checkpoint(ckpt, epoch=epoch, intermediate_checkpoint=False, adapter_only=False)
-            epoch_dir = Path(self._checkpointer._output_dir) / f"epoch_{epoch}"
+            if ckpt is None:
+                staged.mkdir(parents=True)
+            else:
+                self._checkpointer.save_checkpoint(ckpt, epoch=epoch, intermediate_checkpoint=False, adapter_only=False)
             extra = {"merge_base": self._adapter.merge_base}
-            self._summary.update(write_adapter_dir(epoch_dir, updates, self._checkpointer, self._dtype, self._export, extra))
+            written = write_adapter_dir(staged, updates, self._checkpointer, self._dtype, self._export, extra)
+            self._summary.update(written, export="adapter" if ckpt is None else "merged model and adapter")
 
     # --- training loop --------------------------------------------------------------------
     def _wall_seconds(self) -> float:

@@ -8,7 +8,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torchtune import config as tt_config
 from torchtune.modules.peft import LoRALinear
 
-from torchtune_xgb.adapter_export import parse_export_config
+from torchtune_xgb.adapter_export import adapter_only, parse_export_config
 from torchtune_xgb.base_fingerprint import base_checkpoint_files
 from torchtune_xgb.boost_config import AdapterConfig, BoostConfig
 from torchtune_xgb.checkpointing import ResumeCheckpoint, resume_root, select_resume_checkpoint, step_dirs
@@ -64,6 +64,7 @@ def validate_config(cfg: DictConfig) -> Tuple[BoostConfig, AdapterConfig]:
     check_component_args(cfg)  # every _component_ block's keys against its builder's signature
     validate_periodic_eval_config(cfg)  # dataset_val, run_val_every_n_steps, eval.every_n_steps
     parse_export_config(cfg)  # export.adapter_rank
+    adapter_only(cfg)  # save_adapter_weights_only: with the HF checkpointer
     validate_eval_config(cfg)  # eval.normalize, the user's eval file, generated data never over user files
 
     model = cfg.model
