@@ -31,7 +31,8 @@ Protocol (every method, every task family of ``torchtune_xgb.data.TASKS`` or ``-
 
 Runs go under ``--workdir`` (default ``outputs/bench/quality``); each finished run is appended to
 ``WORKDIR/runs.jsonl`` and skipped when the benchmark is started again with the same settings (a
-failed run is tried again), so an interrupted full run continues where it stopped. Checkpoints are deleted once scored.
+crashed run is tried again; one the recipe's guard stopped for divergence is that learning rate's
+result, ``diverged at step S`` in the grid table), so an interrupted full run continues where it stopped. Checkpoints are deleted once scored.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import functools
 import hashlib
 import importlib.util
 import json
+import re
 import shutil
 import sys
 import tempfile
@@ -358,6 +360,17 @@ def config_fingerprint(cfg, out_dir: Path) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+DIVERGED = re.compile(r"^error: training diverged at step (\d+)", re.MULTILINE)
+
+
+def diverged_at(stdout: str) -> Optional[int]:
+    """The step at which the recipe's guard stopped a diverging run (its ``error:`` line), or None.
+    A divergence is that learning rate's result, not an accident: the run is recorded as such and
+    not tried again (a crash is)."""
+    match = DIVERGED.search(stdout)
+    return int(match.group(1)) if match else None
+
+
 class RunCache:
     """``WORKDIR/runs.jsonl``: finished runs by id, so a restarted benchmark skips them."""
 
@@ -388,7 +401,8 @@ def run_method(key: str, task: TaskSpec, lr: float, seed: int, setting: Setting,
     ident = run_id({"key": key, "task": asdict(task), "lr": lr, "seed": seed, "setting": asdict(setting),
                     "overrides": overrides or {}, "curve": curve, "config": config_fingerprint(cfg, out_dir)})
     cached = cache.rows.get(ident)
-    if cached and not cached.get("failed") and ident not in getattr(args, "rerun", ()):  # failed: tried again
+    finished = cached and (not cached.get("failed") or cached.get("diverged_at"))  # a crash is tried again
+    if finished and ident not in getattr(args, "rerun", ()):
         return cached
     clean_dir(out_dir)
     result = run_subprocess(tune_command(method.recipe, write_config(cfg, out_dir / "config.yaml")), out_dir / "stdout.txt")
@@ -396,9 +410,14 @@ def run_method(key: str, task: TaskSpec, lr: float, seed: int, setting: Setting,
                            "overrides": overrides or {}, "seconds": result.wall_seconds, "out_dir": str(out_dir)}
     epochs = sorted(out_dir.glob("epoch_*"), key=lambda p: int(p.name.split("_")[1]))
     if result.returncode != 0 or not epochs:
-        print(f"  {method.name} {label} lr={lr:g} seed={seed}: FAILED (exit {result.returncode}); "
-              f"last lines of {result.stdout_path}:\n{tail(result.stdout_path)}")
         row["failed"] = True
+        step = diverged_at(Path(result.stdout_path).read_text(errors="replace")) if result.returncode == 1 else None
+        if step is not None:
+            row["diverged_at"] = step
+            print(f"  {method.name} {label} lr={lr:g} seed={seed}: diverged at step {step} (the recipe's guard stopped it)")
+        else:
+            print(f"  {method.name} {label} lr={lr:g} seed={seed}: FAILED (exit {result.returncode}); "
+                  f"last lines of {result.stdout_path}:\n{tail(result.stdout_path)}")
         cache.add(row)
         return row
     final = score_checkpoint(epochs[-1], cfg, task, ["val", "test"], setting)

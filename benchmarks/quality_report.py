@@ -176,7 +176,7 @@ def render_protocol(rows: List[Dict[str, Any]], header: Dict[str, Any], png: Opt
             ttq_rows.append([task, summary[key]["method"], f"{t['target']:.1%}",
                              f"not reached in {t['budget']}" if t["steps"] is None else t["steps"],
                              fmt(t["crossing"], ".0f"), fmt(t["ratio"], ".2f"), fmt(t["seconds"], ".0f")])
-    grid_rows = [[r["task"], r["method"], fmt(r["lr"], "g"), "FAILED" if r.get("failed") else f"{r['val_exact_match']:.1%}",
+    grid_rows = [[r["task"], r["method"], fmt(r["lr"], "g"), _grid_score(r),
                   fmt(r.get("val_loss"), ".3f"), "✓" if r.get("chosen") else ""]
                  for r in rows if r["key"] != "base" and r["seed"] == header["seeds"][0]]
     arithmetic = [t for t, a in header.get("arithmetic", {}).items() if a]
@@ -218,6 +218,12 @@ def render_protocol(rows: List[Dict[str, Any]], header: Dict[str, Any], png: Opt
         except ImportError:
             text += ["", "(no curves plot: pip install matplotlib)"]
     return "\n".join(text)
+
+
+def _grid_score(run: Dict[str, Any]) -> str:
+    if run.get("diverged_at") is not None:
+        return f"diverged at step {run['diverged_at']}"
+    return "FAILED" if run.get("failed") else f"{run['val_exact_match']:.1%}"
 
 
 # (summary key, base row key, y label, y scale): the loss on a log scale, since the untrained

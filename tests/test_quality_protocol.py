@@ -433,3 +433,41 @@ def test_packaged_defaults_follow_the_recorded_sweep():
         wanted = decision["best"] if decision["change"] else decision["default"]
         assert str(recorded["header"]["centre"][key]) == decision["default"]  # the sweep centred on what it says
         assert str(quality.SWEEP_DEFAULTS[key]) == wanted, (factor, quality.SWEEP_DEFAULTS[key], decision)
+
+
+def test_a_diverged_run_is_that_lrs_result_and_a_crash_is_tried_again(tmp_path, monkeypatch):
+    """The recipe's guard stops a diverging run (exit 1, one ``error: training diverged`` line): that
+    is the learning rate's outcome, recorded and not rerun on every restart; a crash is rerun."""
+    import argparse
+
+    from benchmarks.common import RunResult
+    from benchmarks.quality_report import _grid_score
+    from tests.e2e_fixture import make_tiny_model_dir
+
+    outputs = iter([
+        ("round 0|step 14|loss 0.57\nerror: training diverged at step 15 (round 0): loss spiked to 6.9 …\n", 1),
+        ("Traceback (most recent call last):\nRuntimeError: boom\n", 1),
+        ("error: training diverged at step 3 (round 0): loss is nan …\n", 1),
+    ])
+    calls = []
+
+    def fake_subprocess(cmd, stdout_path, extra_env=None):
+        text, code = next(outputs)
+        calls.append(stdout_path.parent.name)
+        stdout_path.parent.mkdir(parents=True, exist_ok=True)
+        stdout_path.write_text(text)
+        return RunResult(code, 1.0, 0, stdout_path)
+
+    monkeypatch.setattr(quality, "run_subprocess", fake_subprocess)
+    args = argparse.Namespace(workdir=tmp_path / "work", keep_checkpoints=False, tiny_dir=make_tiny_model_dir(tmp_path))
+    task, setting = quality.task_specs(["strings"], [])[0], quality.PRESETS["quick"]
+
+    def run(seed):  # a fresh RunCache each time: what a restarted benchmark reads from runs.jsonl
+        return quality.run_method("xgblora", task, 4e-3, seed, setting, args, quality.RunCache(args.workdir / "runs.jsonl"))
+
+    first = run(0)
+    assert first["failed"] and first["diverged_at"] == 15 and _grid_score(first) == "diverged at step 15"
+    assert run(0)["diverged_at"] == 15 and len(calls) == 1  # not run again
+    crashed = run(1)
+    assert crashed["failed"] and "diverged_at" not in crashed and _grid_score(crashed) == "FAILED"
+    assert run(1)["diverged_at"] == 3 and len(calls) == 3  # the crash was tried again
