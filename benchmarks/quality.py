@@ -32,7 +32,8 @@ Protocol (every method, every task family of ``torchtune_xgb.data.TASKS`` or ``-
 Runs go under ``--workdir`` (default ``outputs/bench/quality``); each finished run is appended to
 ``WORKDIR/runs.jsonl`` and skipped when the benchmark is started again with the same settings (a
 crashed run is tried again; one the recipe's guard stopped for divergence is that learning rate's
-result, ``diverged at step S`` in the grid table), so an interrupted full run continues where it stopped. Checkpoints are deleted once scored.
+result, ``diverged at step S`` in the grid table), so an interrupted full run continues where it
+stopped. Checkpoints are deleted once scored.
 """
 
 from __future__ import annotations

@@ -95,7 +95,7 @@ def _validate(args: argparse.Namespace) -> int:
         resumed = None
         if cfg.get("optimizer") is not None:  # a training config for the xgblora_finetune recipe
             from torchtune_xgb.run_dir import check_output_dir
-            from torchtune_xgb.validation import validate_resume, validate_config
+            from torchtune_xgb.validation import validate_config, validate_resume
 
             validate_config(cfg)  # one line naming the key, builders' arguments included
             # as the recipe checks them before loading, without writing anything
