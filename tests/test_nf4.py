@@ -184,6 +184,35 @@ def test_row_shards_rebuild_the_single_device_weight_bit_for_bit(shape, world):
     assert torch.equal(gathered.get_original_weight(), expected)
 
 
+@pytest.mark.parametrize("shape,world", [((64, 64), 1), ((192, 576), 1), ((64, 64), 2), ((192, 576), 3)])
+def test_packed_all_gather_is_one_buffer_and_rebuilds_the_single_device_weight(shape, world):
+    """FSDP2 (torch ≥ 2.9) unshards a one-rank group from all_gather_inputs[0] alone: the shard
+    must hand it ONE buffer. Simulated as FSDP does it: each rank's inputs flattened and
+    concatenated rank after rank, then the post-all-gather into a new tensor and into ``out``."""
+    from torchtune_xgb.nf4 import nf4_row_shard, quantize_full, shard_scaler_block
+    from torchtune_xgb.nf4_all_gather import PackedNF4Tensor, packed_nf4
+
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(4)) * 0.02
+    expected = single_device_nf4(weight).get_original_weight()  # torchtune's single-device quantization
+    full = quantize_full(weight, 64, fitting_scaler_block(weight.numel()), torch.bfloat16, torch.device("cpu"))
+    sub = shard_scaler_block("m", shape, 64, full.scaler_block_size, world)
+    shards = [packed_nf4(nf4_row_shard(full, rank, world, sub)) for rank in range(world)]
+    inputs = [s.fsdp_pre_all_gather(_Group(world)) for s in shards]
+    assert all(len(ins) == 1 and ins[0].dtype == torch.uint8 for ins, _ in inputs)
+    gathered_buffer = torch.cat([ins[0].view(-1) for ins, _ in inputs])  # FSDP's all-gather output
+    metadata = inputs[-1][1]
+    gathered, inner = shards[-1].fsdp_post_all_gather((gathered_buffer,), metadata, torch.bfloat16)
+    assert gathered.shape == shape and torch.equal(gathered.get_original_weight(), expected)
+    # later unshards write into the same tensor (FSDP re-allocated the fields it was handed)
+    for field in inner:
+        field.zero_()
+    assert shards[0].fsdp_post_all_gather((gathered_buffer,), metadata, torch.bfloat16, out=gathered) is None
+    assert torch.equal(gathered.get_original_weight(), expected)
+    # what DTensor and FSDP2 do to a local shard keeps the one-buffer all-gather
+    for derived in (shards[0].view_as(shards[0]), shards[0].detach(), shards[0].to("cpu")):
+        assert type(derived) is PackedNF4Tensor
+
+
 def test_shard_scaler_block_splits_scaler_blocks_and_names_unsplittable_modules():
     from torchtune_xgb.errors import ConfigError
     from torchtune_xgb.nf4 import shard_scaler_block

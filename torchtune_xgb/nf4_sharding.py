@@ -10,7 +10,9 @@ that every rank gets whole scaler blocks, and FSDP's all-gather rebuilds the ful
    single-device one already fits), or a one-line error names the module that cannot be split;
 2. at load (:func:`nf4_dtensor_shard`), every rank quantizes the whole checkpoint tensor exactly
    as one device does and keeps its rows (nf4.nf4_row_shard): the same codes, scalers and scaler
-   mean on every rank, so the all-gathered weight is bit for bit the single-device one.
+   mean on every rank, so the all-gathered weight is bit for bit the single-device one. The shard
+   is a :class:`~torchtune_xgb.nf4_all_gather.PackedNF4Tensor` (one all-gather buffer, which
+   FSDP2's one-rank path needs).
 """
 
 from typing import List
@@ -20,6 +22,7 @@ from torch import nn
 
 from torchtune_xgb.export import clean_name
 from torchtune_xgb.nf4 import fitting_scaler_block, is_nf4, nf4_from_fields, nf4_row_shard, quantize_full, shard_scaler_block
+from torchtune_xgb.nf4_all_gather import packed_nf4
 from torchtune_xgb.sharding import DTensor, local, row_mesh
 
 
@@ -63,5 +66,5 @@ def nf4_dtensor_shard(sharded: DTensor, tensor: torch.Tensor, device: torch.devi
     full = quantize_full(
         tensor, layout.block_size, fitting_scaler_block(tensor.numel(), layout.block_size), layout.dtype, device
     )
-    shard = nf4_row_shard(full, mesh.get_local_rank(0), mesh.size(0), layout.scaler_block_size)
+    shard = packed_nf4(nf4_row_shard(full, mesh.get_local_rank(0), mesh.size(0), layout.scaler_block_size))
     return DTensor.from_local(shard, mesh, sharded.placements, run_check=False, shape=sharded.shape, stride=sharded.stride())
