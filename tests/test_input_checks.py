@@ -220,29 +220,49 @@ def test_a_round_with_a_non_finite_adapter_is_never_merged():
     assert len(booster.reports) == 1  # only round 0
 
 
-def test_live_update_ratio_is_the_update_norm_over_the_weight_norm():
+@pytest.mark.parametrize("method", ["xgblora", "loraxs"])
+def test_live_update_ratio_is_the_update_norm_over_the_weight_norm(method):
     from tests.tiny_model import tiny_lora
-    from torchtune_xgb.boost_config import BoostConfig
+    from torchtune_xgb.boost_config import AdapterConfig, BoostConfig
     from torchtune_xgb.boosting import Booster
 
     torch.manual_seed(0)
-    model = tiny_lora()
-    booster = Booster(model, BoostConfig(steps_per_round=2, merge_rate=0.5)).start(total_steps=4)
-    assert booster.live_update_ratio()[0] == 0.0  # B = 0 after the reset
+    # q, k, v, output and the MLP: five module shapes, so the batched measurement groups them
+    model = tiny_lora(rank=2, alpha=3.0, targets=("q_proj", "k_proj", "v_proj", "output_proj"), mlp=True)
+    booster = Booster(model, BoostConfig(steps_per_round=2, merge_rate=0.5), AdapterConfig(method=method)).start(total_steps=4)
+    # after the reset: B = 0 (LoRA-XS: the core is N(0, 1e-5²), design.md §2)
+    assert booster.live_update_ratio()[0] == 0.0 if method == "xgblora" else booster.live_update_ratio()[0] < 1e-3
     expected = {}
+    gen = torch.Generator().manual_seed(5)
     for name, module in booster.modules.items():
-        module.lora_b.weight.data.normal_(0, 0.3)
+        trained = module.lora_b.weight if method == "xgblora" else module.xs_core
+        trained.data.copy_(torch.randn(trained.shape, generator=gen) * 0.3)
         reference = 0.5 * module.delta_weight().double()  # out×in, computed the plain way
         expected[name] = (reference.norm() / module.weight.detach().double().norm()).item()
+    assert len(set(expected.values())) == len(expected) == 14  # every module its own number
     ratio, worst = booster.live_update_ratio()
     assert worst == max(expected, key=expected.get)
-    assert ratio == pytest.approx(expected[worst], rel=1e-9)
+    assert ratio == pytest.approx(expected[worst], rel=1e-6)  # the reference's product is fp32
+    if method == "loraxs":
+        return
     module = booster.modules[worst]
     module.lora_b.weight.data.fill_(1e30)
     module.lora_a.weight.data.fill_(1e30)  # the product overflows fp32; the ratio stays a number
     assert 1e50 < booster.live_update_ratio()[0] < math.inf
     module.lora_a.weight.data[0, 0] = float("nan")
     assert booster.live_update_ratio()[0] == math.inf
+
+
+def test_batched_product_norms_equal_each_dense_product_in_the_given_order():
+    from torchtune_xgb.merged_state import product_sq_norms
+
+    gen = torch.Generator().manual_seed(2)
+    shapes = [((6, 2), (2, 5)), ((3, 2), (2, 5)), ((6, 2), (2, 5)), ((4, 1), (1, 7)), ((3, 2), (2, 5)), ((6, 2), (2, 5))]
+    pairs = [(torch.randn(a, generator=gen), torch.randn(b, generator=gen)) for a, b in shapes]
+    pairs[3] = (pairs[3][0].bfloat16(), pairs[3][1].bfloat16())  # a dtype of its own
+    got = product_sq_norms(pairs)
+    expected = torch.stack([(x.double() @ y.double()).square().sum() for x, y in pairs])
+    assert got.dtype == torch.float64 and torch.allclose(got, expected, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("local_rank,printed", [(None, True), ("0", True), ("1", False)])

@@ -88,10 +88,15 @@ class XGBLoRALinear(LoRALinear):
         a = full(self.lora_a.weight.detach()).float()
         return self.scale * (b @ a)
 
+    def update_factors(self):
+        """(left, right, c) with delta_weight() = c·left·right, as stored: B's local rows (FSDP2)
+        and the gathered A, no copies (the guard measures them every step, batched)."""
+        return local(self.lora_b.weight.detach()), full(self.lora_a.weight.detach()), self.scale
+
     def merge_factors(self, merge_rate: float):
-        """(u, v) with u·v = merge_rate · delta_weight(): u = η(α/r)·B (out×r), v = A (r×in)."""
-        u = (merge_rate * self.scale) * local(self.lora_b.weight.detach()).float()  # FSDP2: local rows
-        return u, full(self.lora_a.weight.detach()).float()
+        """(u, v) with u·v = merge_rate · delta_weight(): u = η(α/r)·B (out×r), v = A (r×in), fp32."""
+        left, right, c = self.update_factors()
+        return (merge_rate * c) * left.float(), right.float()
 
     def has_update(self) -> bool:
         """False while B = 0 (nothing learned since the last reset)."""

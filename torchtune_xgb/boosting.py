@@ -21,7 +21,7 @@ from torchtune import utils
 from torchtune_xgb.adapters import convert_to_xgblora
 from torchtune_xgb.boost_config import AdapterConfig, BoostConfig
 from torchtune_xgb.loraxs import convert_to_loraxs, svd_all, truncated_svd_once
-from torchtune_xgb.merged_state import MergedState, product_sq_norm
+from torchtune_xgb.merged_state import MergedState, product_sq_norms
 from torchtune_xgb.errors import RunError
 from torchtune_xgb.sharding import all_sum, any_nonzero, gather_rows, local, local_rows
 
@@ -278,10 +278,10 @@ class Booster:
     def live_update_ratio(self) -> Tuple[float, Optional[str]]:
         """The largest ‖η·ΔW‖/‖W0‖ (Frobenius) of a live adapter this round, and its module.
 
-        For the divergence guard, every step: from the factors (u, v) of each active adapter by
-        r×r Gram matrices in float64 (merged_state.product_sq_norm), so no out×in matrix is built
-        and an adapter whose product would overflow fp32 still gives a finite, huge ratio (NaN
-        if it holds NaN). ‖W0‖² is taken once per module (all ranks' rows). Under FSDP2 the sums
+        For the divergence guard, every step: from the factors of each active adapter by r×r Gram
+        matrices in float64, batched over the modules of one shape (merged_state.product_sq_norms),
+        so no out×in matrix is built, the cost is a few kernels per module shape, and an adapter
+        whose product would overflow fp32 still gives a finite, huge ratio (NaN if it holds NaN). ‖W0‖² is taken once per module (all ranks' rows). Under FSDP2 the sums
         cover all ranks' rows (one reduction per step), so every rank gets the same answer."""
         active = self.active_modules()
         if not active:
@@ -292,7 +292,10 @@ class Booster:
         if missing:  # the same names on every rank: once per module, at its first round
             local_sq = torch.stack([self.merged.base_weight(n).double().square().sum() for n in missing])
             self._base_norm_sq.update(zip(missing, all_sum(local_sq, like)))
-        update_sq = all_sum(torch.stack([product_sq_norm(*active[n].merge_factors(self.config.merge_rate)) for n in names]), like)
+        with torch.no_grad():
+            factors = [active[n].update_factors() for n in names]
+            update_sq = product_sq_norms([(left, right) for left, right, _ in factors])
+            update_sq = all_sum(update_sq * update_sq.new_tensor([(self.config.merge_rate * c) ** 2 for _, _, c in factors]), like)
         base_sq = torch.stack([self._base_norm_sq[n].to(update_sq.device) for n in names])
         ratios = (update_sq / base_sq.clamp_min(1e-300)).sqrt()
         ratios = torch.where(torch.isnan(ratios), torch.full_like(ratios, math.inf), ratios)

@@ -128,10 +128,14 @@ class LoRAXSLinear(nn.Module, AdapterModule):
         """``(α/r)·B·R·A`` in fp32 (out×in): the one definition of the LoRA-XS update (FSDP2: local rows)."""
         return self.scale * (self._b_rows() @ full(self.xs_core.detach()).float() @ self.xs_a.float())
 
+    def update_factors(self) -> Tuple[torch.Tensor, torch.Tensor, float]:
+        """(left, right, c) with delta_weight() = c·left·right: left = B·R (this rank's rows, fp32), right = A."""
+        return self._b_rows() @ full(self.xs_core.detach()).float(), self.xs_a, self.scale
+
     def merge_factors(self, merge_rate: float) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(u, v) with u·v = merge_rate · delta_weight(): u = η(α/r)·B·R (out×r), v = A (r×in)."""
-        u = (merge_rate * self.scale) * (self._b_rows() @ full(self.xs_core.detach()).float())
-        return u, self.xs_a.float()
+        """(u, v) with u·v = merge_rate · delta_weight(): u = η(α/r)·B·R (out×r), v = A (r×in), fp32."""
+        left, right, c = self.update_factors()
+        return (merge_rate * c) * left, right.float()
 
     def has_update(self) -> bool:
         return any_nonzero(local(self.xs_core.detach()), self.xs_core)
