@@ -30,13 +30,13 @@ def packaged_configs() -> Dict[str, Path]:
 def torchtune_config(name: str) -> Optional[Path]:
     """The file of one of torchtune's own config names (``llama3_2/1B_lora_single_device``), found
     as ``tune run`` finds it; None if torchtune has no such config."""
-    import torchtune
+    from torchtune._cli.run import ROOT  # the root `tune run` resolves config names against
     from torchtune._recipe_registry import get_all_recipes
 
     for recipe in get_all_recipes():
         for config in recipe.configs:
-            if config.name == name:  # tune run's layout: <site-packages>/recipes/configs/<file_path>
-                return Path(torchtune.__file__).parent.parent / "recipes" / "configs" / config.file_path
+            if config.name == name:
+                return ROOT / "recipes" / "configs" / config.file_path
     return None
 
 
