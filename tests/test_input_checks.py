@@ -263,6 +263,7 @@ def test_batched_product_norms_equal_each_dense_product_in_the_given_order():
     got = product_sq_norms(pairs)
     expected = torch.stack([(x.double() @ y.double()).square().sum() for x, y in pairs])
     assert got.dtype == torch.float64 and torch.allclose(got, expected, rtol=1e-12, atol=0)
+    assert product_sq_norms([]).shape == (0,)
 
 
 @pytest.mark.parametrize("local_rank,printed", [(None, True), ("0", True), ("1", False)])

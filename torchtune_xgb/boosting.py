@@ -281,8 +281,9 @@ class Booster:
         For the divergence guard, every step: from the factors of each active adapter by r×r Gram
         matrices in float64, batched over the modules of one shape (merged_state.product_sq_norms),
         so no out×in matrix is built, the cost is a few kernels per module shape, and an adapter
-        whose product would overflow fp32 still gives a finite, huge ratio (NaN if it holds NaN). ‖W0‖² is taken once per module (all ranks' rows). Under FSDP2 the sums
-        cover all ranks' rows (one reduction per step), so every rank gets the same answer."""
+        whose product would overflow fp32 still gives a finite, huge ratio (NaN if it holds NaN).
+        ‖W0‖² is taken once per module (all ranks' rows). Under FSDP2 the sums cover all ranks'
+        rows (one reduction per step), so every rank gets the same answer."""
         active = self.active_modules()
         if not active:
             return 0.0, None

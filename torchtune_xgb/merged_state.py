@@ -207,6 +207,8 @@ def product_sq_norms(pairs: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> torc
     whole model costs a few kernels per distinct module shape rather than several per module: the
     guard measures every live adapter after every step, and on a GPU the per-module version is
     bound by the host launching ~10 small kernels per module (a 1B Llama has 112 modules)."""
+    if not pairs:
+        return torch.zeros(0, dtype=torch.float64)
     groups: Dict[tuple, List[int]] = {}
     for i, (x, y) in enumerate(pairs):
         groups.setdefault((tuple(x.shape), tuple(y.shape), x.dtype, y.dtype, x.device), []).append(i)
