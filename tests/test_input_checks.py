@@ -189,7 +189,21 @@ def test_guard_stops_on_nan_inf_and_a_spike_but_not_on_healthy_wobble():
     off.check(2, 0, 10.8, 1.0, last_good)  # spike check off: allowed
 
 
-def test_a_round_with_a_non_finite_adapter_is_never_merged():
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_holds_non_finite_flags_nan_and_inf_but_never_a_huge_finite_value(bad):
+    from torchtune_xgb.boosting import holds_non_finite
+
+    tensors = [torch.full((3, 4), 3e38), torch.full((2,), -3.3e38, dtype=torch.bfloat16), torch.zeros(0, 5), torch.ones(7)]
+    assert not bool(holds_non_finite(tensors))  # their norm would overflow to inf: not a non-finite value
+    assert not bool(holds_non_finite([]))
+    for i in (0, 1, 3):
+        broken = [t.clone() for t in tensors]
+        broken[i].view(-1)[-1] = bad
+        assert bool(holds_non_finite(broken)), i
+
+
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_a_round_with_a_non_finite_adapter_is_never_merged(where):
     from tests.tiny_model import tiny_lora
     from torchtune_xgb.boost_config import BoostConfig
     from torchtune_xgb.boosting import Booster
@@ -203,7 +217,7 @@ def test_a_round_with_a_non_finite_adapter_is_never_merged():
         booster.after_optimizer_step()
     merged_before = {k: {n: t.clone() for n, t in v.items()} for k, v in booster.merged.state_dict().items()}
     weights_before = {n: m.weight.detach().clone() for n, m in booster.modules.items()}
-    name, module = next(iter(booster.active_modules().items()))
+    name, module = list(booster.active_modules().items())[0 if where == "first" else -1]
     module.lora_b.weight.data.normal_(0, 1e-2)
     module.lora_b.weight.data[0, 0] = float("nan")
     booster.after_optimizer_step()

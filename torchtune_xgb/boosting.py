@@ -66,6 +66,19 @@ class RoundReport:
     update_norm: float
 
 
+def holds_non_finite(tensors: List[torch.Tensor]) -> torch.Tensor:
+    """A one-element bool tensor: does any of ``tensors`` hold a NaN or ±inf (on their device)?
+
+    0·x is 0 for every finite x and NaN for NaN and ±inf, so the norm of all the products is NaN
+    exactly when some value is non-finite: a few grouped (foreach) kernels for a whole model,
+    where a per-tensor ``isfinite().any()`` launches several per module (the check runs at every
+    merge; on a GPU those launches, not the arithmetic, are its cost). Huge finite values cannot
+    overflow it."""
+    if not tensors:
+        return torch.zeros(1, dtype=torch.bool)
+    return torch.isnan(torch.nn.utils.get_total_norm(torch._foreach_mul(tensors, 0.0))).reshape(1)
+
+
 class Booster:
     """Runs the rounds on a model whose LoRA modules it converts to the configured adapter.
 
@@ -263,10 +276,11 @@ class Booster:
         params = {name: module.trainable() for name, module in active.items()}
         if not params:
             return
-        # on the device, one host sync for all modules (not one per parameter)
-        per_module = torch.stack([torch.stack([(~torch.isfinite(local(p.detach()))).any() for p in ps]).any() for ps in params.values()])
-        if any_nonzero(per_module, next(iter(params.values()))[0]):  # reduced over ranks: same answer everywhere
-            bad_here = [name for name, bad in zip(params, per_module.tolist()) if bad]
+        flat = [local(p.detach()) for ps in params.values() for p in ps]
+        # reduced over ranks (same answer everywhere), one host sync; which module: only on failure
+        if any_nonzero(holds_non_finite(flat), next(iter(params.values()))[0]):
+            per_module = [any(bool(holds_non_finite([local(p.detach())])) for p in ps) for ps in params.values()]
+            bad_here = [name for name, bad in zip(params, per_module) if bad]
             where = bad_here[0] if bad_here else "an adapter on another rank"
             raise RunError(
                 f"training diverged in round {round_index}: {where} holds non-finite values at step {self.step}; "
