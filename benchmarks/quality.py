@@ -33,7 +33,9 @@ Runs go under ``--workdir`` (default ``outputs/bench/quality``); each finished r
 ``WORKDIR/runs.jsonl`` and skipped when the benchmark is started again with the same settings (a
 crashed run is tried again; one the recipe's guard stopped for divergence is that learning rate's
 result, ``diverged at step S`` in the grid table), so an interrupted full run continues where it
-stopped. Checkpoints are deleted once scored.
+stopped; ``--reuse FILE`` adds the runs another record holds (a run's id is its resolved config
+with paths written symbolically, so rows carry over between clones and machines of one kind).
+Checkpoints are deleted once scored.
 """
 
 from __future__ import annotations
@@ -372,17 +374,34 @@ def diverged_at(stdout: str) -> Optional[int]:
     return int(match.group(1)) if match else None
 
 
-class RunCache:
-    """``WORKDIR/runs.jsonl``: finished runs by id, so a restarted benchmark skips them."""
+def read_runs(path: Path) -> Dict[str, Dict[str, Any]]:
+    """The rows of a runs record (``runs.jsonl``) by id; a later row of an id replaces an earlier one."""
+    rows: Dict[str, Dict[str, Any]] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            rows[row["id"]] = row
+    return rows
 
-    def __init__(self, path: Path):
+
+class RunCache:
+    """``WORKDIR/runs.jsonl``: finished runs by id, so a restarted benchmark skips them.
+
+    ``reuse``: runs records kept elsewhere (``--reuse``: the one committed under
+    ``benchmarks/results/``, or another machine's) whose rows count as this workdir's own. They are
+    copied into ``WORKDIR/runs.jsonl`` (own rows win on the same id), so that file stays the whole
+    record of what the report is made of, and a protocol too long for one sitting continues from a
+    fresh clone."""
+
+    def __init__(self, path: Path, reuse: Optional[List[Path]] = None):
         self.path = path
-        self.rows: Dict[str, Dict[str, Any]] = {}
-        if path.exists():
-            for line in path.read_text().splitlines():
-                if line.strip():
-                    row = json.loads(line)
-                    self.rows[row["id"]] = row
+        self.rows: Dict[str, Dict[str, Any]] = read_runs(path) if path.exists() else {}
+        for record in reuse or []:
+            if not record.is_file():
+                raise SystemExit(f"error: --reuse {record}: file not found")
+            for ident, row in read_runs(record).items():
+                if ident not in self.rows:
+                    self.add(row)
 
     def add(self, row: Dict[str, Any]) -> None:
         self.rows[row["id"]] = row
@@ -568,6 +587,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rerun-slow", action="store_true", help="run again the finished runs whose training took "
                    f"over {SLOW_FACTOR}x the median of their task and method (slowed by other work on the machine)")
     p.add_argument("--workdir", type=Path, default=REPO / "outputs" / "bench" / "quality")
+    p.add_argument("--reuse", nargs="*", type=Path, default=[], metavar="RUNS_JSONL",
+                   help="finished runs recorded elsewhere (e.g. benchmarks/results/quality_cpu_runs.jsonl) count as "
+                        "done: copied into WORKDIR/runs.jsonl, run only what they lack")
     p.add_argument("--out", type=Path, default=None, help="write the report to OUT (.md), OUT.json and OUT.png")
     args = p.parse_args(argv)
     preset = PRESETS["quick" if args.quick else "gpu" if args.gpu else "cpu"]
@@ -607,7 +629,7 @@ def main(argv=None) -> int:
     given = parse_lrs(args.lrs)
     lrs = {k: given.get(k, METHODS[k][1] if args.grid else METHODS[k][1][:1]) for k in methods}
     seeds = list(range(args.seeds))
-    cache = RunCache(args.workdir / "runs.jsonl")
+    cache = RunCache(args.workdir / "runs.jsonl", args.reuse)
     slow = slow_runs(cache.rows.values())
     if slow and args.rerun_slow:
         args.rerun = set(slow)

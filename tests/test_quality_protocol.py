@@ -7,6 +7,7 @@ medians of hand-written step stamps), not produced by the code under test.
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -471,3 +472,51 @@ def test_a_diverged_run_is_that_lrs_result_and_a_crash_is_tried_again(tmp_path, 
     crashed = run(1)
     assert crashed["failed"] and "diverged_at" not in crashed and _grid_score(crashed) == "FAILED"
     assert run(1)["diverged_at"] == 3 and len(calls) == 3  # the crash was tried again
+
+
+def test_runs_recorded_elsewhere_are_reused_and_copied_into_the_workdir(tmp_path, monkeypatch):
+    """``--reuse``: a protocol too long for one sitting continues from a fresh clone. The rows of a
+    committed record count as done (no subprocess), land in the new workdir's runs.jsonl (the whole
+    record of the report), a workdir's own row wins over the record's, and a record's crashed row
+    is still tried again."""
+    import argparse
+
+    from benchmarks.common import RunResult
+    from tests.e2e_fixture import make_tiny_model_dir
+
+    calls = []
+
+    def fake_subprocess(cmd, stdout_path, extra_env=None):
+        calls.append(stdout_path.parent.name)
+        stdout_path.parent.mkdir(parents=True, exist_ok=True)
+        # seed 0 diverges (a result); seed 1 crashes (not a result)
+        text = "error: training diverged at step 7 (round 0): loss is nan\n" if "seed0" in stdout_path.parent.name else "boom\n"
+        stdout_path.write_text(text)
+        return RunResult(1, 1.0, 0, stdout_path)
+
+    monkeypatch.setattr(quality, "run_subprocess", fake_subprocess)
+    tiny = make_tiny_model_dir(tmp_path)
+    task, setting = quality.task_specs(["strings"], [])[0], quality.PRESETS["quick"]
+
+    def run(workdir, seed, reuse=()):
+        args = argparse.Namespace(workdir=workdir, keep_checkpoints=False, tiny_dir=tiny)
+        return quality.run_method("xgblora", task, 4e-3, seed, setting, args,
+                                  quality.RunCache(workdir / "runs.jsonl", [Path(p) for p in reuse]))
+
+    # the first machine: elsewhere in the filesystem, another checkout's paths
+    first = tmp_path / "first" / "work"
+    assert run(first, 0)["diverged_at"] == 7 and run(first, 1)["failed"] and len(calls) == 2
+    record = tmp_path / "committed_runs.jsonl"
+    record.write_text((first / "runs.jsonl").read_text())
+
+    fresh = tmp_path / "fresh" / "work"
+    assert run(fresh, 0, [record])["diverged_at"] == 7 and len(calls) == 2  # reused, not run
+    copied = quality.read_runs(fresh / "runs.jsonl")
+    assert {r["seed"] for r in copied.values()} == {0, 1}  # the record's rows are now the workdir's
+    assert run(fresh, 1, [record])["failed"] and len(calls) == 3  # a recorded crash is tried again
+    # the workdir's own (newer) row of an id wins over the record's
+    own = quality.read_runs(fresh / "runs.jsonl")
+    assert [r["out_dir"].startswith(str(fresh)) for r in sorted(own.values(), key=lambda r: r["seed"])] == [False, True]
+    assert quality.RunCache(fresh / "runs.jsonl", [record]).rows == own
+    with pytest.raises(SystemExit, match="--reuse .*missing.jsonl: file not found"):
+        quality.RunCache(fresh / "runs.jsonl", [tmp_path / "missing.jsonl"])
