@@ -230,6 +230,77 @@ def test_files_in_torchtunes_list_of_datasets_define_the_run_and_may_move(root, 
         validate_resume(cfg)
 
 
+def _jsonl(path: Path, *answers: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"input": "q", "output": a}) + "\n" for a in answers))
+    return path
+
+
+def test_every_file_of_a_local_dataset_directory_defines_the_run_and_it_may_move(root, tmp_path):
+    """``dataset.source: /data/mine`` (datasets.load_dataset reads every data file under it): the
+    files' names and bytes define the run, the directory may move; hidden files are not data."""
+    folder = tmp_path / "mine"
+    _jsonl(folder / "train.jsonl", "a")
+    _jsonl(folder / "more" / "extra.jsonl", "b")
+    cfg = _checkpointed_cfg(root, "data_dir")
+    cfg.dataset = {"_component_": "torchtune.datasets.instruct_dataset", "source": str(folder), "split": "train"}
+    _save(Path(cfg.output_dir), 9, 9.0, run=run_identity(cfg))
+    recorded = run_identity(cfg)["dataset.source#sha256"]
+    expected = [f"{name}:{hashlib.sha256((folder / name).read_bytes()).hexdigest()}" for name in ("more/extra.jsonl", "train.jsonl")]
+    assert recorded == expected  # computed here, from the bytes
+    assert validate_resume(cfg).path.name == "step_00000009"
+    (folder / ".DS_Store").write_bytes(b"x")  # not data to datasets, not to the run
+    assert validate_resume(cfg).path.name == "step_00000009"
+
+    moved = tmp_path / "node_local" / "mine"
+    shutil.copytree(folder, moved)
+    cfg.dataset.source = str(moved)  # the same files elsewhere: the same run
+    assert validate_resume(cfg).path.name == "step_00000009"
+    for change in (lambda d: _jsonl(d / "train.jsonl", "a", "c"),  # a file edited
+                   lambda d: _jsonl(d / "new.jsonl", "d"),  # a file added
+                   lambda d: (d / "train.jsonl").rename(d / "test.jsonl")):  # renamed: another split to datasets
+        shutil.rmtree(moved)
+        shutil.copytree(folder, moved)
+        change(moved)
+        with pytest.raises(ConfigError, match=r"in dataset.source \(checkpoint .*dataset.source#sha256"):
+            validate_resume(cfg)
+    cfg.dataset.source = str(folder)
+    _jsonl(folder / "more" / "extra.jsonl", "changed")  # in place
+    with pytest.raises(ConfigError, match=r"in dataset.source#sha256 \(checkpoint "):
+        validate_resume(cfg)
+
+
+def test_the_files_a_data_files_glob_matches_define_the_run(root, tmp_path, monkeypatch):
+    folder = tmp_path / "shards"
+    _jsonl(folder / "part-0.jsonl", "a")
+    _jsonl(folder / "part-1.jsonl", "b")
+    cfg = _checkpointed_cfg(root, "data_glob")
+    cfg.dataset = {"_component_": "torchtune.datasets.instruct_dataset", "source": "json",
+                   "data_files": str(folder / "part-*.jsonl"), "split": "train"}
+    _save(Path(cfg.output_dir), 9, 9.0, run=run_identity(cfg))
+    assert [p.split(":")[0] for p in run_identity(cfg)["dataset.data_files#sha256"]] == ["part-0.jsonl", "part-1.jsonl"]
+    assert validate_resume(cfg).path.name == "step_00000009"
+    _jsonl(folder / "part-2.jsonl", "c")  # one more shard matches
+    with pytest.raises(ConfigError, match=r"in dataset.data_files#sha256 \(checkpoint "):
+        validate_resume(cfg)
+    # a relative glob resolves against the working directory, as load_dataset resolves it
+    monkeypatch.chdir(tmp_path)
+    cfg.dataset.data_files = "shards/part-[01].jsonl"
+    assert validate_resume(cfg).path.name == "step_00000009"
+
+
+def test_a_builder_name_is_not_a_directory_of_data(tmp_path, monkeypatch):
+    """``source: json`` is load_dataset's json builder even when ./json/ exists (datasets tries its
+    packaged builders first): nothing in that folder is part of the run."""
+    _jsonl(tmp_path / "json" / "unrelated.jsonl", "a")
+    monkeypatch.chdir(tmp_path)
+    cfg = OmegaConf.create({"dataset": {"_component_": "torchtune.datasets.instruct_dataset", "source": "json",
+                                        "data_dir": "json"}})
+    identity = run_identity(cfg)
+    assert "dataset.source#sha256" not in identity  # the builder
+    assert [p.split(":")[0] for p in identity["dataset.data_dir#sha256"]] == ["unrelated.jsonl"]  # data_dir is a folder
+
+
 # --- the base weights: a resume rebuilds W0 from checkpointer.checkpoint_dir --------------------
 
 

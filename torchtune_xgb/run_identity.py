@@ -3,7 +3,8 @@
 A resume continues the run that wrote the checkpoint, step for step. If the config changed in
 anything that defines that run — method, rank, alpha, target modules, the ``adapter:`` and
 ``boost:`` blocks, optimizer and scheduler, batch size, gradient accumulation, the dataset (its
-config and the bytes of any local file it names), dtype, epochs and max steps, seed, the base
+config and the bytes of any local file it names, of every file in a local ``source``/``data_dir``
+directory and of every match of a ``data_files`` glob), dtype, epochs and max steps, seed, the base
 checkpoint (a fingerprint of its files: base_fingerprint.py), the tokenizer files, the number of
 processes — the continuation would silently be a different run. The identity is the resolved
 config flattened to dotted keys, minus the keys that only say where output goes, how often to log
@@ -20,6 +21,7 @@ diverged with a lower learning rate) is allowed when the resume lists the keys i
 ``resume_allow_changes``; nothing else can be changed on resume.
 """
 
+import glob
 import hashlib
 import os
 from pathlib import Path
@@ -82,27 +84,67 @@ def file_fingerprint(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _data_files(value: Any) -> Iterable[Path]:
-    """The local files a config value names: a path, or paths anywhere in its lists and dicts
-    (torchtune's list of datasets is one value, ``dataset``, since ``_flatten`` keeps lists)."""
+# Keys whose value may name a local *directory* of data (``dataset.source: /data/mine`` or
+# ``data_dir``: datasets.load_dataset reads every data file under it) or a glob of files
+# (``data_files: data/*.jsonl``): the files they cover define the run, by name and bytes.
+DIR_KEYS = ("source", "data_dir", "data_files")
+try:  # load_dataset's own builders: ``source: json`` names the builder even where ./json/ exists
+    from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES as _PACKAGED
+
+    BUILDER_NAMES = frozenset(_PACKAGED)
+except ImportError:  # pragma: no cover - a datasets without the table
+    BUILDER_NAMES = frozenset({"json", "csv", "text", "parquet", "arrow", "pandas", "webdataset", "xml"})
+_GLOB = "*?["
+
+
+def _visible(path: Path, root: Path) -> bool:
+    """datasets skips hidden files and folders (``.cache``, ``.git``) and ``__pycache__``-like ones."""
+    return not any(part.startswith((".", "__")) for part in path.relative_to(root).parts)
+
+
+def _data_files(value: Any, key: str = "") -> Iterable[Tuple[str, Path]]:
+    """The local files a config value names, as ``(label, path)``: a path (label ""), or paths
+    anywhere in its lists and dicts (torchtune's list of datasets is one value, ``dataset``, since
+    ``_flatten`` keeps lists); under a ``DIR_KEYS`` key also a directory (every visible file under
+    it, labelled by its path inside it) or a glob (the matches, labelled by name). A label keeps a
+    file's name in its fingerprint where the name is what load_dataset sees (train.jsonl vs
+    test.jsonl in a directory) and leaves the directory free to move."""
     if isinstance(value, dict):
-        value = list(value.values())
+        for k, v in value.items():
+            yield from _data_files(v, str(k))
+        return
     if isinstance(value, (list, tuple)):
         for v in value:
-            yield from _data_files(v)
-    elif isinstance(value, str) and len(value) < 4096:
-        p = Path(value).expanduser()
-        if p.is_file():
-            yield p
+            yield from _data_files(v, key)
+        return
+    if not isinstance(value, str) or len(value) >= 4096:
+        return
+    p = Path(value).expanduser()
+    name = key.rsplit(".", 1)[-1]
+    if p.is_file():
+        yield "", p
+    elif name not in DIR_KEYS or "://" in value:
+        return
+    elif p.is_dir() and not (name == "source" and value in BUILDER_NAMES):
+        for f in sorted(q for q in p.rglob("*") if q.is_file() and _visible(q, p)):
+            yield f.relative_to(p).as_posix(), f
+    elif name == "data_files" and any(ch in value for ch in _GLOB):
+        for f in sorted(Path(m) for m in glob.glob(str(p), recursive=True) if Path(m).is_file()):
+            yield f.name, f
 
 
-def _only_files_differ(before: Any, now: Any) -> bool:
+def _only_files_differ(before: Any, now: Any, key: str = "") -> bool:
     """``before`` and ``now`` are the same value but for strings that now name local files."""
     if isinstance(before, dict) and isinstance(now, dict):
-        return before.keys() == now.keys() and all(_only_files_differ(before[k], now[k]) for k in before)
+        return before.keys() == now.keys() and all(_only_files_differ(before[k], now[k], str(k)) for k in before)
     if isinstance(before, list) and isinstance(now, list):
-        return len(before) == len(now) and all(map(_only_files_differ, before, now))
-    return before == now or (isinstance(before, str) and any(True for _ in _data_files(now)))
+        return len(before) == len(now) and all(_only_files_differ(b, n, key) for b, n in zip(before, now))
+    return before == now or (isinstance(before, str) and any(True for _ in _data_files(now, key)))
+
+
+def _fingerprints(value: Any, key: str) -> List[str]:
+    """sha256 of each file ``value`` names; a directory's or glob's files as ``label:sha256``."""
+    return [f"{label}:{file_fingerprint(p)}" if label else file_fingerprint(p) for label, p in _data_files(value, key)]
 
 
 def run_identity(cfg: DictConfig, world_size: int = 1) -> Dict[str, Any]:
@@ -111,7 +153,7 @@ def run_identity(cfg: DictConfig, world_size: int = 1) -> Dict[str, Any]:
     identity = {k: v for k, v in flat.items() if not _is_free(k)}
     for key, value in list(identity.items()):
         if key.split(".")[0] in HASHED_BLOCKS:
-            prints = [file_fingerprint(p) for p in _data_files(value)]
+            prints = _fingerprints(value, key)
             if prints:
                 identity[key + HASH_SUFFIX] = prints
     if cfg.get("checkpointer") is not None:
@@ -176,7 +218,7 @@ def _moved(key: str, before: Any, now: Any, saved: Dict[str, Any], current: Dict
         moved = bool(saved.get(BASE_KEY))
     else:  # every differing part a file whose bytes are the recorded ones, in the same order
         prints = saved.get(key + HASH_SUFFIX)
-        moved = bool(prints) and prints == current.get(key + HASH_SUFFIX) and _only_files_differ(before, now)
+        moved = bool(prints) and prints == current.get(key + HASH_SUFFIX) and _only_files_differ(before, now, key)
     if moved:
         log.info(f"{key}: moved from {before} to {now}; resuming on its recorded fingerprint")
     return moved
