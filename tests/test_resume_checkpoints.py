@@ -376,6 +376,26 @@ def test_a_resume_on_changed_base_weights_is_refused_in_one_line(private_base):
     assert validate_resume(cfg).path.name == "step_00000006"
 
 
+def test_the_base_config_json_is_part_of_the_base(private_base, tmp_path):
+    """torchtune's HF checkpointer converts q/k weights with the head counts in config.json: the
+    same weights under another config.json are another model. A checkpoint written before
+    config.json was fingerprinted resumes as before (nothing recorded to compare)."""
+    cfg = _checkpointed_cfg(private_base, "config_json")
+    config_json = Path(cfg.checkpointer.checkpoint_dir) / "config.json"
+    original = config_json.read_text()
+    assert run_identity(cfg)[BASE_KEY]["config.json"] == (
+        f"{len(original.encode())}:{hashlib.sha256(str(len(original.encode())).encode() + original.encode()).hexdigest()}")
+    changed = json.loads(original)
+    changed["num_key_value_heads"] = changed["num_attention_heads"]
+    config_json.write_text(json.dumps(changed))
+    with pytest.raises(ConfigError, match=r"^checkpointer.checkpoint_dir: the base weights changed .*config.json \(other bytes\)"):
+        validate_resume(cfg)
+    older = dict(run_identity(cfg))  # as an older version recorded it: the weights only
+    older[BASE_KEY] = {k: v for k, v in older[BASE_KEY].items() if k != "config.json"}
+    _save(Path(cfg.output_dir), 9, 9.0, run=older)
+    assert validate_resume(cfg).path.name == "step_00000009"
+
+
 def test_a_checkpoint_from_before_base_fingerprints_resumes_with_a_warning(private_base, caplog):
     cfg = _checkpointed_cfg(private_base, "older")
     out = Path(cfg.output_dir)

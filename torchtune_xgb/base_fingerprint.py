@@ -5,8 +5,8 @@ base weights W0 are read again from ``checkpointer.checkpoint_dir``. If those fi
 between (a re-download of a newer revision, another model copied into the same directory, a
 merged model saved over its own base), the resumed run would add the saved updates to other
 weights and finish "successfully" with a model that was never trained. The run's identity
-therefore records a fingerprint of every base file, and a resume compares it before any weights
-load.
+therefore records a fingerprint of every base file (and of the directory's ``config.json``), and a
+resume compares it before any weights load.
 
 The fingerprint is the file's size and the sha256 of its first MiB (a safetensors header names
 every tensor, its dtype, shape and offset), its last MiB and ``SAMPLES`` evenly spaced 64 KiB
@@ -65,8 +65,15 @@ def sampled_fingerprint(path: Path) -> str:
     return f"{size}:{digest.hexdigest()}"
 
 
+# Not weights, but part of the model: torchtune's HF checkpointer reads the head counts and sizes
+# from it to convert q/k weights (another config.json over the same weights is another model),
+# and the merged export carries it. Checkpoints written before it was recorded do not compare it.
+MODEL_CONFIG = "config.json"
+
+
 def base_fingerprints(checkpointer: Any) -> Dict[str, str]:
-    """``{file name: fingerprint}`` of every base file that exists (a missing one is reported by
-    the config checks, which name the key)."""
+    """``{file name: fingerprint}`` of every base file that exists, and of ``config.json`` when the
+    directory has one (a missing weight file is reported by the config checks, which name the key)."""
     ckpt_dir = Path(str(checkpointer.get("checkpoint_dir"))).expanduser()
-    return {name: sampled_fingerprint(ckpt_dir / name) for name in _names(checkpointer) if (ckpt_dir / name).is_file()}
+    names = _names(checkpointer) + ([MODEL_CONFIG] if (ckpt_dir / MODEL_CONFIG).is_file() else [])
+    return {name: sampled_fingerprint(ckpt_dir / name) for name in dict.fromkeys(names) if (ckpt_dir / name).is_file()}

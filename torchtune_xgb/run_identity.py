@@ -30,7 +30,7 @@ from typing import Any, Dict, Iterable, List, Tuple
 from omegaconf import DictConfig, OmegaConf
 from torchtune import utils
 
-from torchtune_xgb.base_fingerprint import base_fingerprints
+from torchtune_xgb.base_fingerprint import MODEL_CONFIG, base_fingerprints
 from torchtune_xgb.errors import ConfigError
 
 log = utils.get_logger("INFO")
@@ -231,7 +231,8 @@ def _check_base_weights(saved: Dict[str, Any], current: Dict[str, Any], checkpoi
                     "resuming without checking that checkpointer.checkpoint_dir holds the same files")
         return
     before, now = saved[BASE_KEY], current.get(BASE_KEY, {})
-    changed = sorted(name for name in set(before) | set(now) if before.get(name) != now.get(name))
+    unrecorded = {MODEL_CONFIG} - set(before)  # a checkpoint from before config.json was fingerprinted
+    changed = sorted(name for name in (set(before) | set(now)) - unrecorded if before.get(name) != now.get(name))
     if changed:
         what = ", ".join(f"{name} ({'new' if name not in before else 'missing' if name not in now else 'other bytes'})"
                          for name in changed)
