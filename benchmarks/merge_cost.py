@@ -16,7 +16,8 @@ too. Blocks are identical, so a merge over all blocks costs ``num_layers`` times
 Modelling (the numbers a GPU would give, to be checked by ``--time`` on one): with W0 on the CPU,
 every merged weight's W0 crosses PCIe once (2 bytes/parameter in bf16); the counted bytes move
 through HBM; the counted matrix products run at the fp32 rate (merges use full fp32 precision,
-no TF32); each host read costs a fixed latency. Defaults are an H200's (KINDS.md / H200.md:
+no TF32); each kernel costs the host a fixed time to issue (small kernels are bound by it); each
+host read costs a fixed latency. Defaults are an H200's (KINDS.md / H200.md:
 4.3 TB/s measured device copy, 67 TFLOP/s fp32 datasheet; PCIe Gen5 x16 ≈ 50 GB/s from pinned
 memory, ≈ 10 GB/s from pageable memory, both assumptions). The merge share at κ = 50 is
 merge / (merge + 50 · step); the 8B step time is either given (``--step-seconds-8b``, e.g. from
@@ -78,11 +79,17 @@ class Counts:
     flops: int = 0              # 2·m·k·n of matrix products
     full_passes: int = 0        # ops writing an out×in-sized output (≥ the smallest module)
     host_reads: int = 0
+    kernels: int = 0            # aten ops that do work on the device (views and queries left out)
     ops: Dict[str, int] = field(default_factory=dict)
 
 
 def _nbytes(t: Any) -> int:
     return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+
+# aten ops that launch nothing on the device: views and metadata queries
+NO_KERNEL = ("view", "_unsafe_view", "t", "transpose", "permute", "slice", "select", "expand", "alias", "detach",
+             "unsqueeze", "squeeze", "is_pinned", "_reshape_alias", "as_strided")
 
 
 class _CountingMode(TorchDispatchMode):
@@ -99,8 +106,10 @@ class _CountingMode(TorchDispatchMode):
         moved = sum(_nbytes(a) for a in flat_in) + sum(_nbytes(o) for o in flat_out)
         if name == "copy_":
             moved -= _nbytes(args[0])  # the destination is written, not read
-        if name in ("view", "_unsafe_view", "t", "transpose", "slice", "select", "expand", "alias", "detach", "unsqueeze", "squeeze"):
+        if name in NO_KERNEL:
             moved = 0  # views move nothing
+        else:
+            self.counts.kernels += 1
         if name in ("mm", "addmm", "addmm_", "bmm", "matmul"):
             a, b = (args[1], args[2]) if name.startswith("addmm") else (args[0], args[1])
             self.counts.flops += 2 * a.shape[-2] * a.shape[-1] * b.shape[-1]
@@ -148,11 +157,15 @@ def perturb_adapters(modules: Dict[str, torch.nn.Module], seed: int) -> None:
             module.lora_a.weight.normal_(0.0, 1.0 / module.in_dim**0.5, generator=gen)
 
 
-def count_block_merge(shape: tuple, rounds: int, implementation: Optional[Path] = None, device: str = "cpu") -> Counts:
-    """Counts of one merge of one block whose ledgers already hold ``rounds`` rank-1 factors
+def count_block_merge(shape: tuple, rounds: int, implementation: Optional[Path] = None, device: str = "cpu",
+                      blocks: int = 1) -> Counts:
+    """Counts of one merge of ``blocks`` blocks whose ledgers already hold ``rounds`` rank-1 factors
     (set directly: what a merge does depends on the ledger's rank, not on its values)."""
     state_cls = load_merged_state(implementation)
-    modules = build_block(shape, device)
+    modules = {}
+    for layer in range(blocks):
+        for name, module in build_block(shape, device, seed=layer).items():
+            modules[f"layers.{layer}.{name}"] = module
     state = state_cls(modules, base_device=device)
     gen = torch.Generator(device=device).manual_seed(1)
     for name, module in modules.items():
@@ -219,6 +232,12 @@ class Hardware:
     fp32_tflops: float = 67.0
     bf16_tflops: float = 989.0
     host_read_us: float = 50.0
+    # Host time per kernel a merge issues (dispatch, launch and the Python around it; small kernels
+    # are bound by it on a GPU). Calibrated on the H200, gpu_check part e (8B, all 224 modules, W0
+    # on the GPU): 0.100 s measured; 0.033 s of HBM bytes (140.0 GB) and fp32 GEMMs (28 GFLOP) as
+    # counted here for merged_state.py of commit 698bbc8, which issued 7,171 kernels:
+    # (0.100 − 0.033) / 7,171 ≈ 9.3 µs.
+    kernel_us: float = 9.3
 
 
 def modelled_seconds(counts: Counts, layers: int, w0_bytes: int, base: str, hw: Hardware) -> float:
@@ -226,7 +245,8 @@ def modelled_seconds(counts: Counts, layers: int, w0_bytes: int, base: str, hw: 
     'pageable': synchronous copies, added to the compute; 'pinned': asynchronous copies on a side
     stream that overlap the compute, so the slower of the two), HBM traffic and fp32 GEMMs.
     Host reads and re-initialisation are added by the caller."""
-    compute = counts.bytes_moved * layers / (hw.hbm_tbs * 1e12) + counts.flops * layers / (hw.fp32_tflops * 1e12)
+    compute = (counts.bytes_moved * layers / (hw.hbm_tbs * 1e12) + counts.flops * layers / (hw.fp32_tflops * 1e12)
+               + counts.kernels * layers * hw.kernel_us * 1e-6)
     if base == "pinned":
         return max(w0_bytes * layers / (hw.pcie_pinned_gbs * 1e9), compute)
     if base == "pageable":
@@ -253,10 +273,16 @@ def model_rows(args, hw: Hardware) -> List[Dict[str, Any]]:
         w0_bytes = 2 * sum(o * i for o, i in block_projections(dim, kv_dim, ffn_dim).values())
         for rounds in args.rounds:
             counts = count_block_merge(shape, rounds, args.implementation)
+            # kernels are not per block: modules of one shape are measured together across blocks,
+            # so one block's count and the second block's increment give all layers'
+            second = count_block_merge(shape, rounds, args.implementation, blocks=2).kernels - counts.kernels
+            kernels_total = counts.kernels + (layers - 1) * second
+            counts.kernels = kernels_total / layers  # per block, as modelled_seconds multiplies by layers
             reads_total = host_reads(args.implementation, layers)
             row = {"shape": shape_name, "earlier_rounds": rounds, "layers": layers,
                    "w0_gb": w0_bytes * layers / 1e9, "hbm_gb": counts.bytes_moved * layers / 1e9,
                    "gflop": counts.flops * layers / 1e9, "full_passes": counts.full_passes * layers,
+                   "kernels": kernels_total,
                    "host_reads": reads_total}
             if shape_name in SHAPES:
                 step = args.step_seconds_8b if (shape_name == "llama3-8b" and args.step_seconds_8b) else \
@@ -275,10 +301,10 @@ def model_rows(args, hw: Hardware) -> List[Dict[str, Any]]:
 def render_model(rows: List[Dict[str, Any]], args, hw: Hardware, label: str) -> str:
     table = markdown_table(
         ["shape", "ledger rank before", "W0 over PCIe (GB)", "HBM traffic (GB)", "GEMM (GFLOP)",
-         "out×in-sized passes", "host reads", "step (s, modelled)", "merge + re-init s: pageable / pinned / GPU W0",
+         "out×in-sized passes", "kernels", "host reads", "step (s, modelled)", "merge + re-init s: pageable / pinned / GPU W0",
          "merge+re-init share at κ=50: pageable / pinned / GPU W0"],
         [[r["shape"], r["earlier_rounds"], fmt(r["w0_gb"], ".2f"), fmt(r["hbm_gb"], ".1f"), fmt(r["gflop"], ".0f"),
-          r["full_passes"], r["host_reads"], fmt(r.get("step_seconds"), ".2f"),
+          r["full_passes"], r.get("kernels", "–"), r["host_reads"], fmt(r.get("step_seconds"), ".2f"),
           " / ".join(fmt(r.get(f"merge_s_{b}"), ".3f") or "–" for b in ("pageable", "pinned", "gpu")),
           " / ".join(fmt(r.get(f"share_k50_{b}"), ".2%") or "–" for b in ("pageable", "pinned", "gpu"))]
          for r in rows],
@@ -288,9 +314,10 @@ def render_model(rows: List[Dict[str, Any]], args, hw: Hardware, label: str) -> 
         "",
         f"One merge over all blocks (seven projections each, bf16 weights, rank-1 rounds), counted on "
         f"{hardware('cpu')} by running `MergedState.merge_round` on one block under a byte/FLOP-counting "
-        f"dispatch mode, × layers. Modelled hardware: PCIe {hw.pcie_pageable_gbs:g} GB/s pageable, "
+        f"dispatch mode, × layers (kernels: merges over one and two blocks, extrapolated to all layers). Modelled hardware: PCIe {hw.pcie_pageable_gbs:g} GB/s pageable, "
         f"{hw.pcie_pinned_gbs:g} GB/s pinned; HBM {hw.hbm_tbs:g} TB/s; fp32 GEMM {hw.fp32_tflops:g} TFLOP/s; "
-        f"{hw.host_read_us:g} µs per host read and per module re-initialised (a small synchronous copy). "
+        f"{hw.host_read_us:g} µs per host read and per module re-initialised (a small synchronous copy); "
+        f"{hw.kernel_us:g} µs of host time per kernel issued (calibrated on the H200, see Hardware.kernel_us). "
         f"Pinned W0 travels on a side stream while the previous module computes (the slower of the two counts); "
         f"pageable copies are synchronous (added). Step time: 4·N·T FLOPs, T = {args.tokens} tokens/step, "
         f"{args.mfu:.0%} of {hw.bf16_tflops:g} TFLOP/s bf16"

@@ -29,3 +29,14 @@ def test_a_merge_reads_back_twice_and_makes_three_full_size_passes_per_module():
     entries = sum(o * i for o, i in projections.values())
     assert counts.flops >= 2 * 4 * entries  # the GEMM with the 4 factors after the append
     assert counts.flops < 2 * 4 * entries * 1.5  # Gram matrices add little
+
+
+def test_kernels_of_a_merge_over_many_blocks_follow_from_one_and_two():
+    """The model extrapolates the kernels of an all-layer merge from merges over 1 and 2 blocks
+    (modules of one shape are measured together across blocks): a merge over 4 blocks, counted
+    directly, is that line; and each further block costs a handful of kernels per module (its
+    ledger append and weight re-derivation), not the ~30 of one measured alone."""
+    shape = merge_cost.TINY_SHAPE["tiny"]
+    one, two, four = (merge_cost.count_block_merge(shape, rounds=3, blocks=b).kernels for b in (1, 2, 4))
+    assert four == one + 3 * (two - one)
+    assert (two - one) / 7 <= 12

@@ -216,3 +216,87 @@ def test_merge_leaves_the_users_matmul_precision_as_it_was(setting):
         assert matmul.fp32_precision == "tf32"
     finally:
         matmul.fp32_precision = before
+
+
+def test_a_round_over_modules_of_several_shapes_and_histories_is_measured_per_module(monkeypatch):
+    """The batched measurement (grouped by shape, earlier factors compared in foreach chunks) gives
+    each module its own full-matrix kept fraction: modules of three shapes, with 0-3 earlier
+    rounds each, one of them stored lossily; the report is the lossy one's value, computed here
+    with dense fp32 matrices, and a rewrite of one module's earlier factors among many is caught."""
+    from torchtune.modules.peft import LoRALinear
+
+    gen = torch.Generator().manual_seed(7)
+    holder = torch.nn.Module()
+    shapes = [(48, 32), (32, 48), (48, 32), (16, 16), (32, 48), (48, 32)]
+    for i, (out_dim, in_dim) in enumerate(shapes):
+        m = LoRALinear(in_dim, out_dim, rank=2 if i % 2 else 1, alpha=2.0)
+        with torch.no_grad():
+            m.weight.copy_(torch.randn(out_dim, in_dim, generator=gen) * 0.02)
+        holder.add_module(f"m{i}", m.to(torch.bfloat16))
+    modules = convert_to_xgblora(holder)
+    state = MergedState(modules)
+    for history in range(3):  # module i has min(i, 3) earlier rounds: ledgers of different k
+        names = [n for i, n in enumerate(modules) if i > history]
+        for n in names:
+            perturb(modules[n], gen)
+        state.merge_round(names)
+    monkeypatch.setattr(merged_state, "_COMPARE_CHUNK", 200)  # several foreach chunks
+
+    for m in modules.values():
+        perturb(m, gen)
+    updates = {n: m.delta_weight() for n, m in modules.items()}
+    before = {n: state.merged_weight(n) for n in modules}
+    original = merged_state._Ledger.add
+
+    def lossy_for_m3(self, u, v):  # only module m3's ledger keeps 60% of its round
+        original(self, *((0.6 * u, v) if self is state._ledgers["m3"] else (u, v)))
+
+    monkeypatch.setattr(merged_state._Ledger, "add", lossy_for_m3)
+    report = state.merge_round(list(modules))
+    kept = {n: 1.0 - (torch.linalg.matrix_norm(state.merged_weight(n) - before[n] - updates[n])
+                      / torch.linalg.matrix_norm(updates[n])).item() for n in modules}
+    assert kept["m3"] == pytest.approx(0.6, abs=1e-4)
+    assert all(k == pytest.approx(1.0, abs=1e-4) for n, k in kept.items() if n != "m3")
+    assert report.modules == 6 and report.kept_fraction == pytest.approx(0.6, abs=1e-4)
+    total = sum(torch.linalg.matrix_norm(u).item() ** 2 for u in updates.values()) ** 0.5
+    assert report.update_norm == pytest.approx(total, rel=1e-5)
+
+    def rewrite_m4(self, u, v):  # m4's earlier rounds altered during the append
+        if self is state._ledgers["m4"]:
+            self.v = self.v.clone()
+            self.v[0, 0] += 1e-3
+        original(self, u, v)
+
+    monkeypatch.setattr(merged_state._Ledger, "add", rewrite_m4)
+    for m in modules.values():
+        perturb(m, gen)
+    with pytest.raises(RuntimeError, match="m4: the ledger changed earlier rounds"):
+        state.merge_round(list(modules))
+
+
+def test_the_aten_ops_of_a_merge_do_not_grow_40_per_module():
+    """On a GPU a merge of many small modules is bound by the host issuing kernels: the measurement
+    is batched over module shapes, so each further module costs its own ledger append and weight
+    re-derivation (~18 ops, counted at the 1B layout) and not ~44 as when each was measured alone."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    def ops_for(count):
+        modules, gen = lora_modules(torch.bfloat16, count=count)
+        state = MergedState(modules)
+        for _ in range(2):  # the second round appends to factored ledgers
+            for m in modules.values():
+                perturb(m, gen)
+            Count.ops = 0
+            with Count():
+                state.merge_round(list(modules))
+        return Count.ops
+
+    per_module = (ops_for(12) - ops_for(2)) / 10
+    assert per_module <= 20, per_module

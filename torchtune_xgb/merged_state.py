@@ -200,6 +200,32 @@ def product_sq_norm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return ((x.T @ x) * (y @ y.T)).sum()
 
 
+def _grouped(count: int, key, compute) -> torch.Tensor:
+    """``compute(members)`` for each group of indices ``0..count-1`` with equal ``key(i)`` (a
+    tensor whose first dim runs over the members), reassembled in index order: a few kernels per
+    group instead of several per item."""
+    groups: Dict[tuple, List[int]] = {}
+    for i in range(count):
+        groups.setdefault(key(i), []).append(i)
+    parts = [compute(members) for members in groups.values()]
+    grouped = torch.cat(parts) if len(parts) > 1 else parts[0]
+    order = [i for members in groups.values() for i in members]
+    if order == list(range(count)):
+        return grouped
+    index = torch.tensor(order, device=grouped.device)
+    return torch.empty_like(grouped).index_copy_(0, index, grouped)  # back in index order
+
+
+def _stacked_sq_norms(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """:func:`product_sq_norm` of each ``(x[i], y[i])`` of stacked factors (one batched Gram product)."""
+    x, y = x.double(), y.double()
+    return ((x.mT @ x) * (y @ y.mT)).sum(dim=(1, 2))
+
+
+def _shape_key(*tensors: torch.Tensor) -> tuple:
+    return tuple((tuple(t.shape), t.dtype, t.device) for t in tensors)
+
+
 def product_sq_norms(pairs: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """:func:`product_sq_norm` of every ``(x, y)`` pair, as one fp64 vector in the pairs' order.
 
@@ -209,17 +235,9 @@ def product_sq_norms(pairs: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> torc
     bound by the host launching ~10 small kernels per module (a 1B Llama has 112 modules)."""
     if not pairs:
         return torch.zeros(0, dtype=torch.float64)
-    groups: Dict[tuple, List[int]] = {}
-    for i, (x, y) in enumerate(pairs):
-        groups.setdefault((tuple(x.shape), tuple(y.shape), x.dtype, y.dtype, x.device), []).append(i)
-    parts = []
-    for members in groups.values():
-        x = torch.stack([pairs[i][0] for i in members]).double()
-        y = torch.stack([pairs[i][1] for i in members]).double()
-        parts.append(((x.mT @ x) * (y @ y.mT)).sum(dim=(1, 2)))
-    grouped = torch.cat(parts)
-    order = torch.tensor([i for members in groups.values() for i in members], device=grouped.device)
-    return torch.empty_like(grouped).index_copy_(0, order, grouped)  # back in the pairs' order
+    return _grouped(len(pairs), lambda i: _shape_key(*pairs[i]),
+                    lambda members: _stacked_sq_norms(torch.stack([pairs[i][0] for i in members]),
+                                                      torch.stack([pairs[i][1] for i in members])))
 
 
 def _full_stats(arrived: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -228,19 +246,82 @@ def _full_stats(arrived: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torc
     return torch.stack([product_sq_norm(u, v), lost, torch.zeros_like(lost)])
 
 
-def _appended_stats(ledger: "_Ledger", old_u, old_v, k: int, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """(‖u·v‖², ‖residual‖², changed) of a round appended to a factored ledger, from factors.
+@dataclass
+class _Appended:
+    """A round appended to a factored ledger: the ledger after the append, its rank k before, and
+    the round's factors (what the residual and ‖ΔW‖² are measured from)."""
+
+    ledger: "_Ledger"
+    k: int
+    u: torch.Tensor
+    v: torch.Tensor
+
+
+# Elements of earlier factors compared per foreach call. The factors before the append are held
+# (and their differences materialised) only until their chunk is compared, so a merge's transient
+# memory stays ~2·4·_COMPARE_CHUNK bytes beyond one module's ledger, while a round costs a few
+# calls rather than several kernels per module.
+_COMPARE_CHUNK = 1 << 22
+
+
+class _AppendedRounds:
+    """The rounds a merge appends to factored ledgers, measured together (:meth:`stats`).
 
     The stored state changed by L_after − L_before = U'·V' − U·V. When the first k factors are
-    the old ones (``changed`` counts the entries where they are not), that is exactly
+    the old ones (``changed``, the largest difference of an earlier factor, is 0), that is exactly
     u'·v' for the appended factors (u', v'), and the residual u'·v' − u·v = (u' − u)·v' + u·(v' − v)
     is a product of two rank-2r factors whose entries scale with the error: no cancellation of
     large terms, so a lossless append measures exactly 0 and a lossy one its true loss.
+
+    Batched: the norms by one stacked Gram product per module shape, the comparison of earlier
+    factors by foreach calls over chunks of modules, instead of ~30 kernels per module.
     """
-    new_u, new_v = ledger.u[:, k:], ledger.v[k:]
-    residual = product_sq_norm(torch.cat([new_u - u, u], dim=1), torch.cat([new_v, new_v - v], dim=0))
-    changed = (ledger.u[:, :k] != old_u).sum() + (ledger.v[:k] != old_v).sum()
-    return torch.stack([product_sq_norm(u, v), residual, changed.to(residual.dtype)])
+
+    def __init__(self):
+        self.records: List[_Appended] = []
+        self._pending: List[Tuple[int, torch.Tensor, torch.Tensor]] = []  # (record, now, before)
+        self._pending_size = 0
+        self._changed: List[Tuple[int, torch.Tensor]] = []
+
+    def add(self, ledger: "_Ledger", old_u: torch.Tensor, old_v: torch.Tensor, k: int, u: torch.Tensor, v: torch.Tensor) -> None:
+        index = len(self.records)
+        self.records.append(_Appended(ledger, k, u, v))
+        for now, before in ((ledger.u[:, :k], old_u), (ledger.v[:k], old_v)):
+            if now.numel():  # FSDP2: a rank may hold no rows of u; k = 0: nothing earlier
+                self._pending.append((index, now, before))
+                self._pending_size += now.numel()
+        if self._pending_size >= _COMPARE_CHUNK:
+            self._compare()
+
+    def _compare(self) -> None:
+        """The largest |difference| of each pending earlier factor, then the old factors are dropped."""
+        if not self._pending:
+            return
+        diffs = torch._foreach_sub([now for _, now, _ in self._pending], [before for _, _, before in self._pending])
+        norms = torch._foreach_norm(diffs, ord=math.inf)
+        self._changed += [(index, norm) for (index, _, _), norm in zip(self._pending, norms)]
+        self._pending, self._pending_size = [], 0
+
+    def stats(self) -> torch.Tensor:
+        """(‖u·v‖², ‖residual‖², changed) of each appended round, one row each (``changed``: the
+        largest |difference| of an earlier factor; NaN where one was NaN)."""
+        self._compare()
+        records = self.records
+        update_sq = product_sq_norms([(r.u, r.v) for r in records])
+
+        def residual_sq(members: List[int]) -> torch.Tensor:
+            group = [records[i] for i in members]
+            new_u = torch.stack([r.ledger.u[:, r.k:] for r in group])
+            new_v = torch.stack([r.ledger.v[r.k:] for r in group])
+            u, v = torch.stack([r.u for r in group]), torch.stack([r.v for r in group])
+            return _stacked_sq_norms(torch.cat([new_u - u, u], dim=2), torch.cat([new_v, new_v - v], dim=1))
+
+        residual = _grouped(len(records), lambda i: _shape_key(records[i].u, records[i].v), residual_sq)
+        changed = torch.zeros_like(residual)
+        if self._changed:
+            index = torch.tensor([i for i, _ in self._changed], device=changed.device)
+            changed.index_add_(0, index, torch.stack([norm for _, norm in self._changed]).to(changed))
+        return torch.stack([update_sq, residual, changed], dim=1)
 
 
 class MergedState:
@@ -373,9 +454,16 @@ class MergedState:
             factors = {name: self.modules[name].merge_factors(merge_rate) for name in names}
             todo = self._with_update(factors)
             prefetch = _W0Prefetch(self._base, [n for n in todo if self._rederives_from_base(n)], self.modules)
-            stats = [self._merge_module(name, *factors.pop(name), w0=prefetch.take(name)) for name in todo]
+            measured: Dict[str, torch.Tensor] = {}  # full-matrix stats (dense or in-place states)
+            appended, appended_names = _AppendedRounds(), []  # factored ledgers, measured together
+            for name in todo:
+                stats = self._merge_module(name, *factors.pop(name), appended, w0=prefetch.take(name))
+                if stats is None:
+                    appended_names.append(name)
+                else:
+                    measured[name] = stats
             # one read-back for the whole round (waits for every queued re-derivation too)
-            numbers = self._summed(stats, todo).tolist() if todo else []
+            numbers = self._round_stats(todo, measured, appended_names, appended).tolist() if todo else []
         kept, merged, sq_norm = 1.0, 0, 0.0
         for name, (update_sq, lost_sq, changed) in zip(todo, numbers):
             if changed:
@@ -394,30 +482,50 @@ class MergedState:
         return MergeReport(kept, time.perf_counter() - start, merged, math.sqrt(sq_norm))
 
     def _with_update(self, factors: Dict[str, Tuple[torch.Tensor, torch.Tensor]]) -> List[str]:
-        """Names whose u is non-zero on some rank: one stacked flag vector, one read-back."""
+        """Names whose u is non-zero on some rank: the largest |u| of every module in one foreach
+        call (NaN counts as non-zero, as in torch.any), one read-back."""
         names = list(factors)
         if not names:
             return []
         first = self.modules[names[0]].weight
         device = local(first).device
-        flags = torch.stack([torch.any(factors[n][0]).to(device) for n in names]).to(torch.int32)
+        held = [i for i, n in enumerate(names) if factors[n][0].numel()]  # FSDP2: a rank may hold no rows
+        flags = torch.zeros(len(names), dtype=torch.int32, device=device)
+        if held:
+            largest = torch.stack([m.to(device) for m in torch._foreach_norm([factors[names[i]][0] for i in held], ord=math.inf)])
+            flags[torch.tensor(held, device=device)] = (largest != 0).to(torch.int32)
         if is_sharded(first):  # rows of u are sharded: every rank must agree (all modules share the mesh)
             flags = all_sum(flags, first)
         return [n for n, flag in zip(names, flags.tolist()) if flag]
 
-    def _summed(self, stats: List[torch.Tensor], names: List[str]) -> torch.Tensor:
-        """Stack per-module (‖ΔW‖², ‖residual‖², prefix changed) and sum the shards' parts."""
-        first = self.modules[names[0]].weight
+    def _round_stats(self, todo: List[str], measured: Dict[str, torch.Tensor], appended_names: List[str],
+                     appended: _AppendedRounds) -> torch.Tensor:
+        """(len(todo) × 3) per-module (‖ΔW‖², ‖residual‖², changed) in ``todo``'s order, summed
+        over shards under FSDP2 (the squares are sums over rows of u; v is replicated)."""
+        first = self.modules[todo[0]].weight
         device = local(first).device
-        stacked = torch.stack([s.to(device) for s in stats])
+        parts, order = [], []
+        if measured:
+            parts.append(torch.stack([stats.to(device) for stats in measured.values()]))
+            order += list(measured)
+        if appended_names:
+            parts.append(appended.stats().to(device))
+            order += appended_names
+        stacked = torch.cat(parts) if len(parts) > 1 else parts[0]
+        if order != todo:
+            position = {name: i for i, name in enumerate(todo)}
+            index = torch.tensor([position[name] for name in order], device=device)
+            stacked = torch.empty_like(stacked).index_copy_(0, index, stacked)
         return all_sum(stacked, first) if is_sharded(first) else stacked
 
     def _rederives_from_base(self, name: str) -> bool:
         return name in self._base and name not in self._in_place and not is_nf4(local(self.modules[name].weight))
 
-    def _merge_module(self, name: str, u: torch.Tensor, v: torch.Tensor, w0: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _merge_module(self, name: str, u: torch.Tensor, v: torch.Tensor, appended: _AppendedRounds,
+                      w0: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """Add u·v to one module's state; return its (‖u·v‖², ‖residual‖², changed) on its device
-        (this rank's part of the squares under FSDP2: rows of u are sharded, v is replicated)."""
+        (this rank's part of the squares under FSDP2: rows of u are sharded, v is replicated), or
+        None for a round appended to a factored ledger (handed to ``appended``, measured later)."""
         module = self.modules[name]
         ledger = self._ledgers[name]
         if name in self._in_place:
@@ -439,7 +547,8 @@ class MergedState:
             elif ledger.u.shape[1] != k + u.shape[1]:  # not an append: compare the products
                 stats = _full_stats(ledger.u @ ledger.v - old_u @ old_v, u, v)
             else:
-                stats = _appended_stats(ledger, old_u, old_v, k, u, v)
+                appended.add(ledger, old_u, old_v, k, u, v)
+                stats = None
         self._rederive(name, w0)
         return stats
 
