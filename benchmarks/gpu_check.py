@@ -48,7 +48,7 @@ REPO = Path(__file__).resolve().parent.parent
 # key → (title, share of the budget)
 PARTS = {
     "a": ("CUDA tests (pytest -m gpu)", 0.16),
-    "b": ("NCCL: FSDP2 recipe on 1 process, bf16 and NF4", 0.11),
+    "b": ("NCCL: FSDP2 recipe on 1 process, bf16, NF4 and NF4 with fsdp_cpu_offload", 0.11),
     "c": ("throughput and peak memory, Llama-3.2-1B shape", 0.31),
     "d": ("NF4 memory vs torchtune QLoRA, 1B shape, 100 rounds", 0.15),
     "e": ("merge cost at Llama-3-8B shapes", 0.12),
@@ -251,6 +251,9 @@ def part_b_nccl(args) -> Dict[str, Any]:
     variants = {"bf16": lambda out: tiny_config(root, out, device=device, dtype="fp32" if args.dry_run else "bf16")}
     if not args.dry_run:  # NF4 on the CPU is slow; the dry run keeps the bf16 run only
         variants["nf4"] = lambda out: dict(tiny_nf4_config(root, out), device=device)
+        # torchtune's fsdp_cpu_offload (CPUOffloadPolicy: shards live on the CPU between uses, so
+        # the merge works on CPU shards of the NF4 weights): GPU-only, never run before
+        variants["nf4_cpu_offload"] = lambda out: dict(tiny_nf4_config(root, out), device=device, fsdp_cpu_offload=True)
     rows, ok = [], True
     for name, make in variants.items():
         out = args.workdir / f"nccl_{name}"
