@@ -96,6 +96,26 @@ def test_a_missing_file_in_torchtunes_list_of_datasets_names_its_entry(root, tmp
         validate_config(cfg)
 
 
+def test_a_local_dataset_directory_that_is_not_there_is_named_before_loading(root, tmp_path):
+    """``dataset.source: /data/mine`` with a typo: load_dataset would take it for a Hub id after
+    the weights load; a Hub id ("org/name") and a builder name ("json") are left alone."""
+    cfg = OmegaConf.create(tiny_config(root, root / "source_dir"))
+    entry = {"_component_": "torchtune.datasets.instruct_dataset", "split": "train"}
+    for value, key in ((str(tmp_path / "missing"), "source"), ("./no_such_dir", "source"), ("~/no_such_dir_xgb", "data_dir")):
+        cfg.dataset = dict(entry, **{"source": "json", key: value})
+        with pytest.raises(ConfigError) as err:
+            validate_config(cfg)
+        assert str(err.value) == f"dataset.{key}: no such file or directory: {value}"
+    cfg.dataset = [dict(entry, source="json", data_files=str(tmp_path / "x.json")), dict(entry, source=str(tmp_path / "gone"))]
+    (tmp_path / "x.json").write_text('[{"input": "a", "output": "b"}]')
+    with pytest.raises(ConfigError, match=r"^dataset\[1\].source: no such file or directory: "):
+        validate_config(cfg)
+    (tmp_path / "here").mkdir()
+    for fine in ("yahma/alpaca-cleaned", "json", str(tmp_path / "here")):  # a Hub id, a builder, a real folder
+        cfg.dataset = dict(entry, source=fine)
+        validate_config(cfg)
+
+
 def test_a_builder_taking_any_keyword_accepts_extra_keys(root):
     # torchtune's DiskLogger(log_dir, filename=None, **kwargs): nothing to check against
     cfg = OmegaConf.create(tiny_config(root, root / "kw"))

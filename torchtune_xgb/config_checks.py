@@ -139,18 +139,30 @@ def _paths(value: Any) -> Iterable[str]:
         yield value
 
 
+# How a local path starts; a Hub dataset id ("org/name") never does.
+_LOCAL_PREFIXES = ("/", "./", "../", "~")
+
+
 def check_dataset_files(cfg: DictConfig, key: str = "dataset") -> None:
     """Local files a torchtune dataset names: ``data_files`` (source json/csv/text/parquet...), in
-    one dataset block or in each of torchtune's list of them (``dataset[1].data_files``)."""
+    one dataset block or in each of torchtune's list of them (``dataset[1].data_files``), and a
+    ``source`` or ``data_dir`` written as a local path (``/data/mine``, ``./mine``): load_dataset
+    would take a missing one for a Hub id and fail only after the weights load (offline: with a
+    hub error that does not name the key)."""
     block = cfg.get(key)
     entries = ([(f"{key}[{i}]", b) for i, b in enumerate(block)] if isinstance(block, ListConfig) else [(key, block)])
     for where, entry in entries:
-        files = entry.get("data_files") if isinstance(entry, DictConfig) else None
-        for path in _paths(files):
+        if not isinstance(entry, DictConfig):
+            continue
+        for path in _paths(entry.get("data_files")):
             if "://" in path or any(ch in path for ch in "*?["):
                 continue  # a remote URL or a glob: the dataset library resolves it
             if not Path(path).expanduser().is_file():
                 raise ConfigError(f"{where}.data_files: file not found: {path}")
+        for name in ("source", "data_dir"):
+            value = entry.get(name)
+            if isinstance(value, str) and value.startswith(_LOCAL_PREFIXES) and not Path(value).expanduser().exists():
+                raise ConfigError(f"{where}.{name}: no such file or directory: {value}")
 
 
 def check_run_config(cfg: DictConfig) -> None:
