@@ -268,6 +268,10 @@ def test_every_file_of_a_local_dataset_directory_defines_the_run_and_it_may_move
     _jsonl(folder / "more" / "extra.jsonl", "changed")  # in place
     with pytest.raises(ConfigError, match=r"in dataset.source#sha256 \(checkpoint "):
         validate_resume(cfg)
+    # a checkpoint written before directories were fingerprinted resumes in place, as before
+    older = {k: v for k, v in run_identity(cfg).items() if k != "dataset.source#sha256"}
+    _save(Path(cfg.output_dir), 12, 12.0, run=older)
+    assert validate_resume(cfg).path.name == "step_00000012"
 
 
 def test_the_files_a_data_files_glob_matches_define_the_run(root, tmp_path, monkeypatch):
