@@ -101,11 +101,11 @@ def test_a_local_dataset_directory_that_is_not_there_is_named_before_loading(roo
     the weights load; a Hub id ("org/name") and a builder name ("json") are left alone."""
     cfg = OmegaConf.create(tiny_config(root, root / "source_dir"))
     entry = {"_component_": "torchtune.datasets.instruct_dataset", "split": "train"}
-    for value, key in ((str(tmp_path / "missing"), "source"), ("./no_such_dir", "source"), ("~/no_such_dir_xgb", "data_dir")):
-        cfg.dataset = dict(entry, **{"source": "json", key: value})
+    for value in (str(tmp_path / "missing"), "./no_such_dir", "~/no_such_dir_xgb"):
+        cfg.dataset = dict(entry, source=value)
         with pytest.raises(ConfigError) as err:
             validate_config(cfg)
-        assert str(err.value) == f"dataset.{key}: no such file or directory: {value}"
+        assert str(err.value) == f"dataset.source: no such file or directory: {value}"
     cfg.dataset = [dict(entry, source="json", data_files=str(tmp_path / "x.json")), dict(entry, source=str(tmp_path / "gone"))]
     (tmp_path / "x.json").write_text('[{"input": "a", "output": "b"}]')
     with pytest.raises(ConfigError, match=r"^dataset\[1\].source: no such file or directory: "):

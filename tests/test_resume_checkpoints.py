@@ -293,16 +293,19 @@ def test_the_files_a_data_files_glob_matches_define_the_run(root, tmp_path, monk
     assert validate_resume(cfg).path.name == "step_00000009"
 
 
-def test_a_builder_name_is_not_a_directory_of_data(tmp_path, monkeypatch):
+def test_a_builder_name_and_a_generators_data_dir_are_not_data_directories(tmp_path, monkeypatch):
     """``source: json`` is load_dataset's json builder even when ./json/ exists (datasets tries its
-    packaged builders first): nothing in that folder is part of the run."""
+    packaged builders first); a generated dataset's ``data_dir`` is where it writes its files (what
+    is there at start may be another run's, regenerated before training): neither is fingerprinted."""
     _jsonl(tmp_path / "json" / "unrelated.jsonl", "a")
     monkeypatch.chdir(tmp_path)
     cfg = OmegaConf.create({"dataset": {"_component_": "torchtune.datasets.instruct_dataset", "source": "json",
-                                        "data_dir": "json"}})
+                                        "data_files": "json/unrelated.jsonl"}})
     identity = run_identity(cfg)
     assert "dataset.source#sha256" not in identity  # the builder
-    assert [p.split(":")[0] for p in identity["dataset.data_dir#sha256"]] == ["unrelated.jsonl"]  # data_dir is a folder
+    assert len(identity["dataset.data_files#sha256"]) == 1  # the file it names
+    cfg = OmegaConf.create({"dataset": {"_component_": "torchtune_xgb.data.arithmetic_dataset", "data_dir": "json"}})
+    assert "dataset.data_dir#sha256" not in run_identity(cfg)
 
 
 # --- the base weights: a resume rebuilds W0 from checkpointer.checkpoint_dir --------------------

@@ -146,7 +146,7 @@ _LOCAL_PREFIXES = ("/", "./", "../", "~")
 def check_dataset_files(cfg: DictConfig, key: str = "dataset") -> None:
     """Local files a torchtune dataset names: ``data_files`` (source json/csv/text/parquet...), in
     one dataset block or in each of torchtune's list of them (``dataset[1].data_files``), and a
-    ``source`` or ``data_dir`` written as a local path (``/data/mine``, ``./mine``): load_dataset
+    ``source`` written as a local path (``/data/mine``, ``./mine``): load_dataset
     would take a missing one for a Hub id and fail only after the weights load (offline: with a
     hub error that does not name the key)."""
     block = cfg.get(key)
@@ -159,10 +159,9 @@ def check_dataset_files(cfg: DictConfig, key: str = "dataset") -> None:
                 continue  # a remote URL or a glob: the dataset library resolves it
             if not Path(path).expanduser().is_file():
                 raise ConfigError(f"{where}.data_files: file not found: {path}")
-        for name in ("source", "data_dir"):
-            value = entry.get(name)
-            if isinstance(value, str) and value.startswith(_LOCAL_PREFIXES) and not Path(value).expanduser().exists():
-                raise ConfigError(f"{where}.{name}: no such file or directory: {value}")
+        source = entry.get("source")  # (not data_dir: our generated datasets create theirs)
+        if isinstance(source, str) and source.startswith(_LOCAL_PREFIXES) and not Path(source).expanduser().exists():
+            raise ConfigError(f"{where}.source: no such file or directory: {source}")
 
 
 def check_run_config(cfg: DictConfig) -> None:

@@ -3,8 +3,8 @@
 A resume continues the run that wrote the checkpoint, step for step. If the config changed in
 anything that defines that run — method, rank, alpha, target modules, the ``adapter:`` and
 ``boost:`` blocks, optimizer and scheduler, batch size, gradient accumulation, the dataset (its
-config and the bytes of any local file it names, of every file in a local ``source``/``data_dir``
-directory and of every match of a ``data_files`` glob), dtype, epochs and max steps, seed, the base
+config and the bytes of any local file it names, of every file in a local ``source`` directory
+and of every match of a ``data_files`` glob), dtype, epochs and max steps, seed, the base
 checkpoint (a fingerprint of its files: base_fingerprint.py), the tokenizer files, the number of
 processes — the continuation would silently be a different run. The identity is the resolved
 config flattened to dotted keys, minus the keys that only say where output goes, how often to log
@@ -84,10 +84,12 @@ def file_fingerprint(path: Path) -> str:
     return digest.hexdigest()
 
 
-# Keys whose value may name a local *directory* of data (``dataset.source: /data/mine`` or
-# ``data_dir``: datasets.load_dataset reads every data file under it) or a glob of files
-# (``data_files: data/*.jsonl``): the files they cover define the run, by name and bytes.
-DIR_KEYS = ("source", "data_dir", "data_files")
+# Keys whose value may name a local *directory* of data (``dataset.source: /data/mine``:
+# datasets.load_dataset reads every data file under it) or a glob of files (``data_files:
+# data/*.jsonl``): the files they cover define the run, by name and bytes. Not ``data_dir``: our
+# generated datasets write their files there (their config values define the data), so its bytes
+# at start may be another run's, regenerated before training.
+DIR_KEYS = ("source", "data_files")
 try:  # load_dataset's own builders: ``source: json`` names the builder even where ./json/ exists
     from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES as _PACKAGED
 
