@@ -22,6 +22,7 @@ from benchmarks.quality_stats import (
     lr_past_edge,
     mean_curve,
     median_curve,
+    paired_difference,
     seconds_to_step,
     select_lr,
     slow_runs,
@@ -54,6 +55,23 @@ def test_bootstrap_weights_make_a_token_mean():
     assert est == 1.5 and low == pytest.approx(1.0) and high == pytest.approx(3.0)
     with pytest.raises(ValueError):
         bootstrap_interval([[1.0, 2.0]], weights=[[1.0]])
+
+
+def test_paired_difference_sees_what_overlapping_intervals_cannot():
+    # 100 items, the reference right on the first 50; the method right on those and 10 more. Apart,
+    # 60% [~50, ~70] and 50% [~40, ~60] overlap: "level". Paired, each item's difference is 1 on 10
+    # items and 0 elsewhere, so a resample's mean difference is X/100 with X ~ Binomial(100, 0.1):
+    # P(X <= 4) = 2.37% < 2.5% <= P(X <= 5) = 5.76% and P(X <= 15) = 96.0% < 97.5% <= P(X <= 16) =
+    # 97.9%, so the interval is [0.04-0.05, 0.16]: ahead, which overlap could not say
+    reference = [[1] * 50 + [0] * 50]
+    method = [[1] * 60 + [0] * 40]
+    assert verdict(bootstrap_interval(method, draws=20000), bootstrap_interval(reference, draws=20000)) == "level"
+    est, low, high = paired_difference(method, reference, draws=20000)
+    assert est == pytest.approx(0.10) and 0.04 <= low <= 0.05 and high == pytest.approx(0.16)
+    # seed-to-seed swings both methods share cancel: seed A easy for both, seed B hard for both
+    assert paired_difference([[1] * 10, [0] * 10], [[1] * 10, [0] * 10]) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="same"):
+        paired_difference([[1, 0]], [[1, 0], [0, 1]])
 
 
 @pytest.mark.parametrize(
@@ -178,16 +196,28 @@ def test_report_tables_and_goals():
               "grid": {}, "arithmetic": {"dates": False},
               "setting": {"steps": 20, "every": 20, "batch_size": 8, "dtype": "fp32"}}
     text = render_protocol(_rows(), header)
-    assert "| dates | torchtune LoRA r=8 | 0.001 | 0.0% [0.0%, 0.0%] | – | 0.500 [0.500, 0.500] | 100 | 2 |" in text
-    assert "| dates | XGBLoRA r=1 boosted | 0.002 | 100.0% [100.0%, 100.0%] | ahead |" in text
-    assert "| dates | LoRA-XS r=16 | 0.004 | 0.0% [0.0%, 0.0%] | level |" in text
-    assert "| dates | base (no training) | – | 0.0% [0.0%, 0.0%] | – | 2.000 [2.000, 2.000] | 0 | 1 |" in text
+    assert "| dates | torchtune LoRA r=8 | 0.001 | 0.0% [0.0%, 0.0%] | – | – | 0.500 [0.500, 0.500] | 100 | 2 |" in text
+    # all four items right against none, every seed: +100 points paired, no spread
+    assert "| dates | XGBLoRA r=1 boosted | 0.002 | 100.0% [100.0%, 100.0%] | ahead | +100.0 [+100.0, +100.0] |" in text
+    assert "| dates | LoRA-XS r=16 | 0.004 | 0.0% [0.0%, 0.0%] | level | +0.0 [+0.0, +0.0] |" in text
+    assert "| dates | base (no training) | – | 0.0% [0.0%, 0.0%] | – | – | 2.000 [2.000, 2.000] | 0 | 1 |" in text
     # LoRA r=8 ends at 0%, the untrained model's score: reached at step 0, no ratio to speak of
     assert "| dates | XGBLoRA r=1 boosted | 0.0% | 0 | 0 | – | 0 |" in text
     assert "- PASS: XGBLoRA r=1 ≥ LoRA r=8 within the interval on every family — dates ahead" in text
     assert "- n/a: XGBLoRA reaches LoRA r=8's final exact match in ≤ 0.8× its steps" in text
-    assert "- PASS: LoRA-XS within 2 points of LoRA r=8 — dates +0.0 points" in text
+    assert "- PASS: LoRA-XS within 2 points of LoRA r=8 — dates +0.0 points (paired 95%: [+0.0, +0.0])" in text
     assert "| dates | torchtune LoRA r=8 | 0.003 | 10.0% | 1.000 |  |" in text  # grid: val figures, not chosen
+
+
+def test_paired_difference_in_the_report_pairs_runs_by_seed_not_by_order():
+    # LoRA r=8: seed 0 gets all 4 items, seed 1 none; LoRA-XS the same per seed, its rows written
+    # seed 1 first. Paired by seed: 0 points, no spread; paired by row order it would be ±100
+    rows = [r for r in _rows() if r["key"] in ("lora_r8", "loraxs")]
+    rows[0]["test_correct"] = [1, 1, 1, 1]
+    rows[4]["test_correct"], rows[3]["seed"], rows[4]["seed"] = [1, 1, 1, 1], 1, 0
+    header = {"date": "2026-11-29", "model": "m", "hardware": "h", "seeds": [0, 1], "grid": {},
+              "arithmetic": {}, "setting": {"steps": 20, "every": 20, "batch_size": 8, "dtype": "fp32"}}
+    assert "| dates | LoRA-XS r=16 | 0.004 | 50.0% [0.0%, 100.0%] | level | +0.0 [+0.0, +0.0] |" in render_protocol(rows, header)
 
 
 def test_curve_plot_draws_exact_match_and_loss_from_the_untrained_model(tmp_path):
