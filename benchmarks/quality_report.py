@@ -165,8 +165,8 @@ def goals(summaries: Dict[str, Dict[str, Dict[str, Any]]], ttq: Dict[str, Dict[s
         plain = summaries[task].get("loraxs")
         if not plain or plain.get("failed"):
             return None, "n/a"
-        v = verdict(s["exact_match"], plain["exact_match"])
-        return v != "behind", f"{v} of LoRA-XS"
+        v, paired = verdict(s["exact_match"], plain["exact_match"]), paired_versus(s, plain)
+        return v != "behind", f"{v} of LoRA-XS" + ("" if paired is None else f" ({_points(paired)} points paired)")
 
     ok, text = per_task("xgblora_xs", boosted_vs_plain)
     lines.append(f"- {ok}: boosted LoRA-XS ≥ LoRA-XS (within the interval) — {text}")

@@ -220,6 +220,20 @@ def test_paired_difference_in_the_report_pairs_runs_by_seed_not_by_order():
     assert "| dates | LoRA-XS r=16 | 0.004 | 50.0% [0.0%, 100.0%] | level | +0.0 [+0.0, +0.0] |" in render_protocol(rows, header)
 
 
+def test_boosted_loraxs_goal_against_plain_loraxs_with_its_paired_difference():
+    # boosted LoRA-XS right on items 1-2 of 4 in both seeds, LoRA-XS on none: +50 points. Paired,
+    # each resample's difference is X/4, X ~ Binomial(4, 1/2) over the drawn items (seeds agree):
+    # P(X = 0) = P(X = 4) = 1/16 > 2.5%, so the interval is [0, +100]; apart, [0%, 100%] overlaps
+    # LoRA-XS's [0%, 0%]: level
+    rows = _rows() + [dict(r, key="xgblora_xs", method="boosted LoRA-XS r=16", test_correct=[1, 1, 0, 0])
+                      for r in _rows() if r["key"] == "loraxs"]
+    header = {"date": "2026-11-29", "model": "m", "hardware": "h", "seeds": [0, 1], "grid": {},
+              "arithmetic": {}, "setting": {"steps": 20, "every": 20, "batch_size": 8, "dtype": "fp32"}}
+    text = render_protocol(rows, header)
+    assert "- PASS: boosted LoRA-XS ≥ LoRA-XS (within the interval) — dates level of LoRA-XS " \
+           "(+50.0 [+0.0, +100.0] points paired)" in text
+
+
 def test_curve_plot_draws_exact_match_and_loss_from_the_untrained_model(tmp_path):
     rows = _rows()
     for row in rows[1:]:  # a loss point beside every exact-match point: 1.5 at step 20, seed 1 lower
