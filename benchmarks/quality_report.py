@@ -44,6 +44,46 @@ def paired_versus(s: Dict[str, Any], ref: Dict[str, Any]):
     return paired_difference([s["correct_by_seed"][k] for k in seeds], [ref["correct_by_seed"][k] for k in seeds])
 
 
+POOLED = "all families (pooled)"
+
+
+def pooled(summaries: Dict[str, Dict[str, Dict[str, Any]]]) -> Dict[str, Dict[str, Any]]:
+    """Per method, every family's test items taken together, over the seeds every family ran
+    (for the method and for LoRA r=8): exact match and loss intervals, and the paired difference
+    from LoRA r=8 (a seed row holds that seed's run of each family, so resampling a seed draws
+    all its runs; items are resampled over the union, 100 per family, equal weight per item).
+    Empty with fewer than two families, or where a family lacks the method or the reference."""
+    if len(summaries) < 2:
+        return {}
+    out = {}
+    for key in ORDER:
+        runs = [summary.get(key) for summary in summaries.values()]
+        refs = [summary.get(REFERENCE) for summary in summaries.values()]
+        if any(r is None or r.get("failed") for r in runs + refs):
+            continue
+        seeds = set.intersection(*(set(r["correct_by_seed"]) for r in runs + refs))
+        if not seeds:
+            continue
+        seeds = sorted(seeds, key=str)
+
+        def table(summaries_of, field):
+            return [sum((list(s[field][k]) for s in summaries_of), []) for k in seeds]
+
+        def loss_table(summaries_of, part):
+            return [sum((list(s["loss_by_seed"][k][part]) for s in summaries_of), []) for k in seeds]
+
+        correct = table(runs, "correct_by_seed")
+        out[key] = {
+            "method": runs[0]["method"],
+            "seeds": len(seeds),
+            "exact_match": bootstrap_interval(correct),
+            "loss": bootstrap_interval(loss_table(runs, 0), loss_table(runs, 1)),
+            "trainable_params": runs[0]["trainable_params"],
+            "difference": None if key == REFERENCE else paired_difference(correct, table(refs, "correct_by_seed")),
+        }
+    return out
+
+
 def _loss(interval) -> str:
     est, low, high = interval
     return f"{est:.3f} [{low:.3f}, {high:.3f}]"
@@ -72,6 +112,7 @@ def summarise(rows: List[Dict[str, Any]]) -> Dict[str, Dict[str, Dict[str, Any]]
                 "seeds": len(runs),
                 "exact_match": bootstrap_interval([r["test_correct"] for r in runs]),
                 "correct_by_seed": {r["seed"]: r["test_correct"] for r in runs},
+                "loss_by_seed": {r["seed"]: (r["test_item_loss"], r["test_item_tokens"]) for r in runs},
                 "loss": bootstrap_interval([r["test_item_loss"] for r in runs], [r["test_item_tokens"] for r in runs]),
                 "trainable_params": runs[0].get("trainable_params"),
                 "curve": mean_curve(curves) if curves else {},
@@ -200,6 +241,12 @@ def render_protocol(rows: List[Dict[str, Any]], header: Dict[str, Any], png: Opt
             ttq_rows.append([task, summary[key]["method"], f"{t['target']:.1%}",
                              f"not reached in {t['budget']}" if t["steps"] is None else t["steps"],
                              fmt(t["crossing"], ".0f"), fmt(t["ratio"], ".2f"), fmt(t["seconds"], ".0f")])
+    pool = pooled(summaries)
+    for key, s in pool.items():
+        versus = None if key == REFERENCE else verdict(s["exact_match"], pool[REFERENCE]["exact_match"])
+        result_rows.append([POOLED, s["method"], "per family", _pct(s["exact_match"]), versus,
+                            None if s["difference"] is None else _points(s["difference"]), _loss(s["loss"]),
+                            None if s["trainable_params"] is None else f"{int(s['trainable_params']):,}", s["seeds"]])
     grid_rows = [[r["task"], r["method"], fmt(r["lr"], "g"), _grid_score(r),
                   fmt(r.get("val_loss"), ".3f"), "✓" if r.get("chosen") else ""]
                  for r in rows if r["key"] != "base" and r["seed"] == header["seeds"][0]]
@@ -213,7 +260,8 @@ def render_protocol(rows: List[Dict[str, Any]], header: Dict[str, Any], png: Opt
         "sat on (grid table below); figures on the test split; 95% "
         "intervals bootstrap over seeds and test items; 'vs LoRA r=8': level when the intervals overlap; "
         "'Δ paired': the difference from LoRA r=8 in points, bootstrapped over the same seeds and items for "
-        "both (what the two share cancels, so it is the sharper test; the verdict keeps the overlap rule). "
+        "both (what the two share cancels, so it is the sharper test; the verdict keeps the overlap rule); "
+        f"'{POOLED}': every family's test items together, each method at its own chosen rates. "
         f"Arithmetic families: {', '.join(arithmetic) or 'none'}.",
         "",
         markdown_table(["task", "method", "lr (val)", "test exact match [95%]", "vs LoRA r=8",

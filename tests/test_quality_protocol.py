@@ -234,6 +234,24 @@ def test_boosted_loraxs_goal_against_plain_loraxs_with_its_paired_difference():
            "(+50.0 [+0.0, +100.0] points paired)" in text
 
 
+def test_pooled_rows_take_every_familys_items_together():
+    # dates (from _rows): LoRA r=8 0/4 items, XGBLoRA 4/4, both seeds. facts: both 4/4. Pooled per
+    # seed: 8 items, XGBLoRA 8/8 = 100%, LoRA r=8 4/8 = 50%. The paired difference per item is 1 on
+    # the 4 dates items and 0 on the 4 facts items (the seeds agree), so a resample's mean is X/8
+    # with X ~ Binomial(8, 1/2): P(X <= 0) = 0.4% < 2.5% <= P(X <= 1) = 3.5%, so the interval is
+    # [1/8, 7/8] = [+12.5, +87.5] points. Loss: every item 0.5 over 2 tokens → 0.500. LoRA-XS
+    # only ran on dates: no pooled row.
+    facts = [dict(r, task="facts", test_correct=[1, 1, 1, 1]) for r in _rows() if r["key"] in ("base", "lora_r8", "xgblora")]
+    header = {"date": "2026-11-29", "model": "m", "hardware": "h", "seeds": [0, 1], "grid": {},
+              "arithmetic": {}, "setting": {"steps": 20, "every": 20, "batch_size": 8, "dtype": "fp32"}}
+    text = render_protocol(_rows() + facts, header)
+    assert "| all families (pooled) | XGBLoRA r=1 boosted | per family | 100.0% [100.0%, 100.0%] | ahead | " \
+           "+50.0 [+12.5, +87.5] | 0.500 [0.500, 0.500] | 100 | 2 |" in text
+    assert "| all families (pooled) | LoRA-XS r=16 |" not in text
+    # LoRA r=8 alone: 4 of 8 items every seed, the same X/8 resampling: [12.5%, 87.5%]
+    assert "| all families (pooled) | torchtune LoRA r=8 | per family | 50.0% [12.5%, 87.5%] | – | – |" in text
+
+
 def test_curve_plot_draws_exact_match_and_loss_from_the_untrained_model(tmp_path):
     rows = _rows()
     for row in rows[1:]:  # a loss point beside every exact-match point: 1.5 at step 20, seed 1 lower
