@@ -424,6 +424,8 @@ def run_method(key: str, task: TaskSpec, lr: float, seed: int, setting: Setting,
     finished = cached and (not cached.get("failed") or cached.get("diverged_at"))  # a crash is tried again
     if finished and ident not in getattr(args, "rerun", ()):
         return cached
+    if getattr(args, "report_only", False):
+        return missing_row(ident, key, task, lr, seed)
     clean_dir(out_dir)
     result = run_subprocess(tune_command(method.recipe, write_config(cfg, out_dir / "config.yaml")), out_dir / "stdout.txt")
     row: Dict[str, Any] = {"id": ident, "method": method.name, "key": key, "task": task.name, "lr": lr, "seed": seed,
@@ -483,11 +485,21 @@ def run_method(key: str, task: TaskSpec, lr: float, seed: int, setting: Setting,
     return row
 
 
+def missing_row(ident: str, key: str, task: TaskSpec, lr: Optional[float], seed: Optional[int]) -> Dict[str, Any]:
+    """``--report-only``: a run the record lacks, not started (a failed run to the LR choice; the
+    report names it as not run)."""
+    name = "base (no training)" if key == "base" else METHODS[key][0].name
+    return {"id": ident, "method": name, "key": key, "task": task.name, "lr": lr, "seed": seed,
+            "failed": True, "missing": True}
+
+
 def base_row(task: TaskSpec, setting: Setting, args, cache: RunCache) -> Dict[str, Any]:
     """The untouched model on val and test, scored like every run (the curves' step 0)."""
     ident = run_id({"key": "base", "task": asdict(task), "setting": asdict(setting)})
     if ident in cache.rows:
         return cache.rows[ident]
+    if getattr(args, "report_only", False):
+        return missing_row(ident, "base", task, None, None)
     cfg = run_config("full", task, 1e-5, 0, args.workdir / "base", setting, args, curve=False)
     scored = score_checkpoint(Path(cfg.checkpointer.checkpoint_dir), cfg, task, ["val", "test"], setting)
     row = {"id": ident, "method": "base (no training)", "key": "base", "task": task.name, "lr": None, "seed": None,
@@ -590,6 +602,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reuse", nargs="*", type=Path, default=[], metavar="RUNS_JSONL",
                    help="finished runs recorded elsewhere (e.g. benchmarks/results/quality_cpu_runs.jsonl) count as "
                         "done: copied into WORKDIR/runs.jsonl, run only what they lack")
+    p.add_argument("--report-only", action="store_true",
+                   help="render the report from the record (WORKDIR/runs.jsonl and --reuse) and start no run: runs it "
+                        "lacks are named as not run (no model needed: e.g. the committed record on a fresh clone)")
     p.add_argument("--out", type=Path, default=None, help="write the report to OUT (.md), OUT.json and OUT.png")
     args = p.parse_args(argv)
     preset = PRESETS["quick" if args.quick else "gpu" if args.gpu else "cpu"]
@@ -622,7 +637,7 @@ def main(argv=None) -> int:
         from tests.e2e_fixture import make_tiny_model_dir
 
         args.tiny_dir = make_tiny_model_dir(args.workdir)
-    else:
+    elif not args.report_only:  # a report from the record reads no weights
         check_model_ready("smollm2-135m")
     chosen = {m.name for m in available([METHODS[k][0] for k in args.methods])}
     methods = [k for k in args.methods if METHODS[k][0].name in chosen]
@@ -631,7 +646,7 @@ def main(argv=None) -> int:
     seeds = list(range(args.seeds))
     cache = RunCache(args.workdir / "runs.jsonl", args.reuse)
     slow = slow_runs(cache.rows.values())
-    if slow and args.rerun_slow:
+    if slow and args.rerun_slow and not args.report_only:
         args.rerun = set(slow)
         print(f"--rerun-slow: {len(slow)} finished runs took over {SLOW_FACTOR}x their median training time; "
               "rerunning those this command covers")

@@ -100,8 +100,12 @@ def summarise(rows: List[Dict[str, Any]]) -> Dict[str, Dict[str, Dict[str, Any]]
     for task in dict.fromkeys(r["task"] for r in rows):
         out[task] = {}
         for key in dict.fromkeys(r["key"] for r in rows if r["task"] == task):
+            not_run = [r for r in rows if r["task"] == task and r["key"] == key and r.get("missing")]
             runs = [r for r in rows if r["task"] == task and r["key"] == key and not r.get("failed")
                     and (key == "base" or r.get("chosen"))]
+            if not_run:  # --report-only: an incomplete method is not summarised from part of its runs
+                out[task][key] = {"failed": True, "missing": len(not_run), "method": not_run[0]["method"]}
+                continue
             if not runs:
                 out[task][key] = {"failed": True, "method": next(r["method"] for r in rows if r["key"] == key)}
                 continue
@@ -217,7 +221,7 @@ def goals(summaries: Dict[str, Dict[str, Dict[str, Any]]], ttq: Dict[str, Dict[s
 def render_protocol(rows: List[Dict[str, Any]], header: Dict[str, Any], png: Optional[Path] = None) -> str:
     setting = header["setting"]
     summaries = summarise(rows)
-    ttq = {task: time_to_quality(s, s.get("base")) for task, s in summaries.items()}
+    ttq = {task: time_to_quality(s, _base(s)) for task, s in summaries.items()}
     result_rows, ttq_rows = [], []
     for task, summary in summaries.items():
         ref = summary.get(REFERENCE)
@@ -226,7 +230,8 @@ def render_protocol(rows: List[Dict[str, Any]], header: Dict[str, Any], png: Opt
             if s is None:
                 continue
             if s.get("failed"):
-                result_rows.append([task, s["method"], None, "FAILED", None, None, None, None, None])
+                state = f"not run: {s['missing']} run(s) not in the record" if s.get("missing") else "FAILED"
+                result_rows.append([task, s["method"], None, state, None, None, None, None, None])
                 continue
             versus = difference = None
             if key not in ("base", REFERENCE) and ref and not ref.get("failed"):
@@ -251,6 +256,7 @@ def render_protocol(rows: List[Dict[str, Any]], header: Dict[str, Any], png: Opt
                   fmt(r.get("val_loss"), ".3f"), "✓" if r.get("chosen") else ""]
                  for r in rows if r["key"] != "base" and r["seed"] == header["seeds"][0]]
     arithmetic = [t for t, a in header.get("arithmetic", {}).items() if a]
+    missing = sum(1 for r in rows if r.get("missing"))
     text = [
         f"## Quality: {header['model']}, task families: {', '.join(summaries)}, {header['date']}",
         "",
@@ -262,7 +268,9 @@ def render_protocol(rows: List[Dict[str, Any]], header: Dict[str, Any], png: Opt
         "'Δ paired': the difference from LoRA r=8 in points, bootstrapped over the same seeds and items for "
         "both (what the two share cancels, so it is the sharper test; the verdict keeps the overlap rule); "
         f"'{POOLED}': every family's test items together, each method at its own chosen rates. "
-        f"Arithmetic families: {', '.join(arithmetic) or 'none'}.",
+        f"Arithmetic families: {', '.join(arithmetic) or 'none'}."
+        + (f" **Incomplete: {missing} runs of this protocol are not in the record** (--report-only; rows "
+           "that lack any of their runs say so and are left out of the goals)." if missing else ""),
         "",
         markdown_table(["task", "method", "lr (val)", "test exact match [95%]", "vs LoRA r=8",
                         "Δ paired, points [95%]", "test loss [95%]",
@@ -295,7 +303,15 @@ def render_protocol(rows: List[Dict[str, Any]], header: Dict[str, Any], png: Opt
     return "\n".join(text)
 
 
+def _base(summary: Dict[str, Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """The untrained model's summary (the curves' step 0), None where it was not scored."""
+    base = summary.get("base")
+    return None if base is None or base.get("failed") else base
+
+
 def _grid_score(run: Dict[str, Any]) -> str:
+    if run.get("missing"):
+        return "not run"
     if run.get("diverged_at") is not None:
         return f"diverged at step {run['diverged_at']}"
     return "FAILED" if run.get("failed") else f"{run['val_exact_match']:.1%}"
@@ -311,7 +327,7 @@ def curve_series(summary: Dict[str, Dict[str, Any]]) -> List[Dict[str, Dict[str,
     """What one task's column of the plot draws, one ``{method name: (steps, values)}`` per row of
     ``PANELS``: the seed-mean test exact match, then the test loss, with the untrained model
     (``base``) as step 0."""
-    base = summary.get("base")
+    base = _base(summary)
     rows = []
     for curve_key, base_key, _, _ in PANELS:
         series = {}
@@ -353,7 +369,8 @@ def plot_curves(summaries: Dict[str, Dict[str, Dict[str, Any]]], png: Path) -> P
             ax.grid(alpha=0.3)
         axes[0][col].set_title(task)
         axes[-1][col].set_xlabel("optimizer step")
-    axes[0][0].legend(fontsize=7)
+    if axes[0][0].get_legend_handles_labels()[0]:  # a report of runs not yet made draws no curve
+        axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png)

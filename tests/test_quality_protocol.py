@@ -582,3 +582,44 @@ def test_runs_recorded_elsewhere_are_reused_and_copied_into_the_workdir(tmp_path
     assert quality.RunCache(fresh / "runs.jsonl", [record]).rows == own
     with pytest.raises(SystemExit, match="--reuse .*missing.jsonl: file not found"):
         quality.RunCache(fresh / "runs.jsonl", [tmp_path / "missing.jsonl"])
+
+
+def test_report_only_renders_the_record_and_starts_nothing(tmp_path, monkeypatch):
+    """``--report-only``: the report from what the record holds, no run started, nothing added to
+    the record; what it lacks is named as not run and kept out of the figures."""
+    from benchmarks.common import RunResult
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("--report-only started a run")
+
+    monkeypatch.setattr(quality, "run_subprocess", must_not_run)
+    monkeypatch.setattr(quality, "score_checkpoint", must_not_run)
+    work, out = tmp_path / "work", tmp_path / "report.md"
+    assert quality.main(["--quick", "--report-only", "--workdir", str(work), "--out", str(out)]) == 0
+    text = out.read_text()
+    # --quick: the untrained model's scores and 2 methods × 2 seeds at each one's only LR
+    assert "**Incomplete: 5 runs of this protocol are not in the record**" in text
+    assert "| strings | base (no training) | – | not run: 1 run(s) not in the record |" in text
+    assert "| strings | torchtune LoRA r=8 | – | not run: 2 run(s) not in the record |" in text
+    assert "| strings | XGBLoRA r=1 boosted | 0.002 | not run | – | ✓ |" in text  # the grid table
+    assert not (work / "runs.jsonl").exists()  # nothing entered the record
+
+    # a record that holds the runs (each diverged: a result) and the untrained model's scores
+    def diverged(cmd, stdout_path, extra_env=None):
+        stdout_path.parent.mkdir(parents=True, exist_ok=True)
+        stdout_path.write_text("error: training diverged at step 3 (round 0): loss is nan\n")
+        return RunResult(1, 1.0, 0, stdout_path)
+
+    split = {"exact_match": 0.5, "loss": 1.0, "correct": [1, 0], "item_loss": [1.0, 1.0], "item_tokens": [1, 1]}
+    monkeypatch.setattr(quality, "run_subprocess", diverged)
+    monkeypatch.setattr(quality, "score_checkpoint", lambda *a, **k: {"val": split, "test": split})
+    quality.main(["--quick", "--workdir", str(work)])
+    recorded = (work / "runs.jsonl").read_text()
+    monkeypatch.setattr(quality, "run_subprocess", must_not_run)
+    monkeypatch.setattr(quality, "score_checkpoint", must_not_run)
+    assert quality.main(["--quick", "--report-only", "--workdir", str(work), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "Incomplete" not in text and "not run" not in text
+    assert "| strings | base (no training) | – | 50.0% [0.0%, 100.0%] |" in text  # 1 of 2 items
+    assert "| strings | XGBLoRA r=1 boosted | 0.002 | diverged at step 3 |" in text
+    assert (work / "runs.jsonl").read_text() == recorded
