@@ -623,3 +623,26 @@ def test_report_only_renders_the_record_and_starts_nothing(tmp_path, monkeypatch
     assert "| strings | base (no training) | – | 50.0% [0.0%, 100.0%] |" in text  # 1 of 2 items
     assert "| strings | XGBLoRA r=1 boosted | 0.002 | diverged at step 3 |" in text
     assert (work / "runs.jsonl").read_text() == recorded
+
+
+def test_the_committed_interim_report_is_what_the_committed_record_renders(tmp_path, monkeypatch):
+    """benchmarks/results/quality_cpu_interim.md (the README's figures) against a fresh rendering of
+    benchmarks/results/quality_cpu_runs.jsonl (the measured runs, per test item) with
+    ``--report-only``: every table row and goal line must match, so the figures come from the record
+    and a change that alters a run's id (a packaged default, a recipe setting) or the statistics
+    shows up here instead of leaving stale numbers in the README. Command that wrote the file:
+    ``python -m benchmarks.quality --tasks arithmetic strings --seeds 3 --grid --report-only
+    --reuse benchmarks/results/quality_cpu_runs.jsonl --out …``."""
+    results = Path(quality.REPO) / "benchmarks" / "results"
+    monkeypatch.setattr(quality, "run_subprocess", lambda *a, **k: pytest.fail("--report-only started a run"))
+    out = tmp_path / "interim.md"
+    quality.main(["--tasks", "arithmetic", "strings", "--seeds", "3", "--grid", "--report-only",
+                  "--reuse", str(results / "quality_cpu_runs.jsonl"), "--workdir", str(tmp_path / "work"),
+                  "--out", str(out)])
+
+    def figures(text):  # tables and goals; not the date, the hardware or the plot's path
+        return [line for line in text.splitlines() if line.startswith(("| ", "- "))]
+
+    committed = figures((results / "quality_cpu_interim.md").read_text())
+    assert len(committed) > 40 and "not run" not in "".join(committed)
+    assert figures(out.read_text()) == committed
