@@ -19,8 +19,8 @@ Peak memory is the peak RSS of the whole process on CPU (model load, training an
 recipes export a merged bf16 model), with glibc's mmap threshold fixed for every row (see
 ``ALLOCATOR_ENV``), CUDA max allocated from torchtune's memory stats on GPUs.
 The merged state's own size comes from ``xgb_summary.json`` (``merged_state_bytes``); it grows
-linearly with rounds (4·(out+in) bytes per merged module and round, until a module's ledger turns
-dense), and the table prints the per-round growth next to it. NF4 steps are slow on CPUs (torchao
+linearly with rounds (2·(out+in) bytes per merged module and round for bf16 adapters, stored
+exactly in bf16; 4·(out+in) for fp32 ones; until a module's ledger turns dense), and the table prints the per-round growth next to it. NF4 steps are slow on CPUs (torchao
 dequantizes every weight in every forward and backward, ~10 s per step on 2 cores), so a CPU run
 may measure fewer rounds and ``--project-to`` adds the measured per-round growth of the merged
 state to the measured peak. That assumes nothing else grows with rounds: check it with one direct
@@ -133,7 +133,7 @@ def report(header: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
         if r["failed"] or r is base or not base or r.get("merged_state_bytes") is None or not target or target <= r["rounds"]:
             continue
         # only the merged state grows with rounds (factor ledgers: linear until a module turns dense,
-        # which takes ≥ 288 rounds on SmolLM2's smallest projections), so add its growth to the peak
+        # which takes ≥ 288 rounds on SmolLM2's smallest projections, ≥ 576 with bf16 factors), so add its growth to the peak
         extra = r["merged_state_bytes"] / r["rounds"] * (target - r["rounds"])
         ratio = (r["peak_gib"] + extra / GIB) / base["peak_gib"]
         projections.append(
@@ -153,7 +153,8 @@ def report(header: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
         ),
         "",
         "Peak memory covers model load, training and export for both recipes. The merged state is "
-        "fp32 factor pairs (4·(out+in) bytes per merged module and round); its growth is linear in rounds.",
+        "rank-1 factor pairs (2·(out+in) bytes per merged module and round for bf16 adapters, stored "
+        "exactly in bf16; 4·(out+in) for fp32 ones); its growth is linear in rounds.",
         "",
         f"Goal (issue 4): peak memory ≤ {GOAL} × torchtune QLoRA (measured at {header['rounds']} rounds):",
         "",

@@ -229,10 +229,11 @@ def test_boosted_loraxs_two_processes_match_one(root):
 # --- NF4 bases under FSDP2 --------------------------------------------------------------------------
 
 def _ledgers(output_dir: Path) -> dict:
-    """Merged state L = U·V (fp32, single-device layout) per module, from the last resume state."""
+    """Merged state L = U·V (fp32, single-device layout) per module, from the last resume state
+    (factors are stored in bf16 where that is exact: the product is formed in fp32)."""
     state = torch.load(output_dir / "xgb_resume" / "step_00000012" / "state.pt", weights_only=False)
     merged = state["booster"]["merged"]
-    return {n: (s["dense"] if "dense" in s else s["u"] @ s["v"]) for n, s in merged.items()}
+    return {n: (s["dense"] if "dense" in s else s["u"].float() @ s["v"].float()) for n, s in merged.items()}
 
 
 @pytest.fixture(scope="module")

@@ -53,8 +53,8 @@ def ledger_that(keep):
     """A ``_Ledger.add`` replacement storing ``keep(u, v) -> (u', v')`` instead of (u, v)."""
     original = merged_state._Ledger.add
 
-    def add(self, u, v):
-        original(self, *keep(u, v))
+    def add(self, u, v, dtype=torch.float32):
+        original(self, *keep(u, v), dtype)
 
     return add
 
@@ -64,7 +64,7 @@ def ledger_that(keep):
     [
         (torch.bfloat16, 3, "factors"),  # bf16 base, factored ledger: kept from Gram matrices
         (torch.float32, 3, "in place"),  # fp32: the weight is the state, full-matrix measurement
-        (torch.bfloat16, 40, "dense"),   # 40·(48+32) ≥ 48·32: the ledger has turned dense
+        (torch.bfloat16, 40, "dense"),   # bf16 factors: 2·40·(48+32) ≥ 4·48·32 bytes: the ledger has turned dense
     ],
 )
 def test_kept_fraction_equals_full_matrix_measurement(monkeypatch, dtype, earlier_rounds, form):
@@ -123,7 +123,7 @@ def test_a_ledger_that_drops_the_round_keeps_nothing(monkeypatch):
     modules, gen = lora_modules(torch.bfloat16)
     state = MergedState(modules)
     perturb(modules["m0"], gen)
-    monkeypatch.setattr(merged_state._Ledger, "add", lambda self, u, v: None)
+    monkeypatch.setattr(merged_state._Ledger, "add", lambda self, u, v, dtype=None: None)
     report = state.merge_round(["m0"])
     assert report.modules == 1 and report.kept_fraction == pytest.approx(0.0, abs=1e-6)
 
@@ -135,9 +135,9 @@ def test_a_ledger_that_rewrites_earlier_rounds_is_an_error(monkeypatch):
     state.merge_round(["m0"])
     original = merged_state._Ledger.add
 
-    def add_and_scale_old(self, u, v):
+    def add_and_scale_old(self, u, v, dtype=torch.float32):
         self.u = self.u * 0.5  # halves every earlier round
-        original(self, u, v)
+        original(self, u, v, dtype)
 
     monkeypatch.setattr(merged_state._Ledger, "add", add_and_scale_old)
     perturb(modules["m0"], gen)
@@ -248,8 +248,10 @@ def test_a_round_over_modules_of_several_shapes_and_histories_is_measured_per_mo
     before = {n: state.merged_weight(n) for n in modules}
     original = merged_state._Ledger.add
 
-    def lossy_for_m3(self, u, v):  # only module m3's ledger keeps 60% of its round
-        original(self, *((0.6 * u, v) if self is state._ledgers["m3"] else (u, v)))
+    def lossy_for_m3(self, u, v, dtype=torch.float32):  # only module m3's ledger keeps 60% of its round
+        if self is state._ledgers["m3"]:  # 0.6·u is no bf16 value: stored in fp32 (widening m3's bf16 ledger)
+            return original(self, 0.6 * u, v, torch.float32)
+        original(self, u, v, dtype)
 
     monkeypatch.setattr(merged_state._Ledger, "add", lossy_for_m3)
     report = state.merge_round(list(modules))
@@ -261,11 +263,11 @@ def test_a_round_over_modules_of_several_shapes_and_histories_is_measured_per_mo
     total = sum(torch.linalg.matrix_norm(u).item() ** 2 for u in updates.values()) ** 0.5
     assert report.update_norm == pytest.approx(total, rel=1e-5)
 
-    def rewrite_m4(self, u, v):  # m4's earlier rounds altered during the append
+    def rewrite_m4(self, u, v, dtype=torch.float32):  # m4's earlier rounds altered during the append
         if self is state._ledgers["m4"]:
             self.v = self.v.clone()
-            self.v[0, 0] += 1e-3
-        original(self, u, v)
+            self.v[0, 0] += 0.25  # a change bf16 storage can hold (its step near 1 is 2^-7)
+        original(self, u, v, dtype)
 
     monkeypatch.setattr(merged_state._Ledger, "add", rewrite_m4)
     for m in modules.values():

@@ -112,7 +112,7 @@ def collect_run_factors(booster) -> Dict[str, Any]:
                 dense = dense + live[0] @ live[1]
             out[name] = {"dense": dense}
             continue
-        u, v = factors[0].cpu(), factors[1].cpu()
+        u, v = factors[0].cpu().float(), factors[1].cpu().float()  # stored bf16 or fp32, exact either way
         if live is not None:
             u, v = torch.cat([u, live[0]], dim=1), torch.cat([v, live[1]], dim=0)
         if u.shape[1]:

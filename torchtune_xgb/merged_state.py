@@ -4,7 +4,8 @@ Folding a small rank-1 round into bf16 weights keeps only ~29% of it at relative
 (design.md §2), and the loss compounds over rounds. So the merged state of each adapted module
 is kept exactly, as
 
-    S = W0 + L,    L = U·V  (fp32 factors, one rank-r block appended per merged round)
+    S = W0 + L,    L = U·V  (factors, one rank-r block appended per merged round, stored in
+                             bf16 where that is exact and in fp32 otherwise: see _Ledger)
 
 where W0 is a copy of the weight as loaded (kept on ``base_device``, CPU by default: merges are
 rare, so the copy only travels when its module is merged). The weight the forward pass uses is
@@ -21,8 +22,8 @@ When the weights are on a GPU and ``base_device`` is the CPU, W0 sits in pinned 
 copied back asynchronously, one module at a time, only for the modules a round merged.
 
 Memory cost (README): ``base_device`` holds one copy of every adapted weight in its checkpoint
-dtype (2 bytes/parameter in bf16); the factors take 4·k·(out+in) bytes per module after k
-merged rank-1 updates, capped at 4·out·in bytes.
+dtype (2 bytes/parameter in bf16); the factors take 2·k·(out+in) bytes per module after k
+merged rank-1 updates of bf16 adapters (4·k·(out+in) in fp32), capped at 4·out·in bytes.
 
 NF4 bases: re-quantizing after a merge destroys small updates (kept fraction −0.10 at relative
 size 1e-2, design.md §2), so rounds are never folded into the NF4 tensor. The module's forward
@@ -67,7 +68,15 @@ class MergeReport:
 
 
 class _Ledger:
-    """Exact record L of one module's merged updates: factors U (out×k), V (k×in), or dense."""
+    """Exact record L of one module's merged updates: factors U (out×k), V (k×in), or dense.
+
+    Factors are stored in the narrowest dtype that holds them *exactly* (``add``'s ``dtype``):
+    bf16 when the round's factors are bf16 adapter values scaled by a power of two (then the
+    stored factors equal the fp32 ones bit for bit, at half the memory), else fp32. A ledger only
+    ever widens (bf16 → fp32, exact). Products and sums of the factors are always formed in fp32
+    (``float()``), never in the storage dtype; the kept fraction of every merge measures the stored
+    factors, so a storage that lost anything would show there.
+    """
 
     def __init__(self, out_dim: int, in_dim: int, device: torch.device, full_out: Optional[int] = None):
         self.u = torch.zeros(out_dim, 0, device=device)
@@ -80,17 +89,24 @@ class _Ledger:
         return self.u.shape[1] if self.dense is None else min(self.full_out, self.dense.shape[1])
 
     def matrix(self) -> torch.Tensor:
-        return self.dense if self.dense is not None else self.u @ self.v
+        return self.dense if self.dense is not None else self.u.float() @ self.v.float()
 
-    def add(self, u: torch.Tensor, v: torch.Tensor) -> None:
+    def add(self, u: torch.Tensor, v: torch.Tensor, dtype: torch.dtype = torch.float32) -> None:
+        """Append u·v (fp32 factors); ``dtype``: what they are stored in, one that holds them exactly."""
         if self.dense is not None:
-            self.dense.addmm_(u, v)
+            self.dense.addmm_(u.float(), v.float())
             return
-        self.u = torch.cat([self.u, u], dim=1)
-        self.v = torch.cat([self.v, v], dim=0)
+        if self.u.shape[1] == 0:  # an empty ledger takes the round's storage dtype
+            self.u, self.v = self.u.to(dtype), self.v.to(dtype)
+        elif dtype != self.u.dtype:  # mixed rounds: widen to fp32 (exact), never narrow
+            self.u, self.v = self.u.float(), self.v.float()
+        self.u = torch.cat([self.u, u.to(self.u.dtype)], dim=1)
+        self.v = torch.cat([self.v, v.to(self.v.dtype)], dim=0)
         out_dim, in_dim = self.full_out, self.v.shape[1]  # the same decision on every rank
-        if self.u.shape[1] * (out_dim + in_dim) >= out_dim * in_dim:
-            self.dense = self.u @ self.v
+        # dense once the factors hold as many bytes as a dense fp32 matrix would: bf16 factors
+        # stay factored twice as many rounds as fp32 ones (switching earlier would double memory)
+        if self.u.element_size() * self.u.shape[1] * (out_dim + in_dim) >= 4 * out_dim * in_dim:
+            self.dense = self.u.float() @ self.v.float()
             self.u = self.u[:, :0]
             self.v = self.v[:0]
 
@@ -103,9 +119,10 @@ class _Ledger:
         device = self.u.device
         if "dense" in state:
             self.dense = state["dense"].to(device=device, dtype=torch.float32)
-        else:
-            self.u = state["u"].to(device=device, dtype=torch.float32)
-            self.v = state["v"].to(device=device, dtype=torch.float32)
+        else:  # as saved: bf16 factors stay bf16 (exact), anything else becomes fp32
+            dtype = torch.bfloat16 if state["u"].dtype == state["v"].dtype == torch.bfloat16 else torch.float32
+            self.u = state["u"].to(device=device, dtype=dtype)
+            self.v = state["v"].to(device=device, dtype=dtype)
             self.dense = None
 
 
@@ -246,6 +263,21 @@ def _full_stats(arrived: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torc
     return torch.stack([product_sq_norm(u, v), lost, torch.zeros_like(lost)])
 
 
+def _stacked_fp64(tensors: List[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack(tensors)`` in fp64: one cast for the stack (ledgers of one shape may differ in
+    storage dtype: those are widened to fp32 first, exactly)."""
+    if len({t.dtype for t in tensors}) > 1:
+        tensors = [t.float() for t in tensors]
+    return torch.stack(tensors).double()
+
+
+def storage_dtype(module: nn.Module, merge_rate: float) -> torch.dtype:
+    """The dtype a module's merged factors are stored in: ``module.factor_dtype(merge_rate)`` where
+    the adapter defines it (a dtype that holds ``merge_factors(merge_rate)`` exactly), else fp32."""
+    exact = getattr(module, "factor_dtype", None)
+    return exact(merge_rate) if exact is not None else torch.float32
+
+
 @dataclass
 class _Appended:
     """A round appended to a factored ledger: the ledger after the append, its rank k before, and
@@ -311,9 +343,10 @@ class _AppendedRounds:
 
         def residual_sq(members: List[int]) -> torch.Tensor:
             group = [records[i] for i in members]
-            new_u = torch.stack([r.ledger.u[:, r.k:] for r in group])
-            new_v = torch.stack([r.ledger.v[r.k:] for r in group])
-            u, v = torch.stack([r.u for r in group]), torch.stack([r.v for r in group])
+            # fp64 before subtracting: the stored factors may be bf16, the round's are fp32
+            new_u = _stacked_fp64([r.ledger.u[:, r.k:] for r in group])
+            new_v = _stacked_fp64([r.ledger.v[r.k:] for r in group])
+            u, v = _stacked_fp64([r.u for r in group]), _stacked_fp64([r.v for r in group])
             return _stacked_sq_norms(torch.cat([new_u - u, u], dim=2), torch.cat([new_v, new_v - v], dim=1))
 
         residual = _grouped(len(records), lambda i: _shape_key(records[i].u, records[i].v), residual_sq)
@@ -418,7 +451,7 @@ class MergedState:
 
     def gathered_factors(self, name: str) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
         """(U, V) with L = U·V and all rows of U (FSDP2: gathered, a collective: call on every
-        rank), or None once L is stored dense."""
+        rank), as stored (bf16 or fp32, see _Ledger), or None once L is stored dense."""
         ledger = self._ledgers[name]
         if ledger.dense is not None:
             return None
@@ -457,7 +490,8 @@ class MergedState:
             measured: Dict[str, torch.Tensor] = {}  # full-matrix stats (dense or in-place states)
             appended, appended_names = _AppendedRounds(), []  # factored ledgers, measured together
             for name in todo:
-                stats = self._merge_module(name, *factors.pop(name), appended, w0=prefetch.take(name))
+                stats = self._merge_module(name, *factors.pop(name), appended, w0=prefetch.take(name),
+                                           merge_rate=merge_rate)
                 if stats is None:
                     appended_names.append(name)
                 else:
@@ -522,30 +556,32 @@ class MergedState:
         return name in self._base and name not in self._in_place and not is_nf4(local(self.modules[name].weight))
 
     def _merge_module(self, name: str, u: torch.Tensor, v: torch.Tensor, appended: _AppendedRounds,
-                      w0: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+                      w0: Optional[torch.Tensor] = None, merge_rate: float = 1.0) -> Optional[torch.Tensor]:
         """Add u·v to one module's state; return its (‖u·v‖², ‖residual‖², changed) on its device
         (this rank's part of the squares under FSDP2: rows of u are sharded, v is replicated), or
         None for a round appended to a factored ledger (handed to ``appended``, measured later)."""
         module = self.modules[name]
         ledger = self._ledgers[name]
+        dtype = storage_dtype(module, merge_rate)
         if name in self._in_place:
             # the fp32 weight is the state: what arrived is the difference of two full matrices
             weight = local(module.weight.data)
             before = weight.clone()
             weight.addmm_(u, v)
-            ledger.add(u, v)
+            ledger.add(u, v, dtype)
             return _full_stats(weight - before, u, v)
         if ledger.dense is not None:  # dense ledger: updated in place, so keep a copy to compare
             before = ledger.dense.clone()
-            ledger.add(u, v)
+            ledger.add(u, v, dtype)
             stats = _full_stats(ledger.dense - before, u, v)
         else:
             old_u, old_v, k = ledger.u, ledger.v, ledger.u.shape[1]
-            ledger.add(u, v)
+            ledger.add(u, v, dtype)
             if ledger.dense is not None:  # this round turned the ledger dense
-                stats = _full_stats(ledger.dense - old_u @ old_v, u, v)
-            elif ledger.u.shape[1] != k + u.shape[1]:  # not an append: compare the products
-                stats = _full_stats(ledger.u @ ledger.v - old_u @ old_v, u, v)
+                stats = _full_stats(ledger.dense - old_u.float() @ old_v.float(), u, v)
+            elif ledger.u.shape[1] != k + u.shape[1] or ledger.u.dtype != old_u.dtype:
+                # not a plain append (or widened to fp32): compare the products, in fp32
+                stats = _full_stats(ledger.matrix() - old_u.float() @ old_v.float(), u, v)
             else:
                 appended.add(ledger, old_u, old_v, k, u, v)
                 stats = None
@@ -558,7 +594,7 @@ class MergedState:
         if is_nf4(local(module.weight)):
             # never into the NF4 tensor: hand the forward pass the merged state itself (FSDP2: the
             # rows of U or L stay sharded like the weight; adapters.merged_path gathers them).
-            # References to the fp32 ledger, not copies: merged_path casts them per call.
+            # References to the ledger, not copies: merged_path widens bf16 factors per call.
             ledger = self._ledgers[name]
             sharded = lambda rows: rows_like(rows, module.weight, ledger.full_out)  # noqa: E731
             if ledger.dense is not None:
@@ -581,7 +617,7 @@ class MergedState:
         if ledger.dense is not None:
             exact.add_(ledger.dense)
         elif ledger.u.shape[1]:
-            exact.addmm_(ledger.u, ledger.v)
+            exact.addmm_(ledger.u.float(), ledger.v.float())
         weight.copy_(exact)
 
     # --- checkpointing -----------------------------------------------------------------

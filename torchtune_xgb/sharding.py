@@ -95,14 +95,31 @@ class _LinearGatheredRows(torch.autograd.Function):
         return grad @ ctx.rows.full_tensor().to(grad.dtype), None
 
 
+class _LinearCastWeight(torch.autograd.Function):
+    """y = x·Wᵀ for a frozen W stored in another dtype than x: W is cast in the forward and cast
+    again in the backward, so the cast copy is never kept alive between them (autograd would save
+    it for the backward: a second, wider copy of every merged state for the whole step)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.weight = weight  # the stored frozen state itself, not an activation
+        return torch.nn.functional.linear(x, weight.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad @ ctx.weight.to(grad.dtype), None
+
+
 def linear_frozen(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``F.linear(x, weight)`` for a frozen (no-grad) weight, cast to ``x``'s dtype (merged states
-    are kept in fp32), that may be row-sharded (a DTensor from
+    """``F.linear(x, weight)`` for a frozen (no-grad) weight, computed in ``x``'s dtype (merged
+    states may be stored in bf16 or fp32), that may be row-sharded (a DTensor from
     :func:`rows_like`). Sharded: a collective in the forward and in the backward, so every rank must
     run the same modules in the same order (as FSDP2 itself requires)."""
-    if not isinstance(weight, DTensor):
-        return torch.nn.functional.linear(x, weight.to(x.dtype))
-    return _LinearGatheredRows.apply(x, weight)
+    if isinstance(weight, DTensor):
+        return _LinearGatheredRows.apply(x, weight)
+    if weight.dtype == x.dtype:
+        return torch.nn.functional.linear(x, weight)
+    return _LinearCastWeight.apply(x, weight)
 
 
 def all_sum(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
