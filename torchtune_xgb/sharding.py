@@ -102,12 +102,13 @@ class _LinearCastWeight(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        ctx.weight = weight  # the stored frozen state itself, not an activation
+        ctx.save_for_backward(weight)  # the stored frozen state itself (an input: no copy)
         return torch.nn.functional.linear(x, weight.to(x.dtype))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad @ ctx.weight.to(grad.dtype), None
+        (weight,) = ctx.saved_tensors
+        return grad @ weight.to(grad.dtype), None
 
 
 def linear_frozen(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
