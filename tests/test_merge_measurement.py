@@ -289,10 +289,10 @@ def test_the_aten_ops_of_a_merge_do_not_grow_40_per_module():
             Count.ops += 1
             return func(*args, **(kwargs or {}))
 
-    def ops_for(count):
+    def ops_for(count, rounds):
         modules, gen = lora_modules(torch.bfloat16, count=count)
         state = MergedState(modules)
-        for _ in range(2):  # the second round appends to factored ledgers
+        for _ in range(rounds):  # the last round's ops are counted
             for m in modules.values():
                 perturb(m, gen)
             Count.ops = 0
@@ -300,5 +300,8 @@ def test_the_aten_ops_of_a_merge_do_not_grow_40_per_module():
                 state.merge_round(list(modules))
         return Count.ops
 
-    per_module = (ops_for(12) - ops_for(2)) / 10
-    assert per_module <= 20, per_module
+    # the first round (empty ledgers taking bf16 storage: a plain append, not a full-matrix
+    # comparison) and the second (appending to factored ledgers)
+    for rounds in (1, 2):
+        per_module = (ops_for(12, rounds) - ops_for(2, rounds)) / 10
+        assert per_module <= 20, (rounds, per_module)

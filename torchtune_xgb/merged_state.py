@@ -96,12 +96,14 @@ class _Ledger:
         if self.dense is not None:
             self.dense.addmm_(u.float(), v.float())
             return
-        if self.u.shape[1] == 0:  # an empty ledger takes the round's storage dtype
-            self.u, self.v = self.u.to(dtype), self.v.to(dtype)
-        elif dtype != self.u.dtype:  # mixed rounds: widen to fp32 (exact), never narrow
-            self.u, self.v = self.u.float(), self.v.float()
-        self.u = torch.cat([self.u, u.to(self.u.dtype)], dim=1)
-        self.v = torch.cat([self.v, v.to(self.v.dtype)], dim=0)
+        if self.u.shape[1] == 0:  # an empty ledger takes the round's factors in its storage dtype
+            # (copies: v may be the adapter's own A, which the re-initialisation overwrites)
+            self.u, self.v = u.to(dtype, copy=True), v.to(dtype, copy=True)
+        else:
+            if dtype != self.u.dtype:  # mixed rounds: widen to fp32 (exact), never narrow
+                self.u, self.v = self.u.float(), self.v.float()
+            self.u = torch.cat([self.u, u.to(self.u.dtype)], dim=1)
+            self.v = torch.cat([self.v, v.to(self.v.dtype)], dim=0)
         out_dim, in_dim = self.full_out, self.v.shape[1]  # the same decision on every rank
         # dense once the factors hold as many bytes as a dense fp32 matrix would: bf16 factors
         # stay factored twice as many rounds as fp32 ones (switching earlier would double memory)
@@ -579,8 +581,9 @@ class MergedState:
             ledger.add(u, v, dtype)
             if ledger.dense is not None:  # this round turned the ledger dense
                 stats = _full_stats(ledger.dense - old_u.float() @ old_v.float(), u, v)
-            elif ledger.u.shape[1] != k + u.shape[1] or ledger.u.dtype != old_u.dtype:
-                # not a plain append (or widened to fp32): compare the products, in fp32
+            elif ledger.u.shape[1] != k + u.shape[1] or (k and ledger.u.dtype != old_u.dtype):
+                # not a plain append, or earlier rounds widened to fp32: compare the products, in
+                # fp32 (an empty ledger taking the round's dtype is a plain append)
                 stats = _full_stats(ledger.matrix() - old_u.float() @ old_v.float(), u, v)
             else:
                 appended.add(ledger, old_u, old_v, k, u, v)
