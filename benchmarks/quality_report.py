@@ -66,20 +66,21 @@ def pooled(summaries: Dict[str, Dict[str, Dict[str, Any]]]) -> Dict[str, Dict[st
             continue
         seeds = sorted(seeds, key=str)
 
-        def table(summaries_of, field):
-            return [sum((list(s[field][k]) for s in summaries_of), []) for k in seeds]
+        def by_seed(summaries_of, pick):  # one row per seed: that seed's items of every family, in family order
+            return [sum((list(pick(s, k)) for s in summaries_of), []) for k in seeds]
 
-        def loss_table(summaries_of, part):
-            return [sum((list(s["loss_by_seed"][k][part]) for s in summaries_of), []) for k in seeds]
+        def correct(s, k):
+            return s["correct_by_seed"][k]
 
-        correct = table(runs, "correct_by_seed")
         out[key] = {
             "method": runs[0]["method"],
             "seeds": len(seeds),
-            "exact_match": bootstrap_interval(correct),
-            "loss": bootstrap_interval(loss_table(runs, 0), loss_table(runs, 1)),
+            "exact_match": bootstrap_interval(by_seed(runs, correct)),
+            "loss": bootstrap_interval(by_seed(runs, lambda s, k: s["loss_by_seed"][k][0]),
+                                       by_seed(runs, lambda s, k: s["loss_by_seed"][k][1])),
             "trainable_params": runs[0]["trainable_params"],
-            "difference": None if key == REFERENCE else paired_difference(correct, table(refs, "correct_by_seed")),
+            "difference": None if key == REFERENCE else paired_difference(by_seed(runs, correct),
+                                                                           by_seed(refs, correct)),
         }
     return out
 

@@ -7,6 +7,7 @@ medians of hand-written step stamps), not produced by the code under test.
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -625,24 +626,38 @@ def test_report_only_renders_the_record_and_starts_nothing(tmp_path, monkeypatch
     assert (work / "runs.jsonl").read_text() == recorded
 
 
-def test_the_committed_interim_report_is_what_the_committed_record_renders(tmp_path, monkeypatch):
-    """benchmarks/results/quality_cpu_interim.md (the README's figures) against a fresh rendering of
+RESULTS = Path(quality.REPO) / "benchmarks" / "results"
+# The protocol's reports among the committed results (the pre-protocol one-task quality_cpu.md has no
+# "task families:" header and is not a rendering of the record).
+PROTOCOL_REPORTS = sorted(p.name for p in RESULTS.glob("quality_cpu*.md")
+                          if "task families: " in p.read_text().splitlines()[0])
+
+
+def test_the_protocol_has_a_committed_report():
+    assert PROTOCOL_REPORTS, "no benchmarks/results/quality_cpu*.md rendered from the protocol's record"
+
+
+@pytest.mark.parametrize("report", PROTOCOL_REPORTS)
+def test_a_committed_report_is_what_the_committed_record_renders(report, tmp_path, monkeypatch):
+    """A committed protocol report (the README's figures) against a fresh rendering of
     benchmarks/results/quality_cpu_runs.jsonl (the measured runs, per test item) with
-    ``--report-only``: every table row and goal line must match, so the figures come from the record
-    and a change that alters a run's id (a packaged default, a recipe setting) or the statistics
-    shows up here instead of leaving stale numbers in the README. Command that wrote the file:
-    ``python -m benchmarks.quality --tasks arithmetic strings --seeds 3 --grid --report-only
-    --reuse benchmarks/results/quality_cpu_runs.jsonl --out …``."""
-    results = Path(quality.REPO) / "benchmarks" / "results"
+    ``--report-only``, for the families its header names: every table row and goal line must match,
+    so the figures come from the record, and a change that alters a run's id (a packaged default, a
+    recipe setting) or the statistics shows up here instead of leaving stale numbers in the README.
+    Command that wrote the file: ``python -m benchmarks.quality --tasks FAMILIES --seeds 3 --grid
+    --report-only --reuse benchmarks/results/quality_cpu_runs.jsonl --out …``."""
+    text = (RESULTS / report).read_text()
+    header = re.fullmatch(r"## Quality: .*, task families: (.*), \d{4}-\d{2}-\d{2}", text.splitlines()[0])
+    families = header.group(1).split(", ")
     monkeypatch.setattr(quality, "run_subprocess", lambda *a, **k: pytest.fail("--report-only started a run"))
-    out = tmp_path / "interim.md"
-    quality.main(["--tasks", "arithmetic", "strings", "--seeds", "3", "--grid", "--report-only",
-                  "--reuse", str(results / "quality_cpu_runs.jsonl"), "--workdir", str(tmp_path / "work"),
+    out = tmp_path / report
+    quality.main(["--tasks", *families, "--seeds", "3", "--grid", "--report-only",
+                  "--reuse", str(RESULTS / "quality_cpu_runs.jsonl"), "--workdir", str(tmp_path / "work"),
                   "--out", str(out)])
 
     def figures(text):  # tables and goals; not the date, the hardware or the plot's path
         return [line for line in text.splitlines() if line.startswith(("| ", "- "))]
 
-    committed = figures((results / "quality_cpu_interim.md").read_text())
-    assert len(committed) > 40 and "not run" not in "".join(committed)
+    committed = figures(text)
+    assert len(committed) > 20 * len(families) and "not run" not in "".join(committed)
     assert figures(out.read_text()) == committed
