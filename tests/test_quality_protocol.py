@@ -627,8 +627,8 @@ def test_report_only_renders_the_record_and_starts_nothing(tmp_path, monkeypatch
 
 
 RESULTS = Path(quality.REPO) / "benchmarks" / "results"
-# The protocol's reports among the committed results (the pre-protocol one-task quality_cpu.md has no
-# "task families:" header and is not a rendering of the record).
+# The protocol's reports among the committed results (the pre-protocol one-task
+# quality_cpu_arithmetic_single_seed.md has no "task families:" header and is not a rendering of the record).
 PROTOCOL_REPORTS = sorted(p.name for p in RESULTS.glob("quality_cpu*.md")
                           if "task families: " in p.read_text().splitlines()[0])
 
