@@ -597,7 +597,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--keep-checkpoints", action="store_true")
     p.add_argument("--rerun-slow", action="store_true", help="run again the finished runs whose training took "
-                   f"over {SLOW_FACTOR}x the median of their task and method (slowed by other work on the machine)")
+                   f"over {SLOW_FACTOR}x the lower quartile of their task and method (slowed by other work on the machine)")
     p.add_argument("--workdir", type=Path, default=REPO / "outputs" / "bench" / "quality")
     p.add_argument("--reuse", nargs="*", type=Path, default=[], metavar="RUNS_JSONL",
                    help="finished runs recorded elsewhere (e.g. benchmarks/results/quality_cpu_runs.jsonl) count as "
@@ -648,10 +648,10 @@ def main(argv=None) -> int:
     slow = slow_runs(cache.rows.values())
     if slow and args.rerun_slow and not args.report_only:
         args.rerun = set(slow)
-        print(f"--rerun-slow: {len(slow)} finished runs took over {SLOW_FACTOR}x their median training time; "
+        print(f"--rerun-slow: {len(slow)} finished runs took over {SLOW_FACTOR}x their group's lower-quartile training time; "
               "rerunning those this command covers")
     elif slow:
-        print(f"note: {len(slow)} finished runs took over {SLOW_FACTOR}x their median training time (other work on the "
+        print(f"note: {len(slow)} finished runs took over {SLOW_FACTOR}x their group's lower-quartile training time (other work on the "
               "machine?); their seconds enter the time-to-quality medians, --rerun-slow runs them again")
     header = {"date": today(), "model": "tiny 2-layer test model" if setting.model == "tiny" else "SmolLM2-135M-Instruct", "hardware": hardware(setting.device), "setting": asdict(setting), "seeds": seeds,
               "tasks": [t.name for t in tasks], "grid": {k: lrs[k] for k in methods},

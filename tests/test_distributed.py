@@ -48,8 +48,13 @@ SELECTION_LOG_ENV = "TORCHTUNE_XGB_SELECTION_LOG"
 LOSS_REL = 1e-5
 WEIGHT_ATOL = 1e-5
 NF4_LOSS_REL = 2e-4
-NF4_LEDGER_REL = 0.05
-NF4_WEIGHT_ATOL = 2e-3
+# NF4 runs train in bf16, where one and two processes sum gradients in a different order. Adam's
+# first steps are about ±lr wherever a gradient is near zero, so one element of a rank-1 B whose
+# gradient changes sign in its last bits moves a whole row of that round's update: measured on a
+# 2-core AVX2 EPYC (2026-12-03), row 98 of layer 0's w1 differs by 0.8 of the row, 0.043 of the
+# module's merged state (the other nine modules 0.003-0.037). One rank's rows of the export lost or
+# doubled moves every module by 0.69-0.75 (measured on the same runs); 0.1 keeps those failing.
+NF4_LEDGER_REL = 0.1
 ADAPTED = ("q_proj", "v_proj", "mlp.")  # the tiny config's LoRA targets (HF names)
 GLOBAL_BATCH = 4  # the tiny config's batch on one process
 
@@ -261,9 +266,15 @@ def test_nf4_two_processes_match_one_over_three_merges(nf4_fsdp, single_process_
         assert rel < NF4_LEDGER_REL, (name, rel.item())
 
 
+# the tiny config's adapted modules: HF export name -> torchtune module name (the ledger's)
+HF_TO_TUNE = {"self_attn.q_proj": "attn.q_proj", "self_attn.v_proj": "attn.v_proj",
+              "mlp.gate_proj": "mlp.w1", "mlp.down_proj": "mlp.w2", "mlp.up_proj": "mlp.w3"}
+
+
 def test_nf4_export_under_fsdp_equals_single_device(root, nf4_fsdp, single_process_run):
     single = single_process_run("xgblora_nf4")
     a, b = load_file(single / EXPORT), load_file(nf4_fsdp / EXPORT)
+    ledger = _ledgers(single)  # the single run's trained update: the scale the exports may differ by
     base = load_file(make_tiny_model_dir(root) / "model.safetensors")
     assert a.keys() == b.keys() == base.keys()  # same layout: plain model keys, no adapter keys
     files = lambda d: sorted(p.name for p in (d / "epoch_0").iterdir())
@@ -271,7 +282,12 @@ def test_nf4_export_under_fsdp_equals_single_device(root, nf4_fsdp, single_proce
     for key in a:
         assert a[key].shape == b[key].shape and a[key].dtype == b[key].dtype == torch.bfloat16, key
         if any(t in key for t in ADAPTED):  # NF4 + merged rounds, trained in bf16 on another split
-            assert torch.allclose(a[key].float(), b[key].float(), rtol=0, atol=NF4_WEIGHT_ATOL), (key, (a[key] - b[key]).abs().max())
+            # the same NF4 base under both, so the exports differ by the difference of the updates
+            # (a Frobenius norm: HF's q_proj row permutation leaves it unchanged)
+            layer, module = key.split(".")[2], ".".join(key.split(".")[3:5])
+            update = ledger[f"layers.{layer}.{HF_TO_TUNE[module]}"]
+            rel = torch.linalg.matrix_norm(a[key].float() - b[key].float()) / torch.linalg.matrix_norm(update)
+            assert rel < NF4_LEDGER_REL, (key, rel.item())
         else:  # untouched weights: every rank's NF4 rows are the single-device quantization, bit for bit
             assert torch.equal(a[key], b[key]), key
         if key.endswith("proj.weight"):  # NF4 (and merged) weights: not the checkpoint's values

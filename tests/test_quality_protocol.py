@@ -445,22 +445,26 @@ def test_protocol_extends_the_grid_past_an_edge_best(monkeypatch):
     assert [r["lr"] for r in rows[1:] if r["chosen"]] == [1e-3, 1e-3, 1e-3]
 
 
-def test_slow_runs_against_their_group_median():
+def test_slow_runs_against_their_group_lower_quartile():
     def run(ident, seconds, task="a", key="xgblora", overrides=None, **extra):
         return {"id": ident, "task": task, "key": key, "overrides": overrides or {}, "train_seconds": seconds, **extra}
 
     rows = [
-        # median of 100, 110, 120, 400 is 115; 1.5 × 115 = 172.5: only 400 is slow (170 is not)
-        run("a1", 100), run("a2", 110), run("a3", 120), run("a4", 400), run("a5", 170, lr=0.004),
-        # another task: its own median (300, 310, 320 → 310), so 320 is not slow there
+        # lower quartile (inclusive) of 100, 110, 120, 160, 400 is 110; 1.5 × 110 = 165: 400 is slow,
+        # 160 (another learning rate) is not
+        run("a1", 100), run("a2", 110), run("a3", 120), run("a4", 400), run("a5", 160, lr=0.004),
+        # another task: its own quartile (300, 310, 320 → 305), so 320 is not slow there
         run("b1", 300, task="b"), run("b2", 310, task="b"), run("b3", 320, task="b"),
+        # half a group slowed (the record's ordering LoRA r=8 times): the median 300 would pass
+        # 383 and 403; the lower quartile 211.75 (× 1.5 = 317.6) flags all three
+        *(run(f"o{i}", t, task="o") for i, t in enumerate([206, 210, 217, 383, 403, 1309])),
         # a sweep variant (overrides) is its own group; two runs are too few to judge
         run("c1", 100, overrides={"boost.steps_per_round": 5}), run("c2", 900, overrides={"boost.steps_per_round": 5}),
         # failed and untimed rows neither count nor get flagged
         run("d1", 5000, failed=True), run("d2", None),
     ]
-    assert slow_runs(rows) == ["a4"]
-    assert sorted(slow_runs(rows, minimum=2)) == ["a4", "c2"]
+    assert slow_runs(rows) == ["a4", "o3", "o4", "o5"]
+    assert sorted(slow_runs(rows, minimum=2)) == ["a4", "c2", "o3", "o4", "o5"]
 
 
 def test_implied_defaults_need_a_margin_on_val():
