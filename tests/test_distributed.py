@@ -266,12 +266,9 @@ def test_nf4_two_processes_match_one_over_three_merges(nf4_fsdp, single_process_
         assert rel < NF4_LEDGER_REL, (name, rel.item())
 
 
-# the tiny config's adapted modules: HF export name -> torchtune module name (the ledger's)
-HF_TO_TUNE = {"self_attn.q_proj": "attn.q_proj", "self_attn.v_proj": "attn.v_proj",
-              "mlp.gate_proj": "mlp.w1", "mlp.down_proj": "mlp.w2", "mlp.up_proj": "mlp.w3"}
-
-
 def test_nf4_export_under_fsdp_equals_single_device(root, nf4_fsdp, single_process_run):
+    from torchtune.models.convert_weights import _FROM_HF, get_mapped_key
+
     single = single_process_run("xgblora_nf4")
     a, b = load_file(single / EXPORT), load_file(nf4_fsdp / EXPORT)
     ledger = _ledgers(single)  # the single run's trained update: the scale the exports may differ by
@@ -284,8 +281,7 @@ def test_nf4_export_under_fsdp_equals_single_device(root, nf4_fsdp, single_proce
         if any(t in key for t in ADAPTED):  # NF4 + merged rounds, trained in bf16 on another split
             # the same NF4 base under both, so the exports differ by the difference of the updates
             # (a Frobenius norm: HF's q_proj row permutation leaves it unchanged)
-            layer, module = key.split(".")[2], ".".join(key.split(".")[3:5])
-            update = ledger[f"layers.{layer}.{HF_TO_TUNE[module]}"]
+            update = ledger[get_mapped_key(key, _FROM_HF).removesuffix(".weight")]  # the ledger's names are torchtune's
             rel = torch.linalg.matrix_norm(a[key].float() - b[key].float()) / torch.linalg.matrix_norm(update)
             assert rel < NF4_LEDGER_REL, (key, rel.item())
         else:  # untouched weights: every rank's NF4 rows are the single-device quantization, bit for bit
