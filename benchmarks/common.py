@@ -24,9 +24,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from torchtune_xgb.config_names import packaged_configs
-from torchtune_xgb.paths import cache_path, register_resolvers
-from torchtune_xgb.plot import MetricLine, read_metric_log
+from torchtune_xgb.config.names import packaged_configs
+from torchtune_xgb.models.cache import cache_path, register_resolvers
+from torchtune_xgb.eval.plot import MetricLine, read_metric_log
 
 REPO = Path(__file__).resolve().parent.parent
 BASE_CONFIG = "smollm2_135m_xgblora"

@@ -5,7 +5,7 @@
 Parts, in order, each in its own subprocess under its own time limit (a share of ``--budget-s``;
 time a part leaves unused goes to the next ones):
 
-a. the CUDA tests: ``pytest -m gpu tests/test_cuda.py`` (bf16 merges with W0 on the CPU and on
+a. the CUDA tests: ``pytest -m gpu tests/gpu/test_cuda.py`` (bf16 merges with W0 on the CPU and on
    the GPU, CUDA vs CPU merges, block selection and re-initialisation vs the CPU, NF4 merges and
    export vs a CPU reference, kill + resume of a CUDA run);
 b. NCCL: ``tune run --nproc_per_node 1 xgblora_finetune`` (the FSDP2 recipe: NCCL for CUDA
@@ -218,15 +218,15 @@ def tiny_root(args) -> Path:
 def part_a_cuda_tests(args) -> Dict[str, Any]:
     import re
 
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_cuda.py", "-v", "-rs", "-p", "no:cacheprovider"]
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "tests/gpu/test_cuda.py", "-v", "-rs", "-p", "no:cacheprovider"]
     env = {}
     if args.dry_run:  # the same tests on the CPU (no pinned memory, no kill + resume run)
         cmd += ["-k", "not resume"]
         env["XGB_TEST_DEVICE"] = "cpu"
     run = sub(args, "a_pytest", cmd, **env)
     text = Path(run["log"]).read_text(errors="replace")
-    # per-test lines of -v ("tests/test_cuda.py::name PASSED"): counted even if pytest was cut off
-    outcomes = dict(re.findall(r"^tests/test_cuda\.py::(\S+) (PASSED|FAILED|SKIPPED|ERROR)", text, flags=re.M))
+    # per-test lines of -v ("tests/gpu/test_cuda.py::name PASSED"): counted even if pytest was cut off
+    outcomes = dict(re.findall(r"^tests/gpu/test_cuda\.py::(\S+) (PASSED|FAILED|SKIPPED|ERROR)", text, flags=re.M))
     counts: Dict[str, int] = {}
     for outcome in outcomes.values():
         counts[outcome.lower()] = counts.get(outcome.lower(), 0) + 1

@@ -122,7 +122,7 @@ class _CountingMode(TorchDispatchMode):
 def load_merged_state(implementation: Optional[Path]):
     """The MergedState class of this checkout, or of another file (to compare implementations)."""
     if implementation is None:
-        from torchtune_xgb.merged_state import MergedState
+        from torchtune_xgb.method.merged_state import MergedState
 
         return MergedState
     spec = importlib.util.spec_from_file_location("merged_state_under_test", implementation)
@@ -135,7 +135,7 @@ def build_block(shape: tuple, device: str, rank: int = 1, seed: int = 0) -> Dict
     """The seven projections of one block as bf16 XGBLoRA modules with random weights and adapters."""
     from torchtune.modules.peft import LoRALinear
 
-    from torchtune_xgb.adapters import convert_to_xgblora
+    from torchtune_xgb.method.xgblora import convert_to_xgblora
 
     _, dim, kv_dim, ffn_dim, _ = shape
     holder = torch.nn.Module()

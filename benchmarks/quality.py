@@ -326,7 +326,7 @@ def score_model(model, tokenizer, task: TaskSpec, split: str, n: Optional[int], 
     """``{"exact_match", "loss", "correct", "item_loss", "item_tokens"}`` of ``model`` on a split."""
     from torchtune import config
 
-    from torchtune_xgb.evaluation import exact_match_details
+    from torchtune_xgb.eval.exact_match import exact_match_details
 
     examples = config.instantiate(OmegaConf.create(examples_cfg(task, split, n)))
     em, records = exact_match_details(model, tokenizer, examples, max_new_tokens=task.max_new_tokens,
@@ -356,7 +356,7 @@ def config_fingerprint(cfg, out_dir: Path) -> str:
     written symbolically: equal for the same run in another workdir, cache or clone (a benchmark
     can run from a worktree pinned at one commit while the checkout changes), different when any
     value that reaches the recipe changes."""
-    from torchtune_xgb.paths import cache_root
+    from torchtune_xgb.models.cache import cache_root
 
     text = OmegaConf.to_yaml(cfg).replace(str(out_dir), "<run>").replace(str(cache_root()), "<cache>")
     text = text.replace(str(REPO), "<repo>")
@@ -465,7 +465,7 @@ def run_method(key: str, task: TaskSpec, lr: float, seed: int, setting: Setting,
             if seconds is not None:
                 point["seconds"] = seconds
         row["curve"] = {str(s): points[s] for s in sorted(points)}
-        from torchtune_xgb.plot import merge_steps
+        from torchtune_xgb.eval.plot import merge_steps
 
         row["merges"] = merge_steps(lines)
     if method.recipe == OURS:

@@ -1,7 +1,7 @@
 """The arithmetic of the quality protocol: bootstrap intervals, verdicts, LR choice, time-to-quality.
 
 Pure functions on numbers and parsed metric logs (no runs), so each is unit-tested against values
-worked out by hand (tests/test_quality_protocol.py).
+worked out by hand (tests/benchmarks/test_quality_protocol.py).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from torchtune_xgb.plot import MetricLine
+from torchtune_xgb.eval.plot import MetricLine
 
 LEVEL = 0.95
 

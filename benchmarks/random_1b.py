@@ -9,7 +9,7 @@ HF directory in the cache, with the SmolLM2 tokenizer (its ids are < 49152, insi
 from pathlib import Path
 from typing import Optional
 
-from torchtune_xgb.paths import cache_path
+from torchtune_xgb.models.cache import cache_path
 
 NAME = "llama3_2-1b-random"
 LLAMA3_2_1B = dict(
@@ -37,7 +37,7 @@ def random_1b_dir(tokenizer_json: Optional[Path] = None) -> Path:
     from torchtune import training
     from torchtune.models.llama3_2 import llama3_2_1b
 
-    from torchtune_xgb.hf_io import llama_hf_config, save_hf_checkpoint
+    from torchtune_xgb.models.hf_io import llama_hf_config, save_hf_checkpoint
 
     tokenizer_json = tokenizer_json or cache_path("smollm2-135m-instruct") / "tokenizer.json"
     if not tokenizer_json.exists():

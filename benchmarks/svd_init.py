@@ -18,8 +18,8 @@ from datetime import date
 import torch
 from safetensors.torch import load_file
 
-from torchtune_xgb.loraxs import SVDConfig, truncated_svd
-from torchtune_xgb.paths import cache_path
+from torchtune_xgb.method.loraxs import SVDConfig, truncated_svd
+from torchtune_xgb.models.cache import cache_path
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MISTRAL_7B_SHAPES = {  # (out, in) and how many per layer

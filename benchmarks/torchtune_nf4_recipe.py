@@ -5,7 +5,7 @@
 torchtune's QLoRA path quantizes with torchao's default blocks (64 × 256), which SmolLM2's
 576×576 and 192×576 projections cannot take, so stock ``tune run lora_finetune_single_device``
 with ``model.quantize_base=True`` fails while building the model. This runs the unchanged recipe
-file (as ``tune run`` does, via runpy) inside ``torchtune_xgb.nf4.fitting_nf4_blocks``: the same
+file (as ``tune run`` does, via runpy) inside ``torchtune_xgb.quant.nf4.fitting_nf4_blocks``: the same
 blocks our recipe uses, and nothing else differs. That makes it the fair QLoRA baseline.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torchtune
 
-from torchtune_xgb.nf4 import fitting_nf4_blocks
+from torchtune_xgb.quant.nf4 import fitting_nf4_blocks
 
 
 def recipe_path(name: str) -> Path:

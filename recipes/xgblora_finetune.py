@@ -12,8 +12,8 @@ import sys
 from omegaconf import DictConfig
 from torchtune import config
 
-from torchtune_xgb.config_names import run_entry_point
-from torchtune_xgb.paths import register_resolvers
+from torchtune_xgb.config.names import run_entry_point
+from torchtune_xgb.models.cache import register_resolvers
 from torchtune_xgb.recipe_mixin import BoostedRecipeMixin
 from torchtune_xgb.torchtune_recipes import load_recipe_module
 

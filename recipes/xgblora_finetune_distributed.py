@@ -7,13 +7,13 @@ name too). Multi-node: plain torchrun rendezvous, see the README.
 The class is torchtune's ``LoRAFinetuneRecipeDistributed`` (loaded by path) with the same
 :class:`~torchtune_xgb.recipe_mixin.BoostedRecipeMixin` as the single-device recipe; this file
 only fills the launch-mode hooks: rank-0 I/O, cross-rank loss/token reduction, gathered state
-for resume and export. Merges are shard-local (see torchtune_xgb/sharding.py).
+for resume and export. Merges are shard-local (see torchtune_xgb/distributed/sharding.py).
 
 On machines without CUDA the process group uses gloo, and torchtune's CUDA-only memory
 statistics are skipped, so the recipe runs (and is tested) on CPU.
 
 NF4 bases (``model.quantize_base: True``) are sharded as row slices of the single-device
-quantization (torchtune_xgb/nf4_sharding.py); their merged rounds stay beside the NF4 weight with
+quantization (torchtune_xgb/quant/nf4_sharding.py); their merged rounds stay beside the NF4 weight with
 the ledger rows sharded like it (adapters.merged_path gathers them in the forward).
 """
 
@@ -30,17 +30,17 @@ from omegaconf import DictConfig
 from torch import nn
 from torchtune import config, training, utils
 
-from torchtune_xgb.config_names import run_entry_point
+from torchtune_xgb.config.names import run_entry_point
 from torchtune.modules.peft import get_adapter_params, set_trainable_params
 
 from torchtune_xgb.errors import ConfigError
-from torchtune_xgb.loraxs import convert_to_loraxs
-from torchtune_xgb.export import clean_name
-from torchtune_xgb.nf4 import is_nf4
-from torchtune_xgb.nf4_sharding import nf4_dtensor_shard, prepare_nf4_for_row_sharding
-from torchtune_xgb.paths import register_resolvers
+from torchtune_xgb.method.loraxs import convert_to_loraxs
+from torchtune_xgb.export.fold import clean_name
+from torchtune_xgb.quant.nf4 import is_nf4
+from torchtune_xgb.quant.nf4_sharding import nf4_dtensor_shard, prepare_nf4_for_row_sharding
+from torchtune_xgb.models.cache import register_resolvers
 from torchtune_xgb.recipe_mixin import BoostedRecipeMixin
-from torchtune_xgb.sharding import gather_optimizer_state, gather_rows, load_optimizer_state, local
+from torchtune_xgb.distributed.sharding import gather_optimizer_state, gather_rows, load_optimizer_state, local
 from torchtune_xgb.torchtune_recipes import load_recipe_module
 
 register_resolvers()

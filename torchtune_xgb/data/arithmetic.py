@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from torchtune_xgb.data.generated_files import MANIFEST, chat_file_dataset, check_overwrite, write_if_changed  # noqa: F401 (MANIFEST)
-from torchtune_xgb.paths import cache_path
+from torchtune_xgb.models.cache import cache_path
 
 SPLITS = ("train", "eval")
 OPS = ("+", "-")

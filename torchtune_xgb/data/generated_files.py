@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from torchtune_xgb.errors import ConfigError
-from torchtune_xgb.paths import cache_path
+from torchtune_xgb.models.cache import cache_path
 
 MANIFEST = ".torchtune_xgb_generated.json"  # files we wrote in a folder, with their sha256
 

@@ -64,7 +64,7 @@ def json_eval_examples(
 
     Returns:
         ``[{"prompt_messages": [{"role", "content"}, ...], "answer": str}, ...]``, the format
-        ``torchtune_xgb.evaluation.exact_match`` takes.
+        ``torchtune_xgb.eval.exact_match.exact_match`` takes.
     """
     if (input_column is None) != (output_column is None):
         missing = "output_column" if output_column is None else "input_column"

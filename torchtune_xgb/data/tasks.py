@@ -38,7 +38,7 @@ from torchtune_xgb.data import dates, facts, ordering, strings
 from torchtune_xgb.data.generated_files import chat_file_dataset, write_if_changed
 from torchtune_xgb.data.task_splits import QA, SPLITS, chat_row
 from torchtune_xgb.errors import ConfigError
-from torchtune_xgb.paths import cache_path
+from torchtune_xgb.models.cache import cache_path
 
 
 
@@ -179,7 +179,7 @@ def load_task_eval_examples(
 
     Returns:
         ``[{"prompt_messages": [{"role": "user", "content": ...}], "answer": str}, …]``, the
-        format ``torchtune_xgb.evaluation.exact_match`` and the recipe's ``eval:`` block take.
+        format ``torchtune_xgb.eval.exact_match.exact_match`` and the recipe's ``eval:`` block take.
     """
     path = task_file(task, split, n, seed, data_dir)
     examples = []

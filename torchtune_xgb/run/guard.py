@@ -1,0 +1,119 @@
+"""Stop a diverging run before it damages anything: the optional ``guard:`` config block.
+
+Checked every step on the step's loss (token mean over all ranks) and the global gradient norm,
+after backward and *before* the optimizer applies the step, so a bad step is never applied, its
+round is never merged, and the newest resume checkpoint is one of the good steps. Every rank
+sees the same two numbers and so stops at the same step (no rank is left in a collective).
+
+It stops on:
+
+- a loss or gradient norm that is NaN or infinite;
+- after the optimizer step, a live adapter whose update has grown larger than its weight
+  (``max_update_ratio``): a run at ``optimizer.lr=1e30`` can saturate a small model so that its loss
+  stays finite and flat while the adapters hold values near 1e30;
+- a loss spike: the loss exceeds ``spike_factor`` × the median of the last ``window`` losses *and*
+  that median by more than ``spike_margin`` nats. The ratio alone would fire on a late run whose
+  loss wobbles around 0.05, the margin alone on a run that starts at a large loss; together they
+  catch a run that leaves its loss level for good (``optimizer.lr=1e3`` on SmolLM2: from ≈ 1 to
+  ln(vocab) ≈ 10.8 within a few steps) and nothing a healthy run does. ``spike_factor: null``
+  turns the spike check off (non-finite values always stop the run).
+
+Rounds are checked again where they are merged (Booster.end_round): a round whose adapter holds
+a non-finite value is never folded into the merged state.
+"""
+
+import math
+import statistics
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional
+
+from torchtune_xgb.errors import ConfigError, RunError
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """The ``guard:`` block (all optional).
+
+    spike_factor: stop when the loss exceeds this × the recent median (and see spike_margin);
+        null disables the spike check.
+    spike_margin: ... and exceeds the recent median by more than this many nats.
+    window: how many recent losses the median is taken over.
+    max_update_ratio: stop when a live adapter's update ‖η·ΔW‖ exceeds this × ‖W0‖ of its module
+        (checked after every optimizer step, before the round can be merged or saved); null
+        disables it. A healthy round is orders of magnitude below 1 (SmolLM2 demo: ~1e-3).
+    """
+
+    spike_factor: Optional[float] = 4.0
+    spike_margin: float = 1.0
+    window: int = 20
+    max_update_ratio: Optional[float] = 1.0
+
+    @classmethod
+    def from_mapping(cls, block: Optional[Mapping[str, Any]]) -> "GuardConfig":
+        from torchtune_xgb.config.boost_config import build_block
+
+        return build_block(cls, "guard", block)
+
+    def validate(self) -> None:
+        if self.spike_factor is not None and not _finite_number(self.spike_factor, above=1.0):
+            raise ConfigError(f"guard.spike_factor: must be a finite number > 1 or null, got {self.spike_factor!r}")
+        if not _finite_number(self.spike_margin, above=-1e-300):
+            raise ConfigError(f"guard.spike_margin: must be a finite number ≥ 0, got {self.spike_margin!r}")
+        if self.max_update_ratio is not None and not _finite_number(self.max_update_ratio, above=0.0):
+            raise ConfigError(f"guard.max_update_ratio: must be a finite number > 0 or null, got {self.max_update_ratio!r}")
+        if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 1:
+            raise ConfigError(f"guard.window: must be an integer ≥ 1, got {self.window!r}")
+
+
+def _finite_number(value: Any, above: float) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > above
+
+
+class TrainingGuard:
+    """Call :meth:`check` once per step, before ``optimizer.step()``."""
+
+    def __init__(self, config: GuardConfig):
+        self.config = config
+        self.recent: deque = deque(maxlen=config.window)
+
+    def check(
+        self, step: int, round_index: int, loss: float, grad_norm: Optional[float], last_good: Callable[[], str]
+    ) -> None:
+        """Raise :class:`RunError` if step ``step`` (1-based, of round ``round_index``) diverged.
+
+        ``last_good()`` names the newest resume checkpoint (or says there is none), for the message."""
+        problem = None
+        if not math.isfinite(loss):
+            problem = f"loss is {loss}"
+        elif grad_norm is not None and not math.isfinite(grad_norm):
+            problem = f"gradient norm is {grad_norm} (loss {loss:.4g})"
+        elif self.config.spike_factor is not None and self.recent:
+            median = statistics.median(self.recent)
+            if loss > self.config.spike_factor * median and loss > median + self.config.spike_margin:
+                problem = (
+                    f"loss spiked to {loss:.4g} from a median of {median:.4g} over the last {len(self.recent)} steps "
+                    f"(guard.spike_factor {self.config.spike_factor}, guard.spike_margin {self.config.spike_margin})"
+                )
+        if problem is None:
+            self.recent.append(loss)
+            return
+        raise RunError(
+            f"training diverged at step {step} (round {round_index}): {problem}; the step was not applied, "
+            f"round {round_index} was not merged and no export was written; last good resume checkpoint: {last_good()} "
+            "(resume with a lower optimizer.lr: resume_from_checkpoint=True resume_allow_changes=[optimizer.lr])"
+        )
+
+    def check_update(self, step: int, round_index: int, ratio: float, module: Optional[str], last_good: Callable[[], str]) -> None:
+        """After the optimizer step: raise :class:`RunError` if a live adapter grew out of bounds.
+
+        ``ratio``: the largest ‖η·ΔW‖/‖W0‖ of the round's live adapters (Booster.live_update_ratio)."""
+        limit = self.config.max_update_ratio
+        if limit is None or ratio <= limit:
+            return
+        raise RunError(
+            f"training diverged at step {step} (round {round_index}): the update of {module} is {ratio:.3g}× its "
+            f"weight (guard.max_update_ratio {limit}); round {round_index} was not merged, this step is in no resume "
+            f"checkpoint and no export was written; last good resume checkpoint: {last_good()} "
+            "(resume with a lower optimizer.lr: resume_from_checkpoint=True resume_allow_changes=[optimizer.lr])"
+        )
