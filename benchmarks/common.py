@@ -25,8 +25,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from torchtune_xgb.config.names import packaged_configs
-from torchtune_xgb.models.cache import cache_path, register_resolvers
 from torchtune_xgb.eval.plot import MetricLine, read_metric_log
+from torchtune_xgb.models.cache import cache_path, register_resolvers
 
 REPO = Path(__file__).resolve().parent.parent
 BASE_CONFIG = "smollm2_135m_xgblora"

@@ -33,14 +33,14 @@ from torchtune import config, training, utils
 from torchtune_xgb.config.names import run_entry_point
 from torchtune.modules.peft import get_adapter_params, set_trainable_params
 
+from torchtune_xgb.distributed.sharding import gather_optimizer_state, gather_rows, load_optimizer_state, local
 from torchtune_xgb.errors import ConfigError
-from torchtune_xgb.method.loraxs import convert_to_loraxs
 from torchtune_xgb.export.fold import clean_name
+from torchtune_xgb.method.loraxs import convert_to_loraxs
+from torchtune_xgb.models.cache import register_resolvers
 from torchtune_xgb.quant.nf4 import is_nf4
 from torchtune_xgb.quant.nf4_sharding import nf4_dtensor_shard, prepare_nf4_for_row_sharding
-from torchtune_xgb.models.cache import register_resolvers
 from torchtune_xgb.recipe_mixin import BoostedRecipeMixin
-from torchtune_xgb.distributed.sharding import gather_optimizer_state, gather_rows, load_optimizer_state, local
 from torchtune_xgb.torchtune_recipes import load_recipe_module
 
 register_resolvers()

@@ -172,7 +172,7 @@ def kill_and_resume(run, cfg: Dict, cwd: Path, reference_dir: Path, rel: float, 
     step 6, mid-round. Asserts that the killed run wrote no export, that the resume starts at step 6
     and that steps 7–12 have ``reference_dir``'s losses within ``rel``. Returns the output dir.
     """
-    from torchtune_xgb.recipe_mixin import KILL_AT_STEP_ENV
+    from torchtune_xgb.run.faults import KILL_AT_STEP_ENV
 
     out = Path(cfg["output_dir"])
     killed = run(cfg, cwd, env_extra={KILL_AT_STEP_ENV: "7"})

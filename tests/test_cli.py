@@ -4,10 +4,10 @@ import pytest
 import yaml
 
 from tests.e2e_fixture import tiny_config
-from torchtune_xgb.models import cache as model_cache
-from torchtune_xgb.models import prepare
 from torchtune_xgb.cli import main
 from torchtune_xgb.errors import ConfigError
+from torchtune_xgb.models import cache as model_cache
+from torchtune_xgb.models import prepare
 
 MODEL = "smollm2-135m-instruct"
 

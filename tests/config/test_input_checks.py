@@ -10,10 +10,10 @@ import torch
 from omegaconf import OmegaConf
 
 from tests.e2e_fixture import tiny_config
+from torchtune_xgb.config.validation import validate_config
 from torchtune_xgb.errors import ConfigError, RunError
 from torchtune_xgb.run.guard import GuardConfig, TrainingGuard
 from torchtune_xgb.run.output_dir import acquire_lock, claim_output_dir
-from torchtune_xgb.config.validation import validate_config
 
 
 BAD = [
@@ -288,7 +288,7 @@ def test_live_update_ratio_is_the_update_norm_over_the_weight_norm(method):
 
 
 def test_batched_product_norms_equal_each_dense_product_in_the_given_order():
-    from torchtune_xgb.method.merged_state import product_sq_norms
+    from torchtune_xgb.method.merge_stats import product_sq_norms
 
     gen = torch.Generator().manual_seed(2)
     shapes = [((6, 2), (2, 5)), ((3, 2), (2, 5)), ((6, 2), (2, 5)), ((4, 1), (1, 7)), ((3, 2), (2, 5)), ((6, 2), (2, 5))]

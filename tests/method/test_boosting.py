@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from tests.tiny_model import tiny_lora
-from torchtune_xgb.method.xgblora import XGBLoRALinear
 from torchtune_xgb.config.boost_config import BoostConfig
 from torchtune_xgb.method.boosting import Booster
+from torchtune_xgb.method.xgblora import XGBLoRALinear
 
 TOKENS = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(1))
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from tests.method.test_merge_measurement import lora_modules, perturb
-from torchtune_xgb.method.xgblora import merged_path
 from torchtune_xgb.method.merged_state import MergedState, storage_dtype
+from torchtune_xgb.method.xgblora import merged_path
 
 BF16, FP32 = torch.bfloat16, torch.float32
 

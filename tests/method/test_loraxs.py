@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from tests.tiny_model import tiny_lora
-from torchtune_xgb.method import loraxs
 from torchtune_xgb.config.boost_config import AdapterConfig, BoostConfig
+from torchtune_xgb.method import loraxs
 from torchtune_xgb.method.boosting import Booster
 from torchtune_xgb.method.loraxs import LoRAXSLinear, SVDConfig, truncated_svd
 

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from tests.tiny_model import tiny_lora
-from torchtune_xgb.method import merged_state
-from torchtune_xgb.method.xgblora import convert_to_xgblora
+from torchtune_xgb.method import merge_stats
+from torchtune_xgb.method.ledger import Ledger
 from torchtune_xgb.method.merged_state import MergedState
+from torchtune_xgb.method.xgblora import convert_to_xgblora
 
 
 def lora_modules(dtype, out_dim=48, in_dim=32, count=1, seed=0):
@@ -50,8 +51,8 @@ def full_matrix_kept(state, name, merge):
 
 
 def ledger_that(keep):
-    """A ``_Ledger.add`` replacement storing ``keep(u, v) -> (u', v')`` instead of (u, v)."""
-    original = merged_state._Ledger.add
+    """A ``Ledger.add`` replacement storing ``keep(u, v) -> (u', v')`` instead of (u, v)."""
+    original = Ledger.add
 
     def add(self, u, v, dtype=torch.float32):
         original(self, *keep(u, v), dtype)
@@ -90,7 +91,7 @@ def test_kept_fraction_equals_full_matrix_measurement(monkeypatch, dtype, earlie
     # … and a ledger that stores 70% of u and a perturbed v is measured as the definition says
     perturb(module, gen)
     noise = torch.randn(1, 32, generator=gen) * 0.3
-    monkeypatch.setattr(merged_state._Ledger, "add", ledger_that(lambda u, v: (0.7 * u, v + noise)))
+    monkeypatch.setattr(Ledger, "add", ledger_that(lambda u, v: (0.7 * u, v + noise)))
     report, reference = full_matrix_kept(state, name, lambda: state.merge_round([name], merge_rate=0.5))
     assert reference < 0.9  # clearly lossy
     assert report.kept_fraction == pytest.approx(reference, abs=1e-4)
@@ -113,7 +114,7 @@ def test_dropped_rows_of_the_update_are_reported_lost(monkeypatch):
         u[32:] = 0
         return u, v
 
-    monkeypatch.setattr(merged_state._Ledger, "add", ledger_that(drop_rows))
+    monkeypatch.setattr(Ledger, "add", ledger_that(drop_rows))
     report = state.merge_round(["m0"])
     assert 0.2 < expected < 0.8
     assert report.kept_fraction == pytest.approx(expected, abs=1e-5)
@@ -123,7 +124,7 @@ def test_a_ledger_that_drops_the_round_keeps_nothing(monkeypatch):
     modules, gen = lora_modules(torch.bfloat16)
     state = MergedState(modules)
     perturb(modules["m0"], gen)
-    monkeypatch.setattr(merged_state._Ledger, "add", lambda self, u, v, dtype=None: None)
+    monkeypatch.setattr(Ledger, "add", lambda self, u, v, dtype=None: None)
     report = state.merge_round(["m0"])
     assert report.modules == 1 and report.kept_fraction == pytest.approx(0.0, abs=1e-6)
 
@@ -133,13 +134,13 @@ def test_a_ledger_that_rewrites_earlier_rounds_is_an_error(monkeypatch):
     state = MergedState(modules)
     perturb(modules["m0"], gen)
     state.merge_round(["m0"])
-    original = merged_state._Ledger.add
+    original = Ledger.add
 
     def add_and_scale_old(self, u, v, dtype=torch.float32):
         self.u = self.u * 0.5  # halves every earlier round
         original(self, u, v, dtype)
 
-    monkeypatch.setattr(merged_state._Ledger, "add", add_and_scale_old)
+    monkeypatch.setattr(Ledger, "add", add_and_scale_old)
     perturb(modules["m0"], gen)
     with pytest.raises(RuntimeError, match="m0: the ledger changed earlier rounds"):
         state.merge_round(["m0"])
@@ -240,20 +241,20 @@ def test_a_round_over_modules_of_several_shapes_and_histories_is_measured_per_mo
         for n in names:
             perturb(modules[n], gen)
         state.merge_round(names)
-    monkeypatch.setattr(merged_state, "_COMPARE_CHUNK", 200)  # several foreach chunks
+    monkeypatch.setattr(merge_stats, "_COMPARE_CHUNK", 200)  # several foreach chunks
 
     for m in modules.values():
         perturb(m, gen)
     updates = {n: m.delta_weight() for n, m in modules.items()}
     before = {n: state.merged_weight(n) for n in modules}
-    original = merged_state._Ledger.add
+    original = Ledger.add
 
     def lossy_for_m3(self, u, v, dtype=torch.float32):  # only module m3's ledger keeps 60% of its round
         if self is state._ledgers["m3"]:  # 0.6·u is no bf16 value: stored in fp32 (widening m3's bf16 ledger)
             return original(self, 0.6 * u, v, torch.float32)
         original(self, u, v, dtype)
 
-    monkeypatch.setattr(merged_state._Ledger, "add", lossy_for_m3)
+    monkeypatch.setattr(Ledger, "add", lossy_for_m3)
     report = state.merge_round(list(modules))
     kept = {n: 1.0 - (torch.linalg.matrix_norm(state.merged_weight(n) - before[n] - updates[n])
                       / torch.linalg.matrix_norm(updates[n])).item() for n in modules}
@@ -269,7 +270,7 @@ def test_a_round_over_modules_of_several_shapes_and_histories_is_measured_per_mo
             self.v[0, 0] += 0.25  # a change bf16 storage can hold (its step near 1 is 2^-7)
         original(self, u, v, dtype)
 
-    monkeypatch.setattr(merged_state._Ledger, "add", rewrite_m4)
+    monkeypatch.setattr(Ledger, "add", rewrite_m4)
     for m in modules.values():
         perturb(m, gen)
     with pytest.raises(RuntimeError, match="m4: the ledger changed earlier rounds"):

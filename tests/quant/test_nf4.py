@@ -8,11 +8,11 @@ from torchtune.models.llama3_2._component_builders import llama3_2, lora_llama3_
 from torchtune.modules.peft import LoRALinear
 
 from tests.tiny_model import TINY, tiny_base
-from torchtune_xgb.method.xgblora import convert_to_xgblora
 from torchtune_xgb.config.boost_config import AdapterConfig, BoostConfig
-from torchtune_xgb.method.boosting import Booster
 from torchtune_xgb.export.fold import fold_merged_weights
+from torchtune_xgb.method.boosting import Booster
 from torchtune_xgb.method.merged_state import MergedState
+from torchtune_xgb.method.xgblora import convert_to_xgblora
 from torchtune_xgb.quant.nf4 import fitting_nf4_blocks, fitting_scaler_block, keep_unquantizable_in_full_precision
 
 

@@ -16,12 +16,12 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from tests.e2e_fixture import tiny_config
-from torchtune_xgb.run import checkpointing
-from torchtune_xgb.errors import ConfigError, RunError
-from torchtune_xgb.run.faults import FAULT_ENV
-from torchtune_xgb.run.base_fingerprint import base_checkpoint_files, sampled_fingerprint
-from torchtune_xgb.run.identity import BASE_KEY, run_identity
 from torchtune_xgb.config.validation import validate_resume
+from torchtune_xgb.errors import ConfigError, RunError
+from torchtune_xgb.run import checkpointing
+from torchtune_xgb.run.base_fingerprint import base_checkpoint_files, sampled_fingerprint
+from torchtune_xgb.run.faults import FAULT_ENV
+from torchtune_xgb.run.identity import BASE_KEY, run_identity
 
 
 def _save(out: Path, step: int, value: float, run=None) -> Path:

@@ -8,16 +8,16 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torchtune import config as tt_config
 from torchtune.modules.peft import LoRALinear
 
-from torchtune_xgb.export.adapter import adapter_only, parse_export_config
-from torchtune_xgb.run.base_fingerprint import base_checkpoint_files
 from torchtune_xgb.config.boost_config import AdapterConfig, BoostConfig
-from torchtune_xgb.run.checkpointing import ResumeCheckpoint, resume_root, select_resume_checkpoint, step_dirs
-from torchtune_xgb.config.component_args import check_component_args
 from torchtune_xgb.config.checks import check_run_config, positive_int
+from torchtune_xgb.config.component_args import check_component_args
 from torchtune_xgb.errors import ConfigError
-from torchtune_xgb.eval.validation import validate_eval_config
-from torchtune_xgb.models.prepare import check_prepared
 from torchtune_xgb.eval.periodic import validate_periodic_eval_config
+from torchtune_xgb.eval.validation import validate_eval_config
+from torchtune_xgb.export.adapter import adapter_only, parse_export_config
+from torchtune_xgb.models.prepare import check_prepared
+from torchtune_xgb.run.base_fingerprint import base_checkpoint_files
+from torchtune_xgb.run.checkpointing import ResumeCheckpoint, resume_root, select_resume_checkpoint, step_dirs
 from torchtune_xgb.run.identity import check_resume_identity, run_identity
 
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "output_proj")

@@ -1,4 +1,4 @@
-"""Checks of the evaluation inputs that can run before any weights load (called by validation.py).
+"""Checks of the evaluation inputs that can run before any weights load (called by config/validation.py).
 
 - ``eval.normalize`` is a known normaliser;
 - ``eval.examples`` from the user's file (``json_eval_examples``) is read now, so a missing file
@@ -7,16 +7,28 @@
   to overwrite a file it did not write in ``data_dir`` (checked, nothing written).
 """
 
+from typing import Any
+
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torchtune import config
+from torchtune.config._utils import _get_component_from_path
 
-from torchtune_xgb.data.arithmetic import check_split_writable
+from torchtune_xgb.data.arithmetic import arithmetic_dataset, check_split_writable, load_eval_examples
+from torchtune_xgb.data.json_eval import json_eval_examples
 from torchtune_xgb.errors import ConfigError
 from torchtune_xgb.eval.exact_match import NORMALIZERS
 
-_ARITHMETIC = ("torchtune_xgb.data.arithmetic_dataset", "torchtune_xgb.data.arithmetic.arithmetic_dataset")
-_ARITHMETIC_EVAL = ("torchtune_xgb.data.load_eval_examples", "torchtune_xgb.data.arithmetic.load_eval_examples")
-_JSON_EVAL = ("torchtune_xgb.data.json_eval_examples", "torchtune_xgb.data.json_eval.json_eval_examples")
+
+def _builder(block) -> Any:
+    """The function a ``_component_`` block names (under any of its import paths; None: none or
+    unresolvable, which the component check reports)."""
+    component = block.get("_component_") if isinstance(block, DictConfig) else None
+    if not isinstance(component, str):
+        return None
+    try:
+        return _get_component_from_path(component)
+    except Exception:  # noqa: BLE001 - named by the component-args check with its key
+        return None
 
 
 def validate_eval_config(cfg: DictConfig) -> None:
@@ -26,15 +38,15 @@ def validate_eval_config(cfg: DictConfig) -> None:
         raise ConfigError(f"eval.normalize: must be one of {', '.join(sorted(NORMALIZERS))}, got {normalize!r}")
     examples = OmegaConf.select(cfg, "eval.examples")
     if isinstance(examples, DictConfig):
-        component = examples.get("_component_")
-        if component in _JSON_EVAL:
+        builder = _builder(examples)
+        if builder is json_eval_examples:
             config.instantiate(examples)  # reads (only) the user's file: ConfigError names the key
-        elif component in _ARITHMETIC_EVAL:
+        elif builder is load_eval_examples:
             args = OmegaConf.to_container(examples, resolve=True)
             check_split_writable(args.pop("data_dir", None), args.pop("split", "eval"), **args)
     for key in ("dataset", "dataset_val"):
         block = cfg.get(key)
         for entry in block if isinstance(block, ListConfig) else [block]:
-            if isinstance(entry, DictConfig) and entry.get("_component_") in _ARITHMETIC:
+            if _builder(entry) is arithmetic_dataset:
                 args = OmegaConf.to_container(entry, resolve=True)
                 check_split_writable(args.pop("data_dir", None), args.pop("split", "train"), **args)

@@ -35,9 +35,9 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 from torchtune.models import convert_weights
 
+from torchtune_xgb.distributed.sharding import gather_rows
 from torchtune_xgb.errors import ConfigError
 from torchtune_xgb.export.fold import clean_name
-from torchtune_xgb.distributed.sharding import gather_rows
 
 ADAPTER_DIR = "adapter"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

@@ -18,12 +18,13 @@ import torch
 from torch import nn
 from torchtune import utils
 
-from torchtune_xgb.method.xgblora import convert_to_xgblora
 from torchtune_xgb.config.boost_config import AdapterConfig, BoostConfig
-from torchtune_xgb.method.loraxs import convert_to_loraxs, svd_all, truncated_svd_once
-from torchtune_xgb.method.merged_state import MergedState, product_sq_norms
-from torchtune_xgb.errors import RunError
 from torchtune_xgb.distributed.sharding import all_sum, any_nonzero, gather_rows, local, local_rows
+from torchtune_xgb.errors import RunError
+from torchtune_xgb.method.loraxs import convert_to_loraxs, svd_all, truncated_svd_once
+from torchtune_xgb.method.merge_stats import product_sq_norms
+from torchtune_xgb.method.merged_state import MergedState
+from torchtune_xgb.method.xgblora import convert_to_xgblora
 
 log = utils.get_logger("INFO")
 
@@ -64,6 +65,17 @@ class RoundReport:
     kept_fraction: float
     merged_modules: int
     update_norm: float
+
+    def metrics(self) -> Dict[str, float]:
+        """What the metric logger records at the merge (the per-round metrics of the README)."""
+        return {
+            "round": self.round,
+            "merge_seconds": self.merge_seconds,
+            "reset_seconds": self.reset_seconds,
+            "kept_fraction": self.kept_fraction,
+            "trainable_params": self.trainable_params,
+            "merged_modules": self.merged_modules,
+        }
 
 
 def holds_non_finite(tensors: List[torch.Tensor]) -> torch.Tensor:
@@ -293,7 +305,7 @@ class Booster:
         """The largest ‖η·ΔW‖/‖W0‖ (Frobenius) of a live adapter this round, and its module.
 
         For the divergence guard, every step: from the factors of each active adapter by r×r Gram
-        matrices in float64, batched over the modules of one shape (merged_state.product_sq_norms),
+        matrices in float64, batched over the modules of one shape (merge_stats.product_sq_norms),
         so no out×in matrix is built, the cost is a few kernels per module shape, and an adapter
         whose product would overflow fp32 still gives a finite, huge ratio (NaN if it holds NaN).
         ‖W0‖² is taken once per module (all ranks' rows). Under FSDP2 the sums cover all ranks'

@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchtune.modules.peft import AdapterModule, LoRALinear
 
-from torchtune_xgb.method.xgblora import frozen_base_forward
-from torchtune_xgb.errors import ConfigError
 from torchtune_xgb.distributed.sharding import any_nonzero, broadcast_from_rank0, full, local, local_rows
+from torchtune_xgb.errors import ConfigError
+from torchtune_xgb.method.xgblora import frozen_base_forward
 
 SIGMAS = ("input", "sqrt")
 INITS = ("normal", "zeros")

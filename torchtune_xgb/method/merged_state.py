@@ -5,7 +5,7 @@ Folding a small rank-1 round into bf16 weights keeps only ~29% of it at relative
 is kept exactly, as
 
     S = W0 + L,    L = U·V  (factors, one rank-r block appended per merged round, stored in
-                             bf16 where that is exact and in fp32 otherwise: see _Ledger)
+                             bf16 where that is exact and in fp32 otherwise: see ledger.Ledger)
 
 where W0 is a copy of the weight as loaded (kept on ``base_device``, CPU by default: merges are
 rare, so the copy only travels when its module is merged). The weight the forward pass uses is
@@ -37,16 +37,17 @@ forward pass gathers the rows it needs (sharding.linear_frozen).
 
 import math
 import time
-import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from torchtune_xgb.quant.nf4 import dequantize, is_nf4
 from torchtune_xgb.distributed.sharding import all_sum, gather_rows, is_sharded, local, local_rows, rows_like
+from torchtune_xgb.method.base_weights import W0Prefetch, base_copy
+from torchtune_xgb.method.ledger import Ledger, storage_dtype
+from torchtune_xgb.method.merge_stats import AppendedRounds, exact_fp32_matmuls, full_stats
+from torchtune_xgb.quant.nf4 import dequantize, is_nf4
 
 
 @dataclass
@@ -65,298 +66,6 @@ class MergeReport:
     seconds: float
     modules: int
     update_norm: float
-
-
-class _Ledger:
-    """Exact record L of one module's merged updates: factors U (out×k), V (k×in), or dense.
-
-    Factors are stored in the narrowest dtype that holds them *exactly* (``add``'s ``dtype``):
-    bf16 when the round's factors are bf16 adapter values scaled by a power of two (then the
-    stored factors equal the fp32 ones bit for bit, at half the memory), else fp32. A ledger only
-    ever widens (bf16 → fp32, exact). Products and sums of the factors are always formed in fp32
-    (``float()``), never in the storage dtype; the kept fraction of every merge measures the stored
-    factors, so a storage that lost anything would show there.
-    """
-
-    def __init__(self, out_dim: int, in_dim: int, device: torch.device, full_out: Optional[int] = None):
-        self.u = torch.zeros(out_dim, 0, device=device)
-        self.v = torch.zeros(0, in_dim, device=device)
-        self.dense: Optional[torch.Tensor] = None
-        self.full_out = out_dim if full_out is None else full_out  # all ranks' rows (FSDP2)
-
-    @property
-    def rank_bound(self) -> int:
-        return self.u.shape[1] if self.dense is None else min(self.full_out, self.dense.shape[1])
-
-    def matrix(self) -> torch.Tensor:
-        return self.dense if self.dense is not None else self.u.float() @ self.v.float()
-
-    def add(self, u: torch.Tensor, v: torch.Tensor, dtype: torch.dtype = torch.float32) -> None:
-        """Append u·v (fp32 factors); ``dtype``: what they are stored in, one that holds them exactly."""
-        if self.dense is not None:
-            self.dense.addmm_(u.float(), v.float())
-            return
-        if self.u.shape[1] == 0:  # an empty ledger takes the round's factors in its storage dtype
-            # (copies: v may be the adapter's own A, which the re-initialisation overwrites)
-            self.u, self.v = u.to(dtype, copy=True), v.to(dtype, copy=True)
-        else:
-            if dtype != self.u.dtype:  # mixed rounds: widen to fp32 (exact), never narrow
-                self.u, self.v = self.u.float(), self.v.float()
-            self.u = torch.cat([self.u, u.to(self.u.dtype)], dim=1)
-            self.v = torch.cat([self.v, v.to(self.v.dtype)], dim=0)
-        out_dim, in_dim = self.full_out, self.v.shape[1]  # the same decision on every rank
-        # dense once the factors hold as many bytes as a dense fp32 matrix would: bf16 factors
-        # stay factored twice as many rounds as fp32 ones (switching earlier would double memory)
-        if self.u.element_size() * self.u.shape[1] * (out_dim + in_dim) >= 4 * out_dim * in_dim:
-            self.dense = self.u.float() @ self.v.float()
-            self.u = self.u[:, :0]
-            self.v = self.v[:0]
-
-    def state(self) -> Dict[str, torch.Tensor]:
-        if self.dense is not None:
-            return {"dense": self.dense.cpu()}
-        return {"u": self.u.cpu(), "v": self.v.cpu()}
-
-    def load(self, state: Dict[str, torch.Tensor]) -> None:
-        device = self.u.device
-        if "dense" in state:
-            self.dense = state["dense"].to(device=device, dtype=torch.float32)
-        else:  # as saved: bf16 factors stay bf16 (exact), anything else becomes fp32
-            dtype = torch.bfloat16 if state["u"].dtype == state["v"].dtype == torch.bfloat16 else torch.float32
-            self.u = state["u"].to(device=device, dtype=dtype)
-            self.v = state["v"].to(device=device, dtype=dtype)
-            self.dense = None
-
-
-def _base_copy(weight: torch.Tensor, base_device: str) -> torch.Tensor:
-    """A copy of W0 on ``base_device``. A CPU copy of a GPU weight goes to pinned (page-locked)
-    memory, so re-deriving the weight after a merge copies it back asynchronously at full PCIe
-    speed (pageable memory is staged through a bounce buffer, at a fraction of it); if pinning
-    fails (a locked-memory limit), the copy stays pageable, with a warning."""
-    target = torch.device(base_device)
-    if target.type != "cpu" or weight.device.type != "cuda":
-        return weight.to(device=target, copy=True)
-    try:
-        copy = torch.empty(weight.shape, dtype=weight.dtype, pin_memory=True)
-    except RuntimeError as err:  # pragma: no cover - depends on the host's limits
-        warnings.warn(f"boost.base_device: cannot pin {weight.numel() * weight.element_size()} bytes ({err}); W0 stays pageable")
-        return weight.to(device=target, copy=True)
-    return copy.copy_(weight)
-
-
-class _W0Prefetch:
-    """Copies W0 of the next module to the GPU on a side stream while this one is re-derived.
-
-    A merge with W0 in pinned CPU memory is bound by PCIe (2 bytes per parameter against ~20
-    bytes of HBM traffic at ~100× the bandwidth), so the copy engine should never wait for the
-    compute: module i+1's W0 is in flight while module i's GEMM runs. A no-op (``take`` returns
-    None) unless W0 is pinned on the CPU and the weights are on a GPU.
-    """
-
-    def __init__(self, bases: Dict[str, torch.Tensor], names: List[str], modules: Dict[str, nn.Module]):
-        self.bases, self.pending = bases, {}
-        self.names = [n for n in names if bases[n].is_pinned() and local(modules[n].weight).is_cuda]
-        if not self.names:
-            return
-        self.device = local(modules[self.names[0]].weight).device
-        self.stream = torch.cuda.Stream(self.device)
-        self.order = iter(self.names)
-        self._issue()
-
-    def _issue(self) -> None:
-        name = next(self.order, None)
-        if name is None:
-            return
-        with torch.cuda.stream(self.stream):
-            copy = self.bases[name].to(self.device, non_blocking=True)
-            self.pending[name] = (copy, self.stream.record_event())
-
-    def take(self, name: str) -> Optional[torch.Tensor]:
-        if name not in self.pending:
-            return None
-        self._issue()  # the next module's W0 travels while this one is used
-        copy, ready = self.pending.pop(name)
-        current = torch.cuda.current_stream(self.device)
-        current.wait_event(ready)
-        copy.record_stream(current)  # allocated on the side stream, freed after use on this one
-        return copy
-
-
-@contextmanager
-def _exact_fp32_matmuls():
-    """fp32 matmuls at full precision (no TF32) for the merge, whatever training set.
-
-    Through the per-backend setting where torch has it (≥ 2.9): the global getter raises once a
-    user has set a backend's precision through that newer API."""
-    matmul = torch.backends.cuda.matmul
-    if not hasattr(matmul, "fp32_precision"):  # pragma: no cover - torch < 2.9
-        previous = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("highest")
-        try:
-            yield
-        finally:
-            torch.set_float32_matmul_precision(previous)
-        return
-    backends = [matmul]
-    mkldnn = getattr(torch.backends, "mkldnn", None)
-    if hasattr(getattr(mkldnn, "matmul", None), "fp32_precision"):
-        backends.append(mkldnn.matmul)
-    previous = [b.fp32_precision for b in backends]
-    for backend in backends:  # CUDA (TF32) and oneDNN on CPUs (bf16/TF32 emulation)
-        backend.fp32_precision = "ieee"
-    try:
-        yield
-    finally:
-        for backend, value in zip(backends, previous):
-            backend.fp32_precision = value
-
-
-def product_sq_norm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """‖x·y‖²_F = Σ (xᵀx) ∘ (y·yᵀ) for x (m×r), y (r×n), in fp64 from two r×r Gram matrices:
-    O(r²·(m+n)) work instead of an m×n matrix. Linear in the rows of x, so shards of x's rows
-    give parts that sum to the whole."""
-    x, y = x.double(), y.double()
-    return ((x.T @ x) * (y @ y.T)).sum()
-
-
-def _grouped(count: int, key, compute) -> torch.Tensor:
-    """``compute(members)`` for each group of indices ``0..count-1`` with equal ``key(i)`` (a
-    tensor whose first dim runs over the members), reassembled in index order: a few kernels per
-    group instead of several per item."""
-    groups: Dict[tuple, List[int]] = {}
-    for i in range(count):
-        groups.setdefault(key(i), []).append(i)
-    parts = [compute(members) for members in groups.values()]
-    grouped = torch.cat(parts) if len(parts) > 1 else parts[0]
-    order = [i for members in groups.values() for i in members]
-    if order == list(range(count)):
-        return grouped
-    index = torch.tensor(order, device=grouped.device)
-    return torch.empty_like(grouped).index_copy_(0, index, grouped)  # back in index order
-
-
-def _stacked_sq_norms(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """:func:`product_sq_norm` of each ``(x[i], y[i])`` of stacked factors (one batched Gram product)."""
-    x, y = x.double(), y.double()
-    return ((x.mT @ x) * (y @ y.mT)).sum(dim=(1, 2))
-
-
-def _shape_key(*tensors: torch.Tensor) -> tuple:
-    return tuple((tuple(t.shape), t.dtype, t.device) for t in tensors)
-
-
-def product_sq_norms(pairs: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """:func:`product_sq_norm` of every ``(x, y)`` pair, as one fp64 vector in the pairs' order.
-
-    Pairs of the same shapes and dtype are stacked and go through one batched Gram product, so a
-    whole model costs a few kernels per distinct module shape rather than several per module: the
-    guard measures every live adapter after every step, and on a GPU the per-module version is
-    bound by the host launching ~10 small kernels per module (a 1B Llama has 112 modules)."""
-    if not pairs:
-        return torch.zeros(0, dtype=torch.float64)
-    return _grouped(len(pairs), lambda i: _shape_key(*pairs[i]),
-                    lambda members: _stacked_sq_norms(torch.stack([pairs[i][0] for i in members]),
-                                                      torch.stack([pairs[i][1] for i in members])))
-
-
-def _full_stats(arrived: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """(‖u·v‖², ‖arrived − u·v‖², 0): the full-matrix measurement, for states stored densely."""
-    lost = (arrived - u @ v).double().square().sum()
-    return torch.stack([product_sq_norm(u, v), lost, torch.zeros_like(lost)])
-
-
-def _stacked_fp64(tensors: List[torch.Tensor]) -> torch.Tensor:
-    """``torch.stack(tensors)`` in fp64: one cast for the stack (ledgers of one shape may differ in
-    storage dtype: those are widened to fp32 first, exactly)."""
-    if len({t.dtype for t in tensors}) > 1:
-        tensors = [t.float() for t in tensors]
-    return torch.stack(tensors).double()
-
-
-def storage_dtype(module: nn.Module, merge_rate: float) -> torch.dtype:
-    """The dtype a module's merged factors are stored in: ``module.factor_dtype(merge_rate)`` where
-    the adapter defines it (a dtype that holds ``merge_factors(merge_rate)`` exactly), else fp32."""
-    exact = getattr(module, "factor_dtype", None)
-    return exact(merge_rate) if exact is not None else torch.float32
-
-
-@dataclass
-class _Appended:
-    """A round appended to a factored ledger: the ledger after the append, its rank k before, and
-    the round's factors (what the residual and ‖ΔW‖² are measured from)."""
-
-    ledger: "_Ledger"
-    k: int
-    u: torch.Tensor
-    v: torch.Tensor
-
-
-# Elements of earlier factors compared per foreach call. The factors before the append are held
-# (and their differences materialised) only until their chunk is compared, so a merge's transient
-# memory stays ~2·4·_COMPARE_CHUNK bytes beyond one module's ledger, while a round costs a few
-# calls rather than several kernels per module.
-_COMPARE_CHUNK = 1 << 22
-
-
-class _AppendedRounds:
-    """The rounds a merge appends to factored ledgers, measured together (:meth:`stats`).
-
-    The stored state changed by L_after − L_before = U'·V' − U·V. When the first k factors are
-    the old ones (``changed``, the largest difference of an earlier factor, is 0), that is exactly
-    u'·v' for the appended factors (u', v'), and the residual u'·v' − u·v = (u' − u)·v' + u·(v' − v)
-    is a product of two rank-2r factors whose entries scale with the error: no cancellation of
-    large terms, so a lossless append measures exactly 0 and a lossy one its true loss.
-
-    Batched: the norms by one stacked Gram product per module shape, the comparison of earlier
-    factors by foreach calls over chunks of modules, instead of ~30 kernels per module.
-    """
-
-    def __init__(self):
-        self.records: List[_Appended] = []
-        self._pending: List[Tuple[int, torch.Tensor, torch.Tensor]] = []  # (record, now, before)
-        self._pending_size = 0
-        self._changed: List[Tuple[int, torch.Tensor]] = []
-
-    def add(self, ledger: "_Ledger", old_u: torch.Tensor, old_v: torch.Tensor, k: int, u: torch.Tensor, v: torch.Tensor) -> None:
-        index = len(self.records)
-        self.records.append(_Appended(ledger, k, u, v))
-        for now, before in ((ledger.u[:, :k], old_u), (ledger.v[:k], old_v)):
-            if now.numel():  # FSDP2: a rank may hold no rows of u; k = 0: nothing earlier
-                self._pending.append((index, now, before))
-                self._pending_size += now.numel()
-        if self._pending_size >= _COMPARE_CHUNK:
-            self._compare()
-
-    def _compare(self) -> None:
-        """The largest |difference| of each pending earlier factor, then the old factors are dropped."""
-        if not self._pending:
-            return
-        diffs = torch._foreach_sub([now for _, now, _ in self._pending], [before for _, _, before in self._pending])
-        norms = torch._foreach_norm(diffs, ord=math.inf)
-        self._changed += [(index, norm) for (index, _, _), norm in zip(self._pending, norms)]
-        self._pending, self._pending_size = [], 0
-
-    def stats(self) -> torch.Tensor:
-        """(‖u·v‖², ‖residual‖², changed) of each appended round, one row each (``changed``: the
-        largest |difference| of an earlier factor; NaN where one was NaN)."""
-        self._compare()
-        records = self.records
-        update_sq = product_sq_norms([(r.u, r.v) for r in records])
-
-        def residual_sq(members: List[int]) -> torch.Tensor:
-            group = [records[i] for i in members]
-            # fp64 before subtracting: the stored factors may be bf16, the round's are fp32
-            new_u = _stacked_fp64([r.ledger.u[:, r.k:] for r in group])
-            new_v = _stacked_fp64([r.ledger.v[r.k:] for r in group])
-            u, v = _stacked_fp64([r.u for r in group]), _stacked_fp64([r.v for r in group])
-            return _stacked_sq_norms(torch.cat([new_u - u, u], dim=2), torch.cat([new_v, new_v - v], dim=1))
-
-        residual = _grouped(len(records), lambda i: _shape_key(records[i].u, records[i].v), residual_sq)
-        changed = torch.zeros_like(residual)
-        if self._changed:
-            index = torch.tensor([i for i, _ in self._changed], device=changed.device)
-            changed.index_add_(0, index, torch.stack([norm for _, norm in self._changed]).to(changed))
-        return torch.stack([update_sq, residual, changed], dim=1)
 
 
 class MergedState:
@@ -384,7 +93,7 @@ class MergedState:
         (``merge_base="original"``); without one, an NF4 module's W0 is its dequantized weight."""
         self.modules = modules
         self._base: Dict[str, torch.Tensor] = {}
-        self._ledgers: Dict[str, _Ledger] = {}
+        self._ledgers: Dict[str, Ledger] = {}
         # fp32 weights are their own exact state: an fp32 merge keeps ~all of even a 1e-4 update
         # (24-bit mantissa), so they are merged in place and need no copy of W0
         self._in_place = set()
@@ -400,8 +109,8 @@ class MergedState:
             elif weight.dtype == torch.float32:
                 self._in_place.add(name)
             else:
-                self._base[name] = _base_copy(weight, base_device)
-            self._ledgers[name] = _Ledger(weight.shape[0], weight.shape[1], weight.device, module.weight.shape[0])
+                self._base[name] = base_copy(weight, base_device)
+            self._ledgers[name] = Ledger(weight.shape[0], weight.shape[1], weight.device, module.weight.shape[0])
 
     # --- reading the state -------------------------------------------------------------
     def base_weight(self, name: str) -> torch.Tensor:
@@ -453,7 +162,7 @@ class MergedState:
 
     def gathered_factors(self, name: str) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
         """(U, V) with L = U·V and all rows of U (FSDP2: gathered, a collective: call on every
-        rank), as stored (bf16 or fp32, see _Ledger), or None once L is stored dense."""
+        rank), as stored (bf16 or fp32, see Ledger), or None once L is stored dense."""
         ledger = self._ledgers[name]
         if ledger.dense is not None:
             return None
@@ -485,12 +194,12 @@ class MergedState:
         the CPU and the weights on a GPU) and one cast into the weight.
         """
         start = time.perf_counter()
-        with _exact_fp32_matmuls():
+        with exact_fp32_matmuls():
             factors = {name: self.modules[name].merge_factors(merge_rate) for name in names}
             todo = self._with_update(factors)
-            prefetch = _W0Prefetch(self._base, [n for n in todo if self._rederives_from_base(n)], self.modules)
+            prefetch = W0Prefetch(self._base, [n for n in todo if self._rederives_from_base(n)], self.modules)
             measured: Dict[str, torch.Tensor] = {}  # full-matrix stats (dense or in-place states)
-            appended, appended_names = _AppendedRounds(), []  # factored ledgers, measured together
+            appended, appended_names = AppendedRounds(), []  # factored ledgers, measured together
             for name in todo:
                 stats = self._merge_module(name, *factors.pop(name), appended, w0=prefetch.take(name),
                                            merge_rate=merge_rate)
@@ -535,7 +244,7 @@ class MergedState:
         return [n for n, flag in zip(names, flags.tolist()) if flag]
 
     def _round_stats(self, todo: List[str], measured: Dict[str, torch.Tensor], appended_names: List[str],
-                     appended: _AppendedRounds) -> torch.Tensor:
+                     appended: AppendedRounds) -> torch.Tensor:
         """(len(todo) × 3) per-module (‖ΔW‖², ‖residual‖², changed) in ``todo``'s order, summed
         over shards under FSDP2 (the squares are sums over rows of u; v is replicated)."""
         first = self.modules[todo[0]].weight
@@ -557,7 +266,7 @@ class MergedState:
     def _rederives_from_base(self, name: str) -> bool:
         return name in self._base and name not in self._in_place and not is_nf4(local(self.modules[name].weight))
 
-    def _merge_module(self, name: str, u: torch.Tensor, v: torch.Tensor, appended: _AppendedRounds,
+    def _merge_module(self, name: str, u: torch.Tensor, v: torch.Tensor, appended: AppendedRounds,
                       w0: Optional[torch.Tensor] = None, merge_rate: float = 1.0) -> Optional[torch.Tensor]:
         """Add u·v to one module's state; return its (‖u·v‖², ‖residual‖², changed) on its device
         (this rank's part of the squares under FSDP2: rows of u are sharded, v is replicated), or
@@ -571,20 +280,20 @@ class MergedState:
             before = weight.clone()
             weight.addmm_(u, v)
             ledger.add(u, v, dtype)
-            return _full_stats(weight - before, u, v)
+            return full_stats(weight - before, u, v)
         if ledger.dense is not None:  # dense ledger: updated in place, so keep a copy to compare
             before = ledger.dense.clone()
             ledger.add(u, v, dtype)
-            stats = _full_stats(ledger.dense - before, u, v)
+            stats = full_stats(ledger.dense - before, u, v)
         else:
             old_u, old_v, k = ledger.u, ledger.v, ledger.u.shape[1]
             ledger.add(u, v, dtype)
             if ledger.dense is not None:  # this round turned the ledger dense
-                stats = _full_stats(ledger.dense - old_u.float() @ old_v.float(), u, v)
+                stats = full_stats(ledger.dense - old_u.float() @ old_v.float(), u, v)
             elif ledger.u.shape[1] != k + u.shape[1] or (k and ledger.u.dtype != old_u.dtype):
                 # not a plain append, or earlier rounds widened to fp32: compare the products, in
                 # fp32 (an empty ledger taking the round's dtype is a plain append)
-                stats = _full_stats(ledger.matrix() - old_u.float() @ old_v.float(), u, v)
+                stats = full_stats(ledger.matrix() - old_u.float() @ old_v.float(), u, v)
             else:
                 appended.add(ledger, old_u, old_v, k, u, v)
                 stats = None

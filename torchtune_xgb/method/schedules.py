@@ -11,7 +11,10 @@ any schedule the user configures keeps working and gains the per-round behaviour
 
 from typing import Callable, List, Optional
 
+import torch
+from omegaconf import DictConfig
 from torch.optim.lr_scheduler import LambdaLR
+from torchtune import config
 
 from torchtune_xgb.config.boost_config import BoostConfig
 from torchtune_xgb.errors import ConfigError
@@ -54,3 +57,14 @@ def set_scheduler_step(scheduler: LambdaLR, step: int) -> None:
     for group, base_lr, fn in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base_lr * fn(max(step, 0))
     scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
+
+
+def with_round_restarts(scheduler: LambdaLR, boost: BoostConfig, cfg_lr_scheduler: DictConfig) -> LambdaLR:
+    """``scheduler`` (the configured one, built for the whole run) with ``boost.lr_restart`` applied;
+    for "per_round" the same ``lr_scheduler`` block is built again for κ steps to take its lambdas."""
+    per_round = None
+    if boost.lr_restart == "per_round":
+        # only its lambdas are used; a dummy optimizer keeps the real LRs untouched
+        dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        per_round = config.instantiate(cfg_lr_scheduler, dummy, num_training_steps=boost.steps_per_round, last_epoch=-1)
+    return apply_round_restarts(scheduler, boost, per_round)

@@ -33,7 +33,7 @@ def merged_path(module: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     weight, so its rows are gathered here (in the forward and again in the backward; see
     sharding.linear_frozen); V is replicated. The attributes are the ledger itself and the
     path runs in fp32 (x is cast, the result cast back): exact accumulation over the ledger's rank,
-    and no second copy of it: factors stored in bf16 (exactly: see merged_state._Ledger) are cast
+    and no second copy of it: factors stored in bf16 (exactly: see method.ledger.Ledger) are cast
     per call and again in the backward, never saved wider (sharding.linear_frozen). Why not bf16:
     on CPUs a bf16 matmul goes to oneDNN, which keeps compiled kernels per shape, and the ledger's
     rank changes every round, so resident memory grew by 4-8 MiB per round (measured: +0.6 GiB

@@ -31,8 +31,8 @@ from torchao.dtypes.nf4tensor import NF4Tensor, SubclassTensorArgs
 from torchao.dtypes.nf4tensor import to_nf4 as _ao_to_nf4
 from torchtune import utils
 
-from torchtune_xgb.errors import ConfigError
 from torchtune_xgb.distributed.sharding import local
+from torchtune_xgb.errors import ConfigError
 
 log = utils.get_logger("INFO")
 

@@ -20,10 +20,10 @@ from typing import List
 import torch
 from torch import nn
 
+from torchtune_xgb.distributed.sharding import DTensor, local, row_mesh
 from torchtune_xgb.export.fold import clean_name
 from torchtune_xgb.quant.nf4 import fitting_scaler_block, is_nf4, nf4_from_fields, nf4_row_shard, quantize_full, shard_scaler_block
 from torchtune_xgb.quant.nf4_all_gather import packed_nf4
-from torchtune_xgb.distributed.sharding import DTensor, local, row_mesh
 
 
 def prepare_nf4_for_row_sharding(model: nn.Module, world: int) -> List[str]:

@@ -30,8 +30,8 @@ from typing import Any, Dict, Iterable, List, Tuple
 from omegaconf import DictConfig, OmegaConf
 from torchtune import utils
 
-from torchtune_xgb.run.base_fingerprint import MODEL_CONFIG, base_fingerprints
 from torchtune_xgb.errors import ConfigError
+from torchtune_xgb.run.base_fingerprint import MODEL_CONFIG, base_fingerprints
 
 log = utils.get_logger("INFO")
 

@@ -20,12 +20,15 @@ import time
 from pathlib import Path
 from typing import IO, List, Optional
 
-from torchtune_xgb.run.checkpointing import RESUME_DIR
+from omegaconf import DictConfig, OmegaConf
+
 from torchtune_xgb.errors import ConfigError
+from torchtune_xgb.run.checkpointing import RESUME_DIR
+from torchtune_xgb.run.summary import SUMMARY_FILE
 
 LOCK_FILE = ".xgb_run.lock"
 RUN_FILE = "xgb_run.json"
-SUMMARY_FILE = "xgb_summary.json"
+
 
 
 def run_artifacts(output_dir: Path) -> List[str]:
@@ -146,3 +149,11 @@ def claim_output_dir(
     record = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "pid": os.getpid(), "host": socket.gethostname()}
     (out / RUN_FILE).write_text(json.dumps(record, indent=1))
     return lock
+
+
+def disk_logger_file(cfg: DictConfig) -> Optional[str]:
+    """The file torchtune's DiskLogger appends to (None for other loggers or a generated name)."""
+    log_dir, filename = OmegaConf.select(cfg, "metric_logger.log_dir"), OmegaConf.select(cfg, "metric_logger.filename")
+    if isinstance(log_dir, str) and isinstance(filename, str):
+        return str(Path(log_dir) / filename)
+    return None

@@ -1,0 +1,193 @@
+"""The training loop of the boosted recipes: torchtune's loop structure plus the rounds.
+
+Token-normalised gradient accumulation, clipping, profiler and metric logger as in torchtune's
+LoRA recipe, plus: the divergence guard before each step is applied (run/guard.py), the round
+hook after each optimizer step (method/boosting.py), periodic evaluation, a progress bar that
+shows the round, mid-run checkpoints every ``save_every_n_steps`` and exact mid-epoch resume; a
+resume at an epoch's end writes an export that never arrived; SIGTERM or Ctrl-C during the steps
+finishes the step, writes a resume checkpoint and stops (run/stop_signal.py).
+
+A mixin of :class:`~torchtune_xgb.recipe_mixin.BoostedRecipeMixin`: it uses the recipe's
+attributes (``_model``, ``_optimizer``, ``_booster``, ``_guard``…) and its launch-mode hooks.
+"""
+
+import os
+import time
+from contextlib import closing as _closing
+from pathlib import Path
+from typing import Any, Dict
+
+import torch
+from torchtune import training, utils
+from tqdm import tqdm
+
+from torchtune_xgb.errors import StoppedBySignal
+from torchtune_xgb.export.staged import export_complete
+from torchtune_xgb.method.boosting import RoundReport
+from torchtune_xgb.run.faults import fault_point, fault_value
+from torchtune_xgb.run.stop_signal import FORCE_AFTER_S, StopOnSignal, signal_name
+from torchtune_xgb.run.summary import SUMMARY_FILE
+
+log = utils.get_logger("INFO")
+
+
+class BoostedTrainingLoop:
+    """``train`` and its steps, for a recipe that mixes in :class:`BoostedRecipeMixin`."""
+
+    def _wall_seconds(self) -> float:
+        return self._wall_before_resume + (time.perf_counter() - self._train_start)
+
+    def _train_step(self, batches) -> Dict[str, Any]:
+        running_loss, num_tokens = 0.0, 0
+        for _ in range(self._gradient_accumulation_steps):
+            batch = next(batches)
+            utils.batch_to_device(batch, self._device)
+            current_num_tokens = (batch["labels"] != self._loss_fn.ignore_index).sum()
+            num_tokens += current_num_tokens
+            # loss is a token mean: weight by tokens so accumulation normalises over all of them
+            current_loss = self._loss_step(batch) * current_num_tokens
+            running_loss += current_loss
+            current_loss.backward()
+        fault_point("mid_step", self.global_step + 1)
+        self._scale_grads(num_tokens)
+        if self._clip_grad_norm is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self._model.parameters(), max_norm=float(self._clip_grad_norm))
+        else:  # still needed: the guard stops on a non-finite gradient before it is applied
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self._model.parameters() if p.grad is not None])
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+            grad_norm = grad_norm.full_tensor()
+        grad_norm = float(grad_norm)
+        lr = self._optimizer.param_groups[0]["lr"]
+        round_index = self._booster.round
+        trainable = self._booster.trainable_params()
+        loss = self._reduce_loss(running_loss.detach()).item() / num_tokens.item()  # same on every rank
+        loss = loss * fault_value("loss", self.global_step + 1)  # fault injection (tests); 1.0 otherwise
+        self._guard.check(self.global_step + 1, round_index, loss, grad_norm, self._last_good_checkpoint)
+        self._optimizer.step()
+        self._optimizer.zero_grad(set_to_none=True)
+        if self._guard.config.max_update_ratio is not None:  # before the round can be merged or saved
+            ratio, module = self._booster.live_update_ratio()
+            self._guard.check_update(self.global_step + 1, round_index, ratio, module, self._last_good_checkpoint)
+        report = self._booster.after_optimizer_step()
+        self._lr_scheduler.step()
+        self.global_step += 1
+        return {
+            "loss": loss,
+            "lr": lr,
+            "num_tokens": int(num_tokens),
+            "round": round_index,
+            "trainable_params": trainable,
+            "grad_norm": grad_norm,
+            "report": report,
+        }
+
+    def _log_round(self, report: RoundReport) -> None:
+        self._metric_logger.log_dict(report.metrics(), step=self.global_step)
+
+    def train(self) -> None:
+        self._train_start = time.perf_counter()
+        if self._finish_interrupted_export():
+            if (Path(self._output_dir) / SUMMARY_FILE).is_file():
+                log.info(f"Nothing left to do: the run in {self._output_dir} is complete")
+            else:
+                self._finish()
+            return
+        total_steps = self.total_epochs * self._steps_per_epoch
+        pbar = tqdm(total=total_steps, initial=self.global_step, disable=not self._is_main_process())
+        sampler = self._dataloader.sampler
+        samples_per_step = self._gradient_accumulation_steps * self._dataloader.batch_size
+        with self._profiler as prof, _closing(pbar):  # an error line then starts on a line of its own
+            for epoch in range(self.epochs_run, self.total_epochs):
+                done = self.global_step - epoch * self._steps_per_epoch
+                sampler.set_epoch(epoch)
+                if done:  # mid-epoch resume: continue after the samples already trained on
+                    sampler.load_state_dict({"yielded": done * samples_per_step})
+                batches = iter(self._dataloader)
+                # SIGTERM / Ctrl-C during the steps: finish the step, save, stop (stop_signal.py)
+                with StopOnSignal(self._log_stop_request) as stop:
+                    self._train_epoch_steps(batches, done, total_steps, pbar, prof, stop)
+                self.epochs_run += 1
+                self._end_epoch(epoch)
+        self._finish()
+
+    def _train_epoch_steps(self, batches, done: int, total_steps: int, pbar, prof, stop: StopOnSignal) -> None:
+        """The optimizer steps ``done`` … end of the epoch, each logged, evaluated and saved as
+        configured; after each, a requested stop (any rank) saves and ends the run."""
+        t0 = time.perf_counter()
+        for _ in range(done, self._steps_per_epoch):
+            out = self._train_step(batches)
+            self._last_loss = out["loss"]
+            pbar.update(1)
+            pbar.set_description(f"round {out['round']}|step {self.global_step}|loss {out['loss']:.4f}")
+            if self.global_step % self._log_every_n_steps == 0:
+                seconds = time.perf_counter() - t0
+                log_dict = {
+                    "loss": out["loss"],
+                    "lr": out["lr"],
+                    "tokens_per_second_per_gpu": out["num_tokens"] / seconds,
+                    "round": out["round"],
+                    "trainable_params": out["trainable_params"],
+                }
+                if self._clip_grad_norm is not None:
+                    log_dict["grad_norm"] = out["grad_norm"]
+                if self._device.type == "cuda" and self._log_peak_memory_stats:
+                    log_dict.update(training.get_memory_stats(device=self._device))
+                self._metric_logger.log_dict(log_dict, step=self.global_step)
+            if out["report"] is not None:
+                self._log_round(out["report"])
+            self._periodic_eval.after_step(self.global_step, total_steps)  # val_loss, exact_match
+            if self._save_every and self.global_step % self._save_every == 0:
+                self._save_resume()
+            fault_point("after_step", self.global_step)
+            signum = self._any_rank_signal(stop.requested or 0)
+            if signum:
+                self._stop_for_signal(signum)
+            prof.step()
+            t0 = time.perf_counter()
+
+    def _log_stop_request(self, signum: int) -> None:
+        """Said at once (from the signal handler): a raw write on a line of its own, no lock that
+        the interrupted code (logging, the progress bar) could be holding."""
+        if self._is_main_process():
+            os.write(2, (f"\n{signal_name(signum)}: stopping after step {self.global_step + 1} with a resume checkpoint "
+                         f"(the same signal again, after {FORCE_AFTER_S:g} s, stops at once)\n").encode())
+
+    def _stop_for_signal(self, signum: int) -> None:
+        """Write a resume checkpoint of this step (unless the step just wrote one), then end the run."""
+        if self._last_resume_step != self.global_step:
+            self._save_resume()
+        # no rank leaves before rank 0 has written the checkpoint: torchrun stops the other
+        # workers as soon as one exits non-zero
+        self._wait_for_all_ranks()
+        total = self.total_epochs * self._steps_per_epoch
+        raise StoppedBySignal(
+            f"stopped by {signal_name(signum)} after step {self.global_step} of {total} (round {self._booster.round}); "
+            f"{self._last_good_checkpoint()} holds everything trained so far: resume_from_checkpoint=True continues the run",
+            signum,
+        )
+
+    def _finish_interrupted_export(self) -> bool:
+        """After a resume exactly at an epoch's end whose export never arrived (killed, or the disk
+        was full), write it now: the state at that step is the one that export needs. Returns True
+        when the run had nothing left but that (or nothing at all)."""
+        done = self.global_step - self.epochs_run * self._steps_per_epoch
+        if self.epochs_run == 0 or done != 0 or not self._resume_boosted:
+            return False
+        last = self.epochs_run - 1
+        if not self._rank0_decides(export_complete(self._output_dir, last)):
+            if self._is_main_process():
+                log.info(f"Resumed at the end of epoch {last}: writing its missing export")
+            self._end_epoch(last)
+        return self.epochs_run == self.total_epochs
+
+    def _end_epoch(self, epoch: int) -> None:
+        """Export epoch ``epoch``; after the last one, first make sure a resume checkpoint of the
+        final step exists (so a failed export never loses the run), then fold a partial round."""
+        if epoch == self.total_epochs - 1:
+            if self._last_resume_step != self.global_step:
+                self._save_resume()
+            final = self._booster.finish()
+            if final is not None:
+                self._log_round(final)
+        self.save_checkpoint(epoch=epoch)
+

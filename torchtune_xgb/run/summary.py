@@ -1,0 +1,51 @@
+"""The run summary, ``output_dir/xgb_summary.json``: what a finished run did, in stable keys.
+
+Written last, only by a run that exported (a resume that finds it knows the run is complete).
+"""
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from torchtune_xgb.config.boost_config import AdapterConfig
+
+SUMMARY_FILE = "xgb_summary.json"
+
+
+def run_summary(booster, adapter: AdapterConfig, *, steps: int, wall_seconds: float, final_loss: Optional[float],
+                lora_rank: int, extra: Dict[str, Any]) -> Dict[str, Any]:
+    """The summary of a run whose rounds ``booster`` (a :class:`~torchtune_xgb.method.boosting.Booster`)
+    ran; ``extra`` (evaluation, export and resume fields the recipe collected) is added last."""
+    reports = booster.reports
+    kept = [r.kept_fraction for r in reports if r.merged_modules]
+    summary = {
+        "method": adapter.method,
+        "rounds": len(reports),
+        "steps": steps,
+        "trainable_params": max((r.trainable_params for r in reports), default=booster.trainable_params()),
+        "distinct_params_touched": booster.distinct_params_touched(),
+        "wall_seconds": wall_seconds,
+        "merge_seconds": sum(r.merge_seconds + r.reset_seconds for r in reports),
+        "min_kept_fraction": min(kept) if kept else None,
+        "merged_state_bytes": booster.merged.nbytes(),
+        "final_loss": final_loss,
+        "lora_rank": lora_rank,
+        "svd_seconds": booster.svd_seconds,
+        "boost": asdict(booster.config),
+        "adapter": asdict(adapter),
+        "round_reports": [asdict(r) for r in reports],
+    }
+    summary.update(extra)
+    return summary
+
+
+def write_summary(output_dir: str, summary: Dict[str, Any]) -> Path:
+    """Write ``summary`` to ``output_dir/xgb_summary.json`` through a temporary file renamed into
+    place, so a reader never sees half a summary. Returns the path."""
+    path = Path(output_dir) / SUMMARY_FILE
+    tmp = path.with_name(f".{SUMMARY_FILE}.tmp")
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, path)
+    return path
