@@ -100,9 +100,7 @@ def _validate(args: argparse.Namespace) -> int:
             validate_config(cfg)  # one line naming the key, builders' arguments included
             # as the recipe checks them before loading, without writing anything
             resumed = validate_resume(cfg, world_size=None)  # the same run; its number of processes: at launch
-            if resumed and cfg.get("overwrite_output_dir"):
-                raise ConfigError("overwrite_output_dir: cannot be True together with resume_from_checkpoint=True")
-            check_output_dir(cfg.output_dir, bool(cfg.get("resume_from_checkpoint")), bool(cfg.get("overwrite_output_dir")))
+            check_output_dir(cfg)  # what the run would refuse there (nothing removed)
         try:
             tt_config.validate(cfg)
         except (TorchtuneConfigError, TypeError) as err:  # its partial-binding retry can raise TypeError
