@@ -95,10 +95,13 @@ def test_validate_checks_a_resume_and_the_output_dir_as_the_run_would_without_wr
     from torchtune_xgb.run import checkpointing
     from torchtune_xgb.models.cache import register_resolvers
     from torchtune_xgb.run.identity import run_identity
+    from torchtune_xgb.run.run_record import record_output
 
     path, out = _tiny_yaml(tmp_path), tmp_path / "out"
     register_resolvers()
     identity = run_identity(OmegaConf.load(path), world_size=2)  # written by a 2-process run
+    out.mkdir()
+    record_output(str(out), checkpointing.RESUME_DIR, "resume")  # as the run records it, before writing
     checkpointing.save_resume_state(str(out), 6, {"x": torch.tensor([1.0])}, run=identity)
     before = sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*"))
 
@@ -109,7 +112,7 @@ def test_validate_checks_a_resume_and_the_output_dir_as_the_run_would_without_wr
     assert line.startswith("error: resume_from_checkpoint: the config differs from the run that wrote ")
     assert "model.lora_alpha (checkpoint 2.0, now 32)" in line
     assert main(["validate", str(path)]) == 2  # a fresh run over the killed one's state
-    assert _lines(capsys) == [f"error: output_dir: {out} holds another run (xgb_resume); resume it with "
+    assert _lines(capsys) == [f"error: output_dir: {out} holds another run (xgb_resume/); resume it with "
                               "resume_from_checkpoint=True, choose another output_dir, or pass overwrite_output_dir=True "
                               "to replace it"]
     assert main(["validate", str(path), "resume_from_checkpoint=True", "overwrite_output_dir=True"]) == 2

@@ -100,9 +100,7 @@ def _validate(args: argparse.Namespace) -> int:
             validate_config(cfg)  # one line naming the key, builders' arguments included
             # as the recipe checks them before loading, without writing anything
             resumed = validate_resume(cfg, world_size=None)  # the same run; its number of processes: at launch
-            if resumed and cfg.get("overwrite_output_dir"):
-                raise ConfigError("overwrite_output_dir: cannot be True together with resume_from_checkpoint=True")
-            check_output_dir(cfg.output_dir, bool(cfg.get("resume_from_checkpoint")), bool(cfg.get("overwrite_output_dir")))
+            check_output_dir(cfg)  # what the run would refuse there (nothing removed)
         try:
             tt_config.validate(cfg)
         except (TorchtuneConfigError, TypeError) as err:  # its partial-binding retry can raise TypeError
@@ -122,8 +120,8 @@ def _prepare(args: argparse.Namespace) -> int:
 
     try:
         path = prepare_model(args.name, args.output, force=args.force)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ValueError, OSError, RuntimeError) as err:  # a refusal, a missing wheel, a full disk: one line
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     print(path)
     return 0
@@ -165,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep = sub.add_parser("prepare", help="convert a packaged model to an HF-format directory")
     prep.add_argument("name")
     prep.add_argument("--output", type=Path, default=None)
-    prep.add_argument("--force", action="store_true")
+    prep.add_argument("--force", action="store_true", help="rebuild a complete conversion (never removes files prepare did not write)")
     prep.set_defaults(func=_prepare)
     plot = sub.add_parser("plot", help="loss vs step of a run, merges marked (PNG; needs matplotlib)")
     plot.add_argument("output_dir", type=Path)

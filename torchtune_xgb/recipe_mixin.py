@@ -32,18 +32,19 @@ from torchtune_xgb.errors import ConfigError, RunError
 from torchtune_xgb.eval.periodic import PeriodicEval
 from torchtune_xgb.export.adapter import adapter_only, collect_run_factors, parse_export_config, write_adapter_dir
 from torchtune_xgb.export.fold import clean_name, fold_merged_weights
-from torchtune_xgb.export.staged import staged_export
+from torchtune_xgb.export.staged import epoch_dir, staged_export
 from torchtune_xgb.method.boosting import Booster
 from torchtune_xgb.method.loraxs import LoRAXSLinear
 from torchtune_xgb.method.schedules import set_scheduler_step, with_round_restarts
 from torchtune_xgb.quant.nf4 import fitting_nf4_blocks, is_nf4, keep_unquantizable_in_full_precision
-from torchtune_xgb.run.checkpointing import latest_resume_dir, load_resume_state, save_resume_state
+from torchtune_xgb.run.checkpointing import RESUME_DIR, latest_resume_dir, load_resume_state, save_resume_state
 from torchtune_xgb.run.faults import fault_point
 from torchtune_xgb.run.guard import GuardConfig, TrainingGuard
 from torchtune_xgb.run.identity import run_identity
 from torchtune_xgb.run.loop import BoostedTrainingLoop
-from torchtune_xgb.run.output_dir import claim_output_dir, disk_logger_file
-from torchtune_xgb.run.summary import run_summary, write_summary
+from torchtune_xgb.run.output_dir import claim_output_dir
+from torchtune_xgb.run.run_record import record_output
+from torchtune_xgb.run.summary import SUMMARY_FILE, run_summary, write_summary
 
 log = utils.get_logger("INFO")
 
@@ -70,16 +71,8 @@ class BoostedRecipeMixin(BoostedTrainingLoop):
         if self._single_round:
             self._boost = replace(self._boost, lr_restart="none")
         self._resume_boosted = bool(cfg.get("resume_from_checkpoint", False))
-        if self._resume_boosted and cfg.get("overwrite_output_dir", False):
-            raise ConfigError("overwrite_output_dir: cannot be True together with resume_from_checkpoint=True")
         # held until the process ends; under torchrun rank 0 holds it for the job
-        self._run_lock = claim_output_dir(
-            cfg.output_dir,
-            resume=self._resume_boosted,
-            overwrite=bool(cfg.get("overwrite_output_dir", False)),
-            take_lock=int(os.environ.get("RANK", "0")) == 0,
-            metrics_file=disk_logger_file(cfg),
-        )
+        self._run_lock = claim_output_dir(cfg, take_lock=int(os.environ.get("RANK", "0")) == 0)
         self._last_resume_step: Optional[int] = None
         cfg.resume_from_checkpoint = False  # ours, see module docstring
         super().__init__(cfg)
@@ -235,6 +228,7 @@ class BoostedRecipeMixin(BoostedTrainingLoop):
     def _save_resume(self) -> None:
         state = self._resume_state()  # gathers under FSDP2: every rank takes part
         if self._is_main_process():
+            record_output(self._output_dir, RESUME_DIR, "resume")  # before it is written: run_record.py
             path = save_resume_state(self._output_dir, self.global_step, state, run=self._run_identity)
             log.info(f"Saved resume checkpoint {path}")
         self._last_resume_step = self.global_step
@@ -267,6 +261,7 @@ class BoostedRecipeMixin(BoostedTrainingLoop):
         )
         # written to a staging directory and renamed into place: epoch_N/ (with its adapter/)
         # exists only once complete
+        record_output(self._output_dir, epoch_dir(self._output_dir, epoch).name, "export")
         with staged_export(self._checkpointer, self._output_dir, epoch, self.global_step, resume_hint) as staged:
             fault_point("export_write", self.global_step)
             if ckpt is None:
@@ -287,6 +282,7 @@ class BoostedRecipeMixin(BoostedTrainingLoop):
                 f"after {self._summary['exact_match_after']:.3f}"
             )
         if self._is_main_process():
+            record_output(self._output_dir, SUMMARY_FILE, "summary")
             path = write_summary(self._output_dir, self.summary())
             log.info(f"Wrote {path}")
 

@@ -1,9 +1,7 @@
-"""Bad input ends before any weights load with one line naming the key; output_dir ownership;
-the divergence guard and the merge-time check on non-finite rounds (in-process, cheap)."""
+"""Bad input ends before any weights load with one line naming the key; the divergence guard and
+the merge-time check on non-finite rounds (in-process, cheap). output_dir ownership: tests/run/test_output_dir.py."""
 
 import math
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +11,6 @@ from tests.e2e_fixture import tiny_config
 from torchtune_xgb.config.validation import validate_config
 from torchtune_xgb.errors import ConfigError, RunError
 from torchtune_xgb.run.guard import GuardConfig, TrainingGuard
-from torchtune_xgb.run.output_dir import acquire_lock, claim_output_dir
 
 
 BAD = [
@@ -146,42 +143,6 @@ def test_a_typo_gets_a_suggestion_and_an_interpolated_helper_key_is_fine(root):
 def test_bad_guard_block_names_the_key(block):
     with pytest.raises(ConfigError, match=r"^guard\."):
         GuardConfig.from_mapping(block)
-
-
-# --- output_dir ownership ------------------------------------------------------------------------
-
-
-def _tree(path: Path):
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
-
-
-def test_a_new_run_refuses_a_directory_holding_another_run_and_overwrite_removes_only_ours(tmp_path):
-    out = tmp_path / "out"
-    (out / "epoch_0").mkdir(parents=True)
-    (out / "epoch_0" / "model.safetensors").write_bytes(b"old model")
-    (out / "xgb_resume" / "step_00000006").mkdir(parents=True)
-    (out / "logs").mkdir()
-    (out / "logs" / "metrics.txt").write_text("Step 1 | loss:1.0\n")
-    (out / "notes.txt").write_text("the user's own file")
-    before = _tree(out)
-    with pytest.raises(ConfigError) as err:
-        claim_output_dir(str(out), resume=False)
-    assert str(err.value).startswith("output_dir:") and "epoch_0/" in str(err.value) and "xgb_resume" in str(err.value)
-    assert "overwrite_output_dir=True" in str(err.value) and "resume_from_checkpoint=True" in str(err.value)
-    assert {k: v for k, v in _tree(out).items() if k != ".xgb_run.lock"} == before  # untouched
-    lock = claim_output_dir(str(out), resume=False, overwrite=True, metrics_file=str(out / "logs" / "metrics.txt"))
-    left = sorted(k for k in _tree(out))
-    assert left == [".xgb_run.lock", "notes.txt", "xgb_run.json"]  # ours gone, the user's file kept
-    lock.close()
-
-
-def test_the_run_lock_refuses_a_second_concurrent_run_and_is_released_with_the_process(tmp_path):
-    first = claim_output_dir(str(tmp_path / "out"), resume=False)
-    with pytest.raises(ConfigError) as err:
-        claim_output_dir(str(tmp_path / "out"), resume=True)
-    assert str(err.value).startswith("output_dir:") and f"pid {os.getpid()}" in str(err.value)
-    first.close()  # what process exit does, however the process ends
-    acquire_lock(tmp_path / "out").close()
 
 
 # --- divergence ------------------------------------------------------------------------------------

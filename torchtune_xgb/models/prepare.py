@@ -12,24 +12,24 @@ Nothing is downloaded: the GGUF comes from an installed wheel, located with
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib.util
 import json
 import os
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Union
 
 from torchtune_xgb.errors import ConfigError
 from torchtune_xgb.models.cache import CACHE_ENV, cache_path, cache_root, known_cache_roots
+from torchtune_xgb.models.prepared_dir import MARKER_NAME, one_prepare_at_a_time, refuse_unknown_files
 
 # Bumped when the output layout changes, so older prepared directories are rebuilt.
 FORMAT_VERSION = 1
-MARKER_NAME = ".torchtune_xgb_prepared.json"  # leading dot: torchtune's copy_files skips it
 SHA_CACHE_NAME = "gguf_sha256_verified.json"
+# what a conversion writes besides the marker (which lists them)
+PREPARED_FILES = ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
 
 
 @dataclass(frozen=True)
@@ -89,23 +89,28 @@ def prepare_smollm2(output_dir: Union[str, Path, None] = None, force: bool = Fal
         force: rebuild even if a complete conversion is already there.
 
     The conversion takes a few seconds and is written to a temporary sibling directory that is
-    renamed into place when complete, so an interrupted run never looks finished. Raises
-    ``FileNotFoundError`` (with the pip command) if the wheel is missing and ``ValueError`` if the
-    GGUF's sha256 or metadata is not what this converter was written for.
+    renamed into place when complete, so an interrupted run never looks finished; a killed
+    conversion's temporary directory is removed by the next one (hf_io.py). A directory holding
+    only an earlier conversion's files (by its marker's list) is replaced, even an incomplete one;
+    one holding anything else is refused before anything is removed (``ConfigError``, one line
+    naming what is there). Two prepares into one directory at once: the second waits for the
+    first and returns its result. Raises ``FileNotFoundError`` (with the pip command) if the wheel
+    is missing and ``ValueError`` if the GGUF's sha256 or metadata is not what this converter was
+    written for.
     """
     spec = SMOLLM2_135M_INSTRUCT
     out = Path(output_dir) if output_dir is not None else cache_path(spec.name)
     out = out.expanduser().resolve()
     if not force and is_prepared(out, spec):
         return out
-    if out.exists() and not force and any(out.iterdir()):
-        raise FileExistsError(
-            f"{out} exists and is not a complete {spec.name} conversion; remove it or pass --force"
-        )
-
+    refuse_unknown_files(out)
     gguf_path = locate_gguf(spec)
     verify_sha256(gguf_path, spec.sha256)
-    _convert_llama_gguf(gguf_path, out, spec)
+    with one_prepare_at_a_time(out):
+        if not force and is_prepared(out, spec):  # the prepare we waited for wrote it
+            return out
+        refuse_unknown_files(out)
+        _convert_llama_gguf(gguf_path, out, spec)
     return out
 
 
@@ -299,6 +304,19 @@ def gguf_tokenizer_json(reader, gguf_path: Path, spec: GGUFModel) -> str:
     return tok.to_str(pretty=True)
 
 
+def prepared_marker(spec: GGUFModel, gguf_path: Path) -> Dict[str, Any]:
+    """The marker a finished conversion carries: what it is (checked by :func:`is_prepared`) and
+    every file it wrote (what a later ``--force`` may remove)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "name": spec.name,
+        "gguf": str(gguf_path),
+        "gguf_sha256": spec.sha256,
+        "dtype": spec.dtype,
+        "files": list(PREPARED_FILES),
+    }
+
+
 def _convert_llama_gguf(gguf_path: Path, out: Path, spec: GGUFModel) -> None:
     import gguf
     import torch
@@ -346,16 +364,6 @@ def _convert_llama_gguf(gguf_path: Path, out: Path, spec: GGUFModel) -> None:
         "clean_up_tokenization_spaces": False,
         "chat_template": _field(reader, "tokenizer.chat_template"),
     }
-    files = ["model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
-             "tokenizer_config.json"]
-    marker = {
-        "format_version": FORMAT_VERSION,
-        "name": spec.name,
-        "gguf": str(gguf_path),
-        "gguf_sha256": spec.sha256,
-        "dtype": spec.dtype,
-        "files": files,
-    }
     save_hf_checkpoint(
         state,
         out,
@@ -364,7 +372,7 @@ def _convert_llama_gguf(gguf_path: Path, out: Path, spec: GGUFModel) -> None:
             "tokenizer.json": tokenizer_json,
             "tokenizer_config.json": tokenizer_config,
             # Inside the temp dir like everything else: the final rename publishes it with the rest.
-            MARKER_NAME: marker,
+            MARKER_NAME: prepared_marker(spec, gguf_path),
         },
     )
 
@@ -388,22 +396,3 @@ def check_prepared(checkpoint_dir: Any, key: str = "checkpointer.checkpoint_dir"
     if copies:
         message += f" (or use the copy prepared under {copies[0]}: export {CACHE_ENV}={copies[0]})"
     raise ConfigError(message)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``prepare NAME [--output DIR] [--force]``: prepare a model and print its directory."""
-    parser = argparse.ArgumentParser(prog="tune-xgb prepare", description=main.__doc__)
-    parser.add_argument("name", help=f"one of: {', '.join(sorted(MODELS))}")
-    parser.add_argument("--output", default=None, help="output directory (default: the cache)")
-    parser.add_argument("--force", action="store_true", help="rebuild even if already prepared")
-    args = parser.parse_args(argv)
-    try:
-        print(prepare_model(args.name, args.output, args.force))
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"tune-xgb prepare: error: {err}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -2,59 +2,46 @@
 
 A new run started in a directory that holds another run's resume state or export would overwrite
 its model, append to its metrics log and leave its resume state behind, so that a later
-``resume_from_checkpoint=True`` resumes the *old* run. So a fresh run refuses such a directory
-(one line: resume it, choose another ``output_dir``, or pass ``overwrite_output_dir=True``, which
-removes only what a run of ours wrote there), and every run holds an exclusive lock on
-``output_dir/.xgb_run.lock`` for its whole life: a second run started there at the same time is
-refused. The lock is an ``flock``: the kernel releases it when the process ends, however it ends
-(a SIGKILLed run leaves no stale lock). Under torchrun only rank 0 takes it.
+``resume_from_checkpoint=True`` resumes the *old* run. So a fresh run refuses such a directory,
+with one line that offers only what is safe there: resume it (if it left a checkpoint and did not
+finish), choose another ``output_dir``, or ``overwrite_output_dir=True``, which removes exactly
+what the earlier run recorded writing (run_record.py) and is refused — before anything is removed —
+when an input of this run (base checkpoint, tokenizer, data, eval file) lies inside what would go.
+A dead run that left no resume checkpoint and no export (it failed before its first save) does not
+block a retry: its record and metrics log are replaced. What this run would write but no run
+recorded writing (another tool's ``epoch_0/``, an older version's outputs) is never removed: such a
+directory is refused.
+
+Every run holds an exclusive lock on ``output_dir/.xgb_run.lock`` for its whole life: a second run
+started there at the same time is refused. The lock is an ``flock``: the kernel releases it when
+the process ends, however it ends (a SIGKILLed run leaves no stale lock). Under torchrun only rank
+0 takes it.
 """
 
 import errno
 import fcntl
-import json
 import os
-import shutil
 import socket
-import time
 from pathlib import Path
-from typing import IO, List, Optional
+from typing import IO, List, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
+from torchtune import utils
 
 from torchtune_xgb.errors import ConfigError
-from torchtune_xgb.run.checkpointing import RESUME_DIR
+from torchtune_xgb.run.checkpointing import RESUME_DIR, step_dirs
+from torchtune_xgb.run.inputs import input_inside, run_inputs
+from torchtune_xgb.run.run_record import RUN_FILE, record_started, recorded_outputs, remove_outputs, start_record
 from torchtune_xgb.run.summary import SUMMARY_FILE
 
+log = utils.get_logger("INFO")
+
 LOCK_FILE = ".xgb_run.lock"
-RUN_FILE = "xgb_run.json"
-
-
-
-def run_artifacts(output_dir: Path) -> List[str]:
-    """Names in ``output_dir`` that a run (ours, or torchtune's checkpointer) wrote there."""
-    if not output_dir.is_dir():
-        return []
-    found = []
-    for entry in sorted(output_dir.iterdir()):
-        name = entry.name
-        if name in (RUN_FILE, SUMMARY_FILE) or (name == RESUME_DIR and any(entry.iterdir())):
-            found.append(name)
-        elif entry.is_dir() and name.startswith("epoch_") and name[6:].isdigit():
-            found.append(name + "/")
-    return found
 
 
 def _in_use(output_dir: Path, holder: str) -> ConfigError:
     return ConfigError(
         f"output_dir: {output_dir} is in use by another run ({holder}); wait for it to end or choose another output_dir"
-    )
-
-
-def _holds_another_run(output_dir: Path, found: List[str]) -> ConfigError:
-    return ConfigError(
-        f"output_dir: {output_dir} holds another run ({', '.join(found)}); resume it with resume_from_checkpoint=True, "
-        "choose another output_dir, or pass overwrite_output_dir=True to replace it"
     )
 
 
@@ -72,18 +59,6 @@ def lock_holder(output_dir: Path) -> Optional[str]:
                 raise
             return handle.read().strip() or "unknown"
     return None  # closing the file released the shared lock
-
-
-def check_output_dir(output_dir: str, resume: bool, overwrite: bool = False) -> None:
-    """What :func:`claim_output_dir` would refuse, checked without writing anything (``tune-xgb
-    validate``): a run in progress there, or another run's artifacts for a fresh run."""
-    out = Path(output_dir).expanduser().resolve()
-    holder = lock_holder(out)
-    if holder is not None:
-        raise _in_use(out, holder)
-    found = [] if resume or overwrite else run_artifacts(out)
-    if found:
-        raise _holds_another_run(out, found)
 
 
 def acquire_lock(output_dir: Path) -> IO:
@@ -110,44 +85,121 @@ def acquire_lock(output_dir: Path) -> IO:
     return handle
 
 
-def remove_run_artifacts(output_dir: Path, extra_files: List[Path]) -> None:
-    """``overwrite_output_dir``: delete what an earlier run wrote (nothing else in the directory)."""
-    for name in run_artifacts(output_dir):
-        path = output_dir / name.rstrip("/")
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    for path in extra_files:
-        if path.is_file():
-            path.unlink()
+def _overwrite_requested(cfg: DictConfig) -> bool:
+    overwrite = bool(cfg.get("overwrite_output_dir", False))
+    if overwrite and cfg.get("resume_from_checkpoint"):
+        raise ConfigError("overwrite_output_dir: cannot be True together with resume_from_checkpoint=True")
+    return overwrite
 
 
-def claim_output_dir(
-    output_dir: str,
-    resume: bool,
-    overwrite: bool = False,
-    take_lock: bool = True,
-    metrics_file: Optional[str] = None,
-) -> Optional[IO]:
-    """Make ``output_dir`` this run's, before any weights load. Returns the held lock (or None).
+def _metrics_name(cfg: DictConfig, out: Path) -> Optional[str]:
+    """The DiskLogger file's path relative to ``out`` (None: another logger, or a file elsewhere)."""
+    path = disk_logger_file(cfg)
+    if path is None:
+        return None
+    path = Path(path).expanduser().resolve()
+    return path.relative_to(out).as_posix() if out in path.parents else None
 
-    A fresh run refuses a directory holding another run's artifacts unless ``overwrite``; a
-    resume requires them (checked by the resume validation). ``metrics_file``: the metric
-    logger's file, removed with the artifacts on overwrite (torchtune's DiskLogger appends).
+
+def _occupied(path: Path) -> bool:
+    if path.is_dir() and not path.is_symlink():
+        return any(path.iterdir())
+    return os.path.lexists(path)
+
+
+def _listing(out: Path, names: List[str]) -> str:
+    return ", ".join(n + "/" if (out / n).is_dir() and not (out / n).is_symlink() else n for n in sorted(names))
+
+
+def _either(options: List[str]) -> str:
+    return options[0] if len(options) == 1 else ", ".join(options[:-1]) + ", or " + options[-1]
+
+
+def plan_fresh_run(cfg: DictConfig) -> List[str]:
+    """What a fresh run of ``cfg`` removes from its ``output_dir`` before it starts: the outputs
+    an earlier run of ours recorded there (run_record.py), with ``overwrite_output_dir`` or when
+    that run died before its first resume checkpoint (then only its record and metrics log).
+
+    Raises a one-line ConfigError naming the key, before anything is removed, when the directory
+    holds an earlier run's checkpoint or export (without ``overwrite_output_dir``), holds what this
+    run would write but no run recorded writing, or when an input of this run lies inside what
+    would be removed. Each message offers only what is safe in that situation. Writes nothing."""
+    out = Path(cfg.output_dir).expanduser().resolve()
+    overwrite = _overwrite_requested(cfg)
+    outputs = {n: kind for n, kind in recorded_outputs(out).items() if n != LOCK_FILE and os.path.lexists(out / n)}
+    checkpoints = bool(step_dirs(str(out)))
+    resume = ["resume it with resume_from_checkpoint=True"] if checkpoints and not (out / SUMMARY_FILE).exists() else []
+    targets = [RESUME_DIR, SUMMARY_FILE] + [f"epoch_{e}" for e in range(int(cfg.get("epochs") or 1))]
+    unrecorded = [t for t in targets if t not in outputs and _occupied(out / t)]
+    if unrecorded:
+        it = "it" if len(unrecorded) == 1 else "them"
+        raise ConfigError(
+            f"output_dir: {out} holds {_listing(out, unrecorded)}, which this run would write but no run recorded "
+            f"writing ({RUN_FILE}); {_either(resume + [f'move {it} out of the way', 'choose another output_dir'])}"
+        )
+    # a dead run's metrics log and an empty resume directory are no work to keep; anything else is
+    kept = [n for n, kind in outputs.items() if kind != "metrics" and (kind != "resume" or checkpoints)]
+    inputs = run_inputs(cfg)
+    endangered: List[Tuple[str, Tuple[str, Path]]] = [
+        (name, hit) for name in sorted(outputs) if (hit := input_inside(out / name, inputs)) is not None
+    ]
+    if kept and not overwrite:
+        options = resume + ["choose another output_dir"] + ([] if endangered else ["pass overwrite_output_dir=True to replace it"])
+        why = ""
+        if endangered:
+            name, (key, path) = endangered[0]
+            why = f" (not overwrite_output_dir: {name} holds this run's {key} {path})"
+        raise ConfigError(f"output_dir: {out} holds another run ({_listing(out, kept)}); {_either(options)}{why}")
+    if endangered:
+        name, (key, path) = endangered[0]
+        raise ConfigError(
+            f"{'overwrite_output_dir' if overwrite else 'output_dir'}: would delete {out / name}, which holds this "
+            f"run's {key} {path}; {_either(resume + ['choose another output_dir'])}"
+        )
+    return sorted(outputs)
+
+
+def check_output_dir(cfg: DictConfig) -> None:
+    """What :func:`claim_output_dir` would refuse, checked without writing anything (``tune-xgb
+    validate``): a run in progress there, or what :func:`plan_fresh_run` refuses for a fresh run."""
+    out = Path(cfg.output_dir).expanduser().resolve()
+    holder = lock_holder(out)
+    if holder is not None:
+        raise _in_use(out, holder)
+    _overwrite_requested(cfg)
+    if not cfg.get("resume_from_checkpoint"):
+        plan_fresh_run(cfg)
+
+
+def claim_output_dir(cfg: DictConfig, take_lock: bool = True) -> Optional[IO]:
+    """Make ``cfg.output_dir`` this run's, before any weights load. Returns the held lock (or None).
+
+    A resume (``resume_from_checkpoint``) takes the lock; its checkpoint is checked by the resume
+    validation. A fresh run removes what :func:`plan_fresh_run` allows (or raises its one-line
+    error, having removed nothing) and starts its own record, listing the metrics log it creates.
     """
+    overwrite = _overwrite_requested(cfg)
     if not take_lock:  # torchrun ranks > 0: rank 0 decides (and its refusal ends the job)
         return None
-    out = Path(output_dir).expanduser().resolve()
+    out = Path(cfg.output_dir).expanduser().resolve()
     lock = acquire_lock(out)
-    if resume:
+    if cfg.get("resume_from_checkpoint"):
         return lock
-    found = run_artifacts(out)
-    if found and not overwrite:
+    try:
+        remove = plan_fresh_run(cfg)
+    except ConfigError:
         lock.close()
-        raise _holds_another_run(out, found)
-    if found:
-        extra = [Path(metrics_file).expanduser().resolve()] if metrics_file else []
-        remove_run_artifacts(out, [p for p in extra if out in p.parents])
-    record = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "pid": os.getpid(), "host": socket.gethostname()}
-    (out / RUN_FILE).write_text(json.dumps(record, indent=1))
+        raise
+    if remove:
+        listing, earlier = _listing(out, remove), record_started(out)
+        remove_outputs(out, remove)
+        if overwrite:
+            log.info(f"overwrite_output_dir: removed the earlier run's {listing} ({earlier})")
+        else:
+            log.info(f"output_dir: the earlier run here ({earlier}) ended before its first resume checkpoint; "
+                     f"starting afresh (removed its {listing})")
+    metrics = _metrics_name(cfg, out)
+    start_record(out, {metrics: "metrics"} if metrics is not None and not os.path.lexists(out / metrics) else {})
     return lock
 
 
