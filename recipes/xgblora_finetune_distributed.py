@@ -93,7 +93,7 @@ class XGBLoRAFinetuneRecipeDistributed(BoostedRecipeMixin, _torchtune_lora.LoRAF
     def _scale_grads(self, num_tokens: torch.Tensor) -> None:
         dist.all_reduce(num_tokens)  # in place: the step's loss is normalised by all ranks' tokens
         # FSDP2's reduce-scatter averages over ranks: multiply the world size back in
-        training.scale_grads(self._model, self.world_size / num_tokens)
+        training.scale_grads(self._model, self.world_size / num_tokens.clamp(min=1))  # 0 tokens: see the mixin
 
     def _reduce_loss(self, running_loss: torch.Tensor) -> torch.Tensor:
         running_loss = running_loss.clone()

@@ -4,6 +4,7 @@ Used by the tests and by ``tests/golden/make_golden.py`` (which records the gold
 both run exactly the same configuration.
 """
 
+import json
 import os
 import re
 import shutil
@@ -83,6 +84,31 @@ def tiny_config(root: Path, output_dir: Path, **overrides) -> Dict:
     cfg["lr_scheduler"]["num_warmup_steps"] = 2
     for key, value in overrides.items():
         cfg[key] = value
+    return cfg
+
+
+# a user prompt of more than 64 tiny-tokenizer tokens: with train_on_input=False and the tiny
+# configs' max_seq_len of 64 it leaves no label token
+LONG_PROMPT = "Describe " + " ".join(f"thing{j}" for j in range(60))
+
+
+def chat(i: int, long: bool = False) -> Dict:
+    """An OpenAI-style chat sample: a short sum and its answer, or ``LONG_PROMPT`` and that answer."""
+    prompt = LONG_PROMPT if long else f"What is {i} + {i + 3}?"
+    return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": f"The answer is {2 * i + 3}."}]}
+
+
+def chat_config(root: Path, output_dir: Path, chats: List[Dict], **overrides) -> Dict:
+    """:func:`tiny_config` on ``chats`` (written to ``<output_dir>.jsonl``) through torchtune's
+    ``chat_dataset`` with ``train_on_input=False``; no eval, no mid-run resume checkpoints."""
+    data = output_dir.with_name(f"{output_dir.name}.jsonl")
+    data.parent.mkdir(parents=True, exist_ok=True)
+    data.write_text("\n".join(json.dumps(c) for c in chats))
+    cfg = tiny_config(root, output_dir, **{"save_every_n_steps": None, **overrides})
+    cfg.pop("eval")
+    cfg["dataset"] = {"_component_": "torchtune.datasets.chat_dataset", "source": "json", "data_files": str(data),
+                      "split": "train", "conversation_column": "messages", "conversation_style": "openai",
+                      "train_on_input": False}
     return cfg
 
 

@@ -27,6 +27,7 @@ from torchtune import config, training, utils
 from torchtune.modules.peft import LoRALinear, get_adapter_params, set_trainable_params
 
 from torchtune_xgb.config.validation import validate_config, validate_resume
+from torchtune_xgb.data.unlabeled import count_unlabeled
 from torchtune_xgb.distributed.sharding import local
 from torchtune_xgb.errors import ConfigError, RunError
 from torchtune_xgb.eval.periodic import PeriodicEval
@@ -100,7 +101,8 @@ class BoostedRecipeMixin(BoostedTrainingLoop):
         """Return when every rank got here (one process: at once)."""
 
     def _scale_grads(self, num_tokens: torch.Tensor) -> None:
-        training.scale_grads(self._model, 1 / num_tokens)
+        # no label token in the step: it is skipped; its zero gradients stay zero (not 0·inf)
+        training.scale_grads(self._model, 1 / num_tokens.clamp(min=1))
 
     def _reduce_loss(self, running_loss: torch.Tensor) -> torch.Tensor:
         """The step's token-weighted loss sum over all ranks (one process: as is)."""
@@ -135,6 +137,11 @@ class BoostedRecipeMixin(BoostedTrainingLoop):
             self._load_resume()
         else:
             self._booster.start(total_steps=total_steps)
+        self._summary.setdefault("skipped_steps", 0)  # steps without a label token (run/loop.py)
+        if self._is_main_process():  # samples that train nothing, said once before training
+            unlabeled = count_unlabeled(self._dataloader.dataset, self._loss_fn.ignore_index,
+                                        getattr(self._tokenizer, "max_seq_len", None))
+            (log.warning if unlabeled.truncated or unlabeled.other else log.info)(unlabeled.line())
         if not self._resume_boosted and self._eval_examples is not None:
             self._summary["exact_match_before"] = self._exact_match()
             log.info(f"exact match before training: {self._summary['exact_match_before']:.3f}")

@@ -33,7 +33,7 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.e2e_fixture import (
-    EXPORT, TUNE, kill_and_resume, losses, make_tiny_model_dir, read_metric, run_recipe, tiny_config, tiny_loraxs_config,
+    EXPORT, TUNE, chat, chat_config, kill_and_resume, losses, make_tiny_model_dir, read_metric, run_recipe, tiny_config, tiny_loraxs_config,
     tiny_nf4_config,
 )
 from tests.tiny_model import TINY
@@ -208,6 +208,26 @@ def test_sigterm_on_one_rank_stops_both_after_the_step_and_the_resume_matches_un
     a, b = load_file(fsdp / EXPORT), load_file(out / EXPORT)
     for key in a:
         assert torch.allclose(a[key], b[key], rtol=0, atol=1e-6), key
+
+
+def test_micro_batches_without_labels_take_the_same_decision_on_every_rank(root, tmp_path):
+    """Samples whose prompt fills max_seq_len, in file order: 2 ranks × batch 2 against 1 process ×
+    batch 4. Step 1: rank 0's samples (0 and 2) are both long, its micro-batch has no label token
+    and adds nothing while rank 1's count (the step's loss is rank 1's alone, as one process's);
+    step 2: every sample is long, both ranks skip the optimizer step (the token count is reduced)."""
+    chats = [chat(i, long=i in (0, 2, 4, 5, 6, 7)) for i in range(16)]
+    one = chat_config(root, tmp_path / "one", chats, shuffle=False, max_steps_per_epoch=4)
+    two = chat_config(root, tmp_path / "two", chats, shuffle=False, max_steps_per_epoch=4)
+    assert run_recipe(one, tmp_path).returncode == 0
+    result = run_distributed(two, tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    said = (result.stderr + result.stdout).count("dataset: 6 of 16 samples lose all their label tokens")
+    assert said == 1  # rank 0 says it
+    a, b = read_metric(tmp_path / "one", "loss"), read_metric(tmp_path / "two", "loss")
+    assert sorted(a) == sorted(b) == [1, 3, 4]
+    assert [b[s] for s in (1, 3, 4)] == pytest.approx([a[s] for s in (1, 3, 4)], rel=LOSS_REL)
+    assert read_metric(tmp_path / "two", "skipped_steps") == {2: 1.0}
+    assert json.loads((tmp_path / "two" / "xgb_summary.json").read_text())["skipped_steps"] == 1
 
 
 def test_a_config_mistake_under_torchrun_is_one_line(root, tmp_path):

@@ -301,33 +301,34 @@ class Booster:
             )
 
     @torch.no_grad()
-    def live_update_ratio(self) -> Tuple[float, Optional[str]]:
-        """The largest ‖η·ΔW‖/‖W0‖ (Frobenius) of a live adapter this round, and its module.
+    def live_update_ratio(self) -> Tuple[torch.Tensor, List[str]]:
+        """The largest ‖η·ΔW‖/‖W0‖ (Frobenius) of a live adapter this round, and its module, left
+        on the device: a float64 tensor ``[ratio, i]`` and the module names ``i`` indexes. Nothing
+        is read back to the host: the guard reads it together with other values (run/loop.py).
 
         For the divergence guard, every step: from the factors of each active adapter by r×r Gram
         matrices in float64, batched over the modules of one shape (merge_stats.product_sq_norms),
         so no out×in matrix is built, the cost is a few kernels per module shape, and an adapter
-        whose product would overflow fp32 still gives a finite, huge ratio (NaN if it holds NaN).
+        whose product would overflow fp32 still gives a finite, huge ratio (inf if it holds NaN).
         ‖W0‖² is taken once per module (all ranks' rows). Under FSDP2 the sums cover all ranks'
         rows (one reduction per step), so every rank gets the same answer."""
         active = self.active_modules()
         if not active:
-            return 0.0, None
+            return torch.zeros(2, dtype=torch.float64), []
         names = list(active)
         like = next(iter(active.values())).weight
         missing = [n for n in names if n not in self._base_norm_sq]
         if missing:  # the same names on every rank: once per module, at its first round
             local_sq = torch.stack([self.merged.base_weight(n).double().square().sum() for n in missing])
             self._base_norm_sq.update(zip(missing, all_sum(local_sq, like)))
-        with torch.no_grad():
-            factors = [active[n].update_factors() for n in names]
-            update_sq = product_sq_norms([(left, right) for left, right, _ in factors])
-            update_sq = all_sum(update_sq * update_sq.new_tensor([(self.config.merge_rate * c) ** 2 for _, _, c in factors]), like)
+        factors = [active[n].update_factors() for n in names]
+        update_sq = product_sq_norms([(left, right) for left, right, _ in factors])
+        update_sq = all_sum(update_sq * update_sq.new_tensor([(self.config.merge_rate * c) ** 2 for _, _, c in factors]), like)
         base_sq = torch.stack([self._base_norm_sq[n].to(update_sq.device) for n in names])
         ratios = (update_sq / base_sq.clamp_min(1e-300)).sqrt()
         ratios = torch.where(torch.isnan(ratios), torch.full_like(ratios, math.inf), ratios)
-        worst = int(torch.argmax(ratios))
-        return float(ratios[worst]), names[worst]
+        worst, index = ratios.max(dim=0)
+        return torch.stack([worst, index.to(worst.dtype)]), names
 
     def finish(self) -> Optional[RoundReport]:
         """End training: fold a partial last round (steps not a multiple of κ) so nothing trained

@@ -3,20 +3,30 @@
 Checked every step on the step's loss (token mean over all ranks) and the global gradient norm,
 after backward and *before* the optimizer applies the step, so a bad step is never applied, its
 round is never merged, and the newest resume checkpoint is one of the good steps. Every rank
-sees the same two numbers and so stops at the same step (no rank is left in a collective).
+sees the same numbers (reduced over ranks) and so stops at the same step (no rank is left in a
+collective). The loop reads everything the guard needs in one host read per step
+(run/loop.py), as torchtune's LoRA recipe reads its loss once.
 
 It stops on:
 
 - a loss or gradient norm that is NaN or infinite;
-- after the optimizer step, a live adapter whose update has grown larger than its weight
-  (``max_update_ratio``): a run at ``optimizer.lr=1e30`` can saturate a small model so that its loss
-  stays finite and flat while the adapters hold values near 1e30;
+- a live adapter whose update has grown larger than its weight (``max_update_ratio``), measured
+  after the optimizer step: a run at ``optimizer.lr=1e30`` can saturate a small model so that its
+  loss stays finite and flat while the adapters hold values near 1e30. This check lags one step:
+  step N's ratio is read with step N+1's loss, before step N+1 is applied, and the run stops
+  naming step N. Where step N is merged (a round's last step), saved (``save_every_n_steps``,
+  a stop signal) or exported (an epoch's last step), its ratio is read at once instead, so an
+  out-of-bounds adapter is never merged, saved or exported;
 - a loss spike: the loss exceeds ``spike_factor`` × the median of the last ``window`` losses *and*
   that median by more than ``spike_margin`` nats. The ratio alone would fire on a late run whose
   loss wobbles around 0.05, the margin alone on a run that starts at a large loss; together they
   catch a run that leaves its loss level for good (``optimizer.lr=1e3`` on SmolLM2: from ≈ 1 to
   ln(vocab) ≈ 10.8 within a few steps) and nothing a healthy run does. ``spike_factor: null``
   turns the spike check off (non-finite values always stop the run).
+
+A step whose micro-batches hold no label token at all (every label masked) is not a divergence:
+its loss is 0/0; the loop skips it (no optimizer step, counted as ``skipped_steps``) and the
+guard does not see it.
 
 Rounds are checked again where they are merged (Booster.end_round): a round whose adapter holds
 a non-finite value is never folded into the merged state.

@@ -1,8 +1,10 @@
 """The training loop of the boosted recipes: torchtune's loop structure plus the rounds.
 
 Token-normalised gradient accumulation, clipping, profiler and metric logger as in torchtune's
-LoRA recipe, plus: the divergence guard before each step is applied (run/guard.py), the round
-hook after each optimizer step (method/boosting.py), periodic evaluation, a progress bar that
+LoRA recipe, plus: the divergence guard before each step is applied (run/guard.py; what it needs
+is read back in one host read per step, as torchtune reads its loss), steps without any label
+token skipped and counted (``skipped_steps``), the round hook after each optimizer step
+(method/boosting.py), periodic evaluation, a progress bar that
 shows the round, mid-run checkpoints every ``save_every_n_steps`` and exact mid-epoch resume; a
 resume at an epoch's end writes an export that never arrived; SIGTERM or Ctrl-C during the steps
 finishes the step, writes a resume checkpoint and stops (run/stop_signal.py).
@@ -15,7 +17,7 @@ import os
 import time
 from contextlib import closing as _closing
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List, NamedTuple, Optional
 
 import torch
 from torchtune import training, utils
@@ -31,21 +33,51 @@ from torchtune_xgb.run.summary import SUMMARY_FILE
 log = utils.get_logger("INFO")
 
 
+class _PendingUpdate(NamedTuple):
+    """Booster.live_update_ratio of step ``step`` (of round ``round``), still on the device."""
+
+    step: int
+    round: int
+    ratio: torch.Tensor  # [largest ratio, index of its module in ``modules``]
+    modules: List[str]
+
+
+def _read_together(*tensors: torch.Tensor) -> List[float]:
+    """The values of ``tensors`` (scalars or 1-d, on one device) as Python floats, read back to
+    the host in one transfer (one synchronisation on a GPU) instead of one per value."""
+    device = tensors[0].device
+    return torch.cat([t.detach().reshape(-1).to(device=device, dtype=torch.float64) for t in tensors]).tolist()
+
+
 class BoostedTrainingLoop:
     """``train`` and its steps, for a recipe that mixes in :class:`BoostedRecipeMixin`."""
 
     def _wall_seconds(self) -> float:
         return self._wall_before_resume + (time.perf_counter() - self._train_start)
 
-    def _train_step(self, batches) -> Dict[str, Any]:
+    def _train_step(self, batches, check_update_now: bool = False) -> Dict[str, Any]:
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches.
+
+        The host reads the device once per step: the step's loss sum, token count and gradient
+        norm, together with the previous step's update ratio (run/guard.py says why that check
+        may lag a step), stacked and read in one go before the optimizer applies the step. A step
+        that will be merged, saved or exported (``check_update_now``: the caller's save or epoch
+        end; a round's last step, here) reads its own update ratio at once (a second read).
+
+        A micro-batch without label tokens (every label masked, e.g. a prompt that fills
+        ``max_seq_len``) adds nothing to the loss or the gradient; a step without any applies no
+        update (the optimizer is not stepped) but counts as a step for the schedule and the
+        rounds, and is counted in ``skipped_steps`` (summary and metric log)."""
         running_loss, num_tokens = 0.0, 0
         for _ in range(self._gradient_accumulation_steps):
             batch = next(batches)
             utils.batch_to_device(batch, self._device)
             current_num_tokens = (batch["labels"] != self._loss_fn.ignore_index).sum()
             num_tokens += current_num_tokens
-            # loss is a token mean: weight by tokens so accumulation normalises over all of them
+            # loss is a token mean: weight by tokens so accumulation normalises over all of them;
+            # without tokens the mean is 0/0 = NaN (its gradient is 0: every position is ignored)
             current_loss = self._loss_step(batch) * current_num_tokens
+            current_loss = torch.where(current_num_tokens > 0, current_loss, 0.0)
             running_loss += current_loss
             current_loss.backward()
         fault_point("mid_step", self.global_step + 1)
@@ -56,30 +88,66 @@ class BoostedTrainingLoop:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self._model.parameters() if p.grad is not None])
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
             grad_norm = grad_norm.full_tensor()
-        grad_norm = float(grad_norm)
+        step, round_index = self.global_step + 1, self._booster.round
         lr = self._optimizer.param_groups[0]["lr"]
-        round_index = self._booster.round
         trainable = self._booster.trainable_params()
-        loss = self._reduce_loss(running_loss.detach()).item() / num_tokens.item()  # same on every rank
-        loss = loss * fault_value("loss", self.global_step + 1)  # fault injection (tests); 1.0 otherwise
-        self._guard.check(self.global_step + 1, round_index, loss, grad_norm, self._last_good_checkpoint)
-        self._optimizer.step()
+        pending, self._pending_update = self._pending_update, None
+        # the one host read of the step; every value is reduced over ranks: the same on each
+        loss_sum, tokens, grad_norm, *ratio = _read_together(
+            self._reduce_loss(running_loss.detach()), num_tokens, grad_norm, *([pending.ratio] if pending else []))
+        if pending:  # the previous step's update, before this step is applied
+            self._check_update(pending, ratio)
+        skipped = tokens == 0
+        loss = None if skipped else loss_sum / tokens * fault_value("loss", step)  # fault injection (tests); 1.0 otherwise
+        if skipped:
+            self._summary["skipped_steps"] = self._summary.get("skipped_steps", 0) + 1
+        else:
+            self._guard.check(step, round_index, loss, grad_norm, self._last_good_checkpoint)
+            self._optimizer.step()
         self._optimizer.zero_grad(set_to_none=True)
-        if self._guard.config.max_update_ratio is not None:  # before the round can be merged or saved
-            ratio, module = self._booster.live_update_ratio()
-            self._guard.check_update(self.global_step + 1, round_index, ratio, module, self._last_good_checkpoint)
+        if not skipped and self._guard.config.max_update_ratio is not None:
+            # left on the device, read with the next step's loss
+            self._pending_update = _PendingUpdate(step, round_index, *self._booster.live_update_ratio())
+            if check_update_now or (self._booster.step + 1) % self._booster.config.steps_per_round == 0:
+                self._check_pending_update()  # before the round can be merged, saved or exported
         report = self._booster.after_optimizer_step()
         self._lr_scheduler.step()
         self.global_step += 1
         return {
             "loss": loss,
             "lr": lr,
-            "num_tokens": int(num_tokens),
+            "num_tokens": int(tokens),
             "round": round_index,
             "trainable_params": trainable,
             "grad_norm": grad_norm,
+            "skipped": skipped,
             "report": report,
         }
+
+    _pending_update: Optional["_PendingUpdate"] = None  # a step's update ratio, not read yet
+
+    def _check_pending_update(self) -> None:
+        """Read and check the update ratio still pending (one host read), if any."""
+        pending, self._pending_update = self._pending_update, None
+        if pending:
+            self._check_update(pending, _read_together(pending.ratio))
+
+    def _check_update(self, pending: "_PendingUpdate", values: List[float]) -> None:
+        """Stop if ``pending``'s update is out of bounds; ``values``: its ratio tensor as read."""
+        ratio, index = values
+        module = pending.modules[int(index)] if pending.modules else None
+        self._guard.check_update(pending.step, pending.round, ratio, module, self._last_good_checkpoint)
+
+    def _log_skipped_step(self) -> None:
+        """A step without label tokens: its running count in the metric log (at every such step)
+        and, the first time, one line saying why."""
+        count = self._summary["skipped_steps"]
+        self._metric_logger.log_dict({"skipped_steps": count}, step=self.global_step)
+        if count == 1 and self._is_main_process():
+            log.warning(
+                f"step {self.global_step}: no micro-batch has a label token (every label masked, e.g. prompts that fill "
+                "tokenizer.max_seq_len): the optimizer step was skipped; such steps are counted as skipped_steps"
+            )
 
     def _log_round(self, report: RoundReport) -> None:
         self._metric_logger.log_dict(report.metrics(), step=self.global_step)
@@ -114,22 +182,28 @@ class BoostedTrainingLoop:
         """The optimizer steps ``done`` … end of the epoch, each logged, evaluated and saved as
         configured; after each, a requested stop (any rank) saves and ends the run."""
         t0 = time.perf_counter()
-        for _ in range(done, self._steps_per_epoch):
-            out = self._train_step(batches)
-            self._last_loss = out["loss"]
+        for index in range(done, self._steps_per_epoch):
+            saved = bool(self._save_every) and (self.global_step + 1) % self._save_every == 0
+            out = self._train_step(batches, check_update_now=saved or index == self._steps_per_epoch - 1)
             pbar.update(1)
-            pbar.set_description(f"round {out['round']}|step {self.global_step}|loss {out['loss']:.4f}")
+            if out["skipped"]:
+                self._log_skipped_step()
+            else:
+                self._last_loss = out["loss"]
+            shown = "no label tokens: skipped" if out["skipped"] else f"loss {out['loss']:.4f}"
+            pbar.set_description(f"round {out['round']}|step {self.global_step}|{shown}")
             if self.global_step % self._log_every_n_steps == 0:
                 seconds = time.perf_counter() - t0
                 log_dict = {
-                    "loss": out["loss"],
                     "lr": out["lr"],
                     "tokens_per_second_per_gpu": out["num_tokens"] / seconds,
                     "round": out["round"],
                     "trainable_params": out["trainable_params"],
                 }
-                if self._clip_grad_norm is not None:
-                    log_dict["grad_norm"] = out["grad_norm"]
+                if not out["skipped"]:
+                    log_dict["loss"] = out["loss"]
+                    if self._clip_grad_norm is not None:
+                        log_dict["grad_norm"] = out["grad_norm"]
                 if self._device.type == "cuda" and self._log_peak_memory_stats:
                     log_dict.update(training.get_memory_stats(device=self._device))
                 self._metric_logger.log_dict(log_dict, step=self.global_step)
@@ -154,6 +228,7 @@ class BoostedTrainingLoop:
 
     def _stop_for_signal(self, signum: int) -> None:
         """Write a resume checkpoint of this step (unless the step just wrote one), then end the run."""
+        self._check_pending_update()  # nothing out of bounds is saved
         if self._last_resume_step != self.global_step:
             self._save_resume()
         # no rank leaves before rank 0 has written the checkpoint: torchrun stops the other
