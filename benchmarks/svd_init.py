@@ -18,7 +18,8 @@ from datetime import date
 import torch
 from safetensors.torch import load_file
 
-from torchtune_xgb.method.loraxs import SVDConfig, truncated_svd
+from torchtune_xgb.config.boost_config import SVDConfig
+from torchtune_xgb.method.loraxs import truncated_svd
 from torchtune_xgb.models.cache import cache_path
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

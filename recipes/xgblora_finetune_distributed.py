@@ -2,7 +2,7 @@
 
 torchtune launches an unknown recipe name with ``torchrun -m NAME`` when ``--nproc_per_node`` is
 given; ``xgblora_finetune`` then dispatches here (``xgblora_finetune_distributed`` works as a
-name too). Multi-node: plain torchrun rendezvous, see the README.
+name too). Multi-node: plain torchrun rendezvous, see docs/guides/distributed.md.
 
 The class is torchtune's ``LoRAFinetuneRecipeDistributed`` (loaded by path) with the same
 :class:`~torchtune_xgb.recipe_mixin.BoostedRecipeMixin` as the single-device recipe; this file

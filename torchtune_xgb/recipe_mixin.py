@@ -30,8 +30,10 @@ from torchtune_xgb.config.validation import validate_config, validate_resume
 from torchtune_xgb.data.unlabeled import count_unlabeled
 from torchtune_xgb.distributed.sharding import local
 from torchtune_xgb.errors import ConfigError, RunError
+from torchtune_xgb.eval.config import parse_eval_config
 from torchtune_xgb.eval.periodic import PeriodicEval
-from torchtune_xgb.export.adapter import adapter_only, collect_run_factors, parse_export_config, write_adapter_dir
+from torchtune_xgb.export.adapter import adapter_only, collect_run_factors, write_adapter_dir
+from torchtune_xgb.export.config import parse_export_config
 from torchtune_xgb.export.fold import clean_name, fold_merged_weights
 from torchtune_xgb.export.staged import epoch_dir, staged_export
 from torchtune_xgb.method.boosting import Booster
@@ -79,6 +81,7 @@ class BoostedRecipeMixin(BoostedTrainingLoop):
         super().__init__(cfg)
         self._save_every = cfg.get("save_every_n_steps")
         self._eval_cfg = cfg.get("eval")
+        self._eval = parse_eval_config(cfg)  # its keys with their defaults (eval/config.py)
         self._export = parse_export_config(cfg)  # the export: block (adapter_export.py)
         self._adapter_only = adapter_only(cfg)  # torchtune's save_adapter_weights_only
         self._summary: Dict[str, Any] = {}
@@ -188,10 +191,10 @@ class BoostedRecipeMixin(BoostedTrainingLoop):
             self._model,
             self._tokenizer,
             self._eval_examples,
-            max_new_tokens=self._eval_cfg.get("max_new_tokens", 8),
-            batch_size=self._eval_cfg.get("batch_size", 16),
+            max_new_tokens=self._eval.max_new_tokens,
+            batch_size=self._eval.batch_size,
             device=self._device,
-            normalize=self._eval_cfg.get("normalize", "strip"),
+            normalize=self._eval.normalize,
         )
 
     # --- resume ---------------------------------------------------------------------------

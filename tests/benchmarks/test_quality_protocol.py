@@ -489,8 +489,8 @@ def test_implied_defaults_need_a_margin_on_val():
 
 
 def test_packaged_defaults_follow_the_recorded_sweep():
-    """benchmarks/results/sweep_cpu.json (written by `python -m benchmarks.quality --sweep`, README
-    "Choosing κ…") decides the packaged defaults by implied_defaults' rule: a changed default
+    """benchmarks/results/sweep_cpu.json (written by `python -m benchmarks.quality --sweep`, shown in
+    docs/results/sweep.md) decides the packaged defaults by implied_defaults' rule: a changed default
     without a new sweep, or a sweep result not carried into the configs, fails here."""
     recorded = json.loads((quality.REPO / "benchmarks" / "results" / "sweep_cpu.json").read_text())
     implied = implied_defaults(recorded["rows"])
@@ -643,11 +643,11 @@ def test_the_protocol_has_a_committed_report():
 
 @pytest.mark.parametrize("report", PROTOCOL_REPORTS)
 def test_a_committed_report_is_what_the_committed_record_renders(report, tmp_path, monkeypatch):
-    """A committed protocol report (the README's figures) against a fresh rendering of
+    """A committed protocol report (the figures of docs/results/quality.md) against a fresh rendering of
     benchmarks/results/quality_cpu_runs.jsonl (the measured runs, per test item) with
     ``--report-only``, for the families its header names: every table row and goal line must match,
     so the figures come from the record, and a change that alters a run's id (a packaged default, a
-    recipe setting) or the statistics shows up here instead of leaving stale numbers in the README.
+    recipe setting) or the statistics shows up here instead of leaving stale numbers in the documentation.
     Command that wrote the file: ``python -m benchmarks.quality --tasks FAMILIES --seeds 3 --grid
     --report-only --reuse benchmarks/results/quality_cpu_runs.jsonl --out …``."""
     text = (RESULTS / report).read_text()

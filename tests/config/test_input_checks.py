@@ -46,6 +46,13 @@ BAD = [
     ("run_val_every_n_step=5", "run_val_every_n_step"),
     ("totally_unknown=3", "totally_unknown"),
     ("dataset.data_files=/nonexistent/train.json", "dataset.data_files"),
+    # every block goes through its own parser before loading (the run would meet these later or never)
+    ("guard.window=0", "guard.window"),
+    ("guard.windw=5", "guard.windw"),
+    ("eval.max_new_tokens=0", "eval.max_new_tokens"),
+    ("eval.max_new_token=4", "eval.max_new_token"),  # a typo was ignored: the default 8 tokens decoded
+    ("eval.examples=null", "eval.examples"),
+    ("export.adapter_rank=0", "export.adapter_rank"),
 ]
 if not torch.cuda.is_available():
     BAD += [("device=cuda", "device"), ("boost.base_device=cuda", "boost.base_device")]

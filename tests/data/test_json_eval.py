@@ -11,7 +11,8 @@ from tests.eval.test_evaluation import ChatCharTokenizer, says_12_model
 from torchtune_xgb.data import json_eval_examples, load_eval_examples
 from torchtune_xgb.data.arithmetic import MANIFEST
 from torchtune_xgb.errors import ConfigError
-from torchtune_xgb.eval.exact_match import exact_match, normalize_answer
+from torchtune_xgb.eval.exact_match import exact_match
+from torchtune_xgb.eval.normalize import normalize_answer
 from torchtune_xgb.eval.validation import validate_eval_config
 
 CHAT = [

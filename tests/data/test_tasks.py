@@ -15,7 +15,7 @@ from torchtune_xgb.data import facts
 from torchtune_xgb.data.arithmetic import MANIFEST
 from torchtune_xgb.data.tasks import FAMILIES, task_file
 from torchtune_xgb.errors import ConfigError
-from torchtune_xgb.eval.exact_match import normalize_answer
+from torchtune_xgb.eval.normalize import normalize_answer
 
 MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September",
           "October", "November", "December"]

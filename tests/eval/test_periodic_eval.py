@@ -118,10 +118,13 @@ def test_exact_match_on_the_users_file_logged_at_interval_and_end(run, user_eval
 )
 def test_bad_periodic_eval_config_names_the_key(update, key):
     from torchtune_xgb.errors import ConfigError
+    from torchtune_xgb.eval.config import parse_eval_config
     from torchtune_xgb.eval.periodic import validate_periodic_eval_config
 
+    cfg = OmegaConf.create({"batch_size": 4, **update})
     with pytest.raises(ConfigError) as err:
-        validate_periodic_eval_config(OmegaConf.create({"batch_size": 4, **update}))
+        validate_periodic_eval_config(cfg)
+        parse_eval_config(cfg)  # eval.every_n_steps is checked with its block
     assert str(err.value).startswith(f"{key}:") and "\n" not in str(err.value), str(err.value)
 
 

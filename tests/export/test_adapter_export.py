@@ -8,7 +8,8 @@ from omegaconf import OmegaConf
 from torchtune.models.convert_weights import tune_to_hf
 
 from torchtune_xgb.errors import ConfigError
-from torchtune_xgb.export.adapter import lora_factors, parse_export_config, peft_adapter
+from torchtune_xgb.export.adapter import lora_factors, peft_adapter
+from torchtune_xgb.export.config import parse_export_config
 
 SINGULAR = torch.tensor([4.0, 3.0, 2.0, 1.0])
 

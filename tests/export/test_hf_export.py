@@ -165,7 +165,7 @@ def test_nf4_run_writes_a_bf16_adapter_that_names_its_merge_base(single_process_
     assert not list((run / "epoch_0").glob("adapter_*"))
     tensors, config = _adapter(run)
     details = json.loads((run / "epoch_0" / "adapter" / "xgb_adapter.json").read_text())
-    assert details["merge_base"] == "dequantized"  # applies to the NF4-quantized base (README)
+    assert details["merge_base"] == "dequantized"  # applies to the NF4-quantized base (docs/guides/nf4.md)
     assert config["task_type"] == "CAUSAL_LM" and all(t.dtype == torch.bfloat16 for t in tensors.values())
     assert sum(".lora_A." in k for k in tensors) == len(details["modules"]) > 0
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from tests.tiny_model import tiny_lora
-from torchtune_xgb.config.boost_config import AdapterConfig, BoostConfig
+from torchtune_xgb.config.boost_config import AdapterConfig, BoostConfig, SVDConfig
 from torchtune_xgb.method import loraxs
 from torchtune_xgb.method.boosting import Booster
-from torchtune_xgb.method.loraxs import LoRAXSLinear, SVDConfig, truncated_svd
+from torchtune_xgb.method.loraxs import LoRAXSLinear, truncated_svd
 
 TOKENS = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(1))
 TARGETS = ("q_proj", "k_proj", "v_proj", "output_proj")

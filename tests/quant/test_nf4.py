@@ -122,7 +122,8 @@ def test_export_reproduces_trained_nf4_model(merge_base):
 
 
 def test_loraxs_on_nf4_decomposes_the_full_precision_weight():
-    from torchtune_xgb.method.loraxs import SVDConfig, truncated_svd
+    from torchtune_xgb.config.boost_config import SVDConfig
+    from torchtune_xgb.method.loraxs import truncated_svd
 
     model, base = nf4_tiny_model()
     names = [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]

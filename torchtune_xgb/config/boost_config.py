@@ -1,9 +1,14 @@
-"""The ``boost:`` config block, parsed and validated before any weights load."""
+"""The ``boost:`` and ``adapter:`` config blocks, parsed and validated before any weights load.
+
+Each key is defined once, with its default, accepted values and meaning (``config/keys.py``); the
+configuration reference in the documentation is rendered from these definitions.
+"""
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 
+from torchtune_xgb.config.keys import build_block, key, one_of
 from torchtune_xgb.errors import ConfigError
 
 OPTIMIZER_RESETS = ("full", "none")
@@ -11,38 +16,45 @@ LR_RESTARTS = ("jagged", "none", "per_round")
 BASES = ("rotate", "top")
 METHODS = ("xgblora", "loraxs")
 MERGE_BASES = ("dequantized", "original")
+SIGMAS = ("input", "sqrt")
+INITS = ("normal", "zeros")
+SVD_METHODS = ("exact", "randomized")
 
 
 @dataclass(frozen=True)
 class BoostConfig:
-    """Settings of the boosting rounds (the YAML ``boost:`` block).
+    """The ``boost:`` block: how long a round lasts, which blocks it adapts and how it is merged.
 
-    steps_per_round: κ, optimizer steps trained before each merge.
-    blocks_per_round: transformer blocks that get an adapter each round: an int count, a float
-        fraction in (0, 1] (rounded to the nearest count, at least 1), or "all".
-    merge_rate: η in W ← W + η·(α/r)·B·A.
-    optimizer_reset: "full" drops the whole optimizer state (moments and step count) of the
-        re-initialised adapter parameters at each merge; "none" keeps it.
-    rewarmup_steps: after each merge the LR ramps linearly back over this many steps (0 = off).
-    lr_restart: "jagged" (global schedule × re-warmup after each merge, ReLoRA-style), "none"
-        (global schedule only), "per_round" (the configured schedule restarted every round).
-    seed: seeds block selection and adapter re-initialisation (same on every rank, and a pure
-        function of (seed, round), so resume is exact).
-    base_device: where the exact copy of the original adapted weights is kept ("cpu" default).
-    basis: LoRA-XS only. "rotate": a module's k-th round uses singular block k of the SVD taken
-        once at the start, so the cumulative update gains rank each round; "top": the top-r SVD
-        of the current merged weight each round (paper-faithful; stays within rank r).
-    """
+    Each key is defined below with its default, accepted values and meaning (config/keys.py)."""
 
-    steps_per_round: int = 50
-    blocks_per_round: Union[int, float, str] = "all"
-    merge_rate: float = 1.0
-    optimizer_reset: str = "full"
-    rewarmup_steps: int = 0
-    lr_restart: str = "jagged"
-    seed: int = 0
-    base_device: str = "cpu"
-    basis: str = "rotate"
+    steps_per_round: int = key(50, "integer ≥ 1", "κ: optimizer steps trained in each round, after which the round is merged.")
+    blocks_per_round: Union[int, float, str] = key(
+        "all", "count ≥ 1, fraction in (0, 1], or `all`",
+        "Transformer blocks that get a live adapter each round (a fraction is rounded to the nearest "
+        "count, at least 1). The paper's best for Llama-3-8B was about a third.")
+    merge_rate: float = key(1.0, "number > 0", "η in W ← W + η·(α/r)·B·A.")
+    optimizer_reset: str = key(
+        "full", one_of(OPTIMIZER_RESETS),
+        "`full`: at each merge drop the whole optimizer state (moments *and* step count) of the "
+        "re-initialised adapters; `none`: keep it.")
+    rewarmup_steps: int = key(0, "integer in [0, steps_per_round)", "Linear LR re-warmup over this many steps after each merge (0: off).")
+    lr_restart: str = key(
+        "jagged", one_of(LR_RESTARTS),
+        "`jagged`: the global schedule × the re-warmup after each merge (ReLoRA-style); `none`: the "
+        "global schedule only; `per_round`: the configured schedule restarted every round.")
+    seed: int = key(
+        0, "integer",
+        "Seeds block selection and adapter re-initialisation: a pure function of (seed, round), the "
+        "same on every rank, so a resume is exact.")
+    base_device: str = key(
+        "cpu", "device (`cpu`, `cuda`, `cuda:1`, …)",
+        "Where the exact copy of the original adapted weights (W0) lives. `cuda` makes merges faster "
+        "at the cost of one copy of the adapted weights in GPU memory.")
+    basis: str = key(
+        "rotate", one_of(BASES),
+        "Boosted LoRA-XS only. `rotate`: round k of a module uses singular block k of the SVD taken "
+        "once, so the cumulative rank grows by r per round; `top`: the top-r SVD of the current merged "
+        "weight each round (paper-faithful; the update stays within rank r).")
 
     @classmethod
     def from_mapping(cls, block: Optional[Mapping[str, Any]]) -> "BoostConfig":
@@ -95,58 +107,64 @@ class BoostConfig:
         return max(1, min(num_blocks, round(bpr * num_blocks)))
 
 
-def build_block(cls, prefix: str, block: Optional[Mapping[str, Any]]):
-    """``cls(**block)`` validated; an unknown key (a typo) is an error naming it, not ignored."""
-    block = dict(block or {})
-    known = {f.name for f in fields(cls)}
-    for key in block:
-        if key not in known:
-            raise ConfigError(f"{prefix}.{key}: unknown key (known: {', '.join(sorted(known))})")
-    cfg = cls(**block)
-    cfg.validate()
-    return cfg
-
-
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
+class SVDConfig:
+    """``adapter.svd``: how LoRA-XS's factors are computed (keys defined as in config/keys.py)."""
+
+    method: str = key(
+        "exact", one_of(SVD_METHODS),
+        "`exact`: `torch.linalg.svd`; `randomized`: `torch.svd_lowrank` (faster on large matrices, "
+        "approximate where the spectrum is flat around σ_r).")
+    niter: int = key(4, "integer ≥ 0", "`randomized` only: subspace iterations.")
+    oversample: int = key(8, "integer ≥ 0", "`randomized` only: extra directions sampled beyond r.")
+
+    def validate(self) -> None:
+        if self.method not in SVD_METHODS:
+            raise ConfigError(f"adapter.svd.method: must be one of {SVD_METHODS}, got {self.method!r}")
+        if not isinstance(self.niter, int) or self.niter < 0:
+            raise ConfigError(f"adapter.svd.niter: must be an integer ≥ 0, got {self.niter!r}")
+        if not isinstance(self.oversample, int) or self.oversample < 0:
+            raise ConfigError(f"adapter.svd.oversample: must be an integer ≥ 0, got {self.oversample!r}")
+
+
+@dataclass(frozen=True)
 class AdapterConfig:
-    """The YAML ``adapter:`` block: which method the rounds train.
+    """The ``adapter:`` block: which method the rounds train (default ``xgblora``).
 
-    method: "xgblora" (rank-r LoRA, default) or "loraxs" (frozen SVD factors, trainable r×r core).
-    sigma: LoRA-XS: "input" puts Σ in A (paper), "sqrt" puts √Σ on each side.
-    init: LoRA-XS core init, "normal" (N(0, 1e-5²), paper) or "zeros".
-    svd: LoRA-XS: {method: exact | randomized, niter, oversample}.
-    rank, alpha: optional; they must equal model.lora_rank / model.lora_alpha, the one source.
-    merge_base: NF4 bases only: what the merged rounds are added to at export. "dequantized"
-        (default): the NF4 weights training actually saw, so the export reproduces the trained
-        model; "original": the checkpoint's full-precision weights (closer to the base model, but
-        the rounds were fitted to the quantized one; kept on the CPU).
-    """
+    Each key is defined below with its default, accepted values and meaning (config/keys.py)."""
 
-    method: str = "xgblora"
-    sigma: str = "input"
-    init: str = "normal"
-    svd: Optional[Mapping[str, Any]] = None
-    rank: Optional[int] = None
-    alpha: Optional[float] = None
-    merge_base: str = "dequantized"
+    method: str = key(
+        "xgblora", one_of(METHODS),
+        "`xgblora`: a rank-r LoRA per round; `loraxs`: frozen SVD factors around a trainable r×r core.")
+    sigma: str = key(
+        "input", one_of(SIGMAS),
+        "LoRA-XS: `input` puts Σ in A (A = Σ_r V_rᵀ, B = U_r, the paper); `sqrt` puts √Σ on each side.")
+    init: str = key("normal", one_of(INITS), "LoRA-XS core R at the start of a round: `normal` N(0, 1e-5²) (the paper) or `zeros`.")
+    svd: Optional[Mapping[str, Any]] = key(None, "mapping", "LoRA-XS: how the SVD is computed (keys below).", block=SVDConfig)
+    rank: Optional[int] = key(
+        None, "integer or null",
+        "Optional; must equal `model.lora_rank`, the one source of the rank (set both or only the model's).")
+    alpha: Optional[float] = key(None, "number or null", "Optional; must equal `model.lora_alpha`.")
+    merge_base: str = key(
+        "dequantized", one_of(MERGE_BASES),
+        "NF4 bases only: what the merged rounds are added to at export. `dequantized`: the NF4 "
+        "weights training saw, so the export reproduces the trained model; `original`: the "
+        "checkpoint's full-precision weights (closer to the base model, but the rounds were fitted "
+        "to the quantized one; kept on the CPU).")
 
     @classmethod
     def from_mapping(cls, block: Optional[Mapping[str, Any]]) -> "AdapterConfig":
         """Build from the config's ``adapter`` mapping; raise ConfigError naming the bad key."""
         return build_block(cls, "adapter", block)
 
-    def svd_config(self):
-        from torchtune_xgb.method.loraxs import SVDConfig
-
+    def svd_config(self) -> SVDConfig:
         return build_block(SVDConfig, "adapter.svd", self.svd)
 
     def validate(self) -> None:
-        from torchtune_xgb.method.loraxs import INITS, SIGMAS
-
         if self.method not in METHODS:
             raise ConfigError(f"adapter.method: must be one of {METHODS}, got {self.method!r}")
         if self.sigma not in SIGMAS:

@@ -17,14 +17,13 @@ import difflib
 import math
 import re
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, Optional, Tuple
 
-import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from torchtune_xgb.errors import ConfigError
 
-# Top-level keys torchtune 0.6.1's LoRA recipes (single device and distributed) read, and ours.
+# Top-level keys torchtune 0.6.1's LoRA recipes (single device and distributed) read.
 TORCHTUNE_KEYS = {
     "output_dir", "model", "tokenizer", "checkpointer", "resume_from_checkpoint", "save_adapter_weights_only",
     "dataset", "seed", "shuffle", "batch_size", "optimizer", "lr_scheduler", "loss", "epochs",
@@ -33,11 +32,36 @@ TORCHTUNE_KEYS = {
     "log_peak_memory_stats", "log_level", "profiler", "collate_fn", "low_cpu_ram", "cudnn_deterministic_mode",
     "custom_sharded_layers", "fsdp_cpu_offload", "fsdp_reshard_after_forward",
 }
-PLUGIN_KEYS = {
-    "boost", "adapter", "eval", "guard", "export", "dataset_val", "run_val_every_n_steps", "batch_size_val", "save_every_n_steps",
-    "overwrite_output_dir", "resume_allow_changes", "model_dir",  # model_dir: the packaged configs' helper
+# Top-level keys the plugin adds to torchtune's: key → (accepted values, default, meaning). The
+# documentation's configuration reference is rendered from this table (config/reference.py); the
+# keys of the five blocks are defined with their dataclasses (config/keys.py).
+PLUGIN_KEYS: Dict[str, Tuple[str, Any, str]] = {
+    "boost": ("mapping", None, "The boosting rounds (`boost:` keys below). Without it a run is one round, as in LoRA-XS's paper."),
+    "adapter": ("mapping", None, "Which method the rounds train (`adapter:` keys below)."),
+    "guard": ("mapping", None, "When a diverging run is stopped (`guard:` keys below)."),
+    "export": ("mapping", None, "What the PEFT adapter in `epoch_N/adapter/` holds (`export:` keys below)."),
+    "eval": ("mapping", None, "Exact-match evaluation before and after training (`eval:` keys below); leave it out for tasks without exact answers."),
+    "dataset_val": (
+        "dataset builder block, or a list of them", None,
+        "Held-out data scored as metric `val_loss` (token-mean cross-entropy over the whole set), at "
+        "`run_val_every_n_steps` and at the final step, or only at the end without it."),
+    "run_val_every_n_steps": ("integer ≥ 1 or null", None, "Score `dataset_val` at steps N, 2N, … and at the final step."),
+    "batch_size_val": ("integer ≥ 1 or null", None, "Batch size of the `dataset_val` scoring (null: `batch_size`)."),
+    "save_every_n_steps": (
+        "integer ≥ 1 or null", None,
+        "Write a resume checkpoint every N steps (atomic, verified, the newest two kept); one is "
+        "always written at the final step, before the export."),
+    "overwrite_output_dir": (
+        "`true` or `false`", False,
+        "Start a new run in a directory that holds another run: removes what a run wrote there "
+        "(resume state, exports, summary, the metrics file) and nothing else."),
+    "resume_allow_changes": (
+        "list of keys", [],
+        "Keys a resume (`resume_from_checkpoint=True`) may change on purpose: `optimizer.*`, "
+        "`lr_scheduler.*`, `clip_grad_norm`, `world_size`."),
+    "model_dir": ("path", None, "The packaged configs' helper variable: the prepared model's directory."),
 }
-KNOWN_KEYS = TORCHTUNE_KEYS | PLUGIN_KEYS
+KNOWN_KEYS = TORCHTUNE_KEYS | set(PLUGIN_KEYS)
 _INTERPOLATION = re.compile(r"\$\{\s*([A-Za-z_][\w]*)")
 
 
@@ -87,6 +111,8 @@ def check_finite_floats(cfg: DictConfig) -> None:
 
 def check_device(key: str, value: Any) -> None:
     """A device string that this machine can use (CUDA devices must exist)."""
+    import torch  # here: the configuration reference reads this module's key table without torch
+
     try:
         device = torch.device(str(value))
     except (RuntimeError, TypeError) as err:

@@ -14,10 +14,12 @@ from torchtune_xgb.config.component_args import check_component_args
 from torchtune_xgb.errors import ConfigError
 from torchtune_xgb.eval.periodic import validate_periodic_eval_config
 from torchtune_xgb.eval.validation import validate_eval_config
-from torchtune_xgb.export.adapter import adapter_only, parse_export_config
+from torchtune_xgb.export.adapter import adapter_only
+from torchtune_xgb.export.config import parse_export_config
 from torchtune_xgb.models.prepare import check_prepared
 from torchtune_xgb.run.base_fingerprint import base_checkpoint_files
 from torchtune_xgb.run.checkpointing import ResumeCheckpoint, resume_root, select_resume_checkpoint, step_dirs
+from torchtune_xgb.run.guard import GuardConfig
 from torchtune_xgb.run.identity import check_resume_identity, run_identity
 
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "output_proj")
@@ -52,6 +54,7 @@ def validate_config(cfg: DictConfig) -> Tuple[BoostConfig, AdapterConfig]:
     check_run_config(cfg)
     boost = BoostConfig.from_mapping(_block(cfg, "boost"))
     adapter = AdapterConfig.from_mapping(_block(cfg, "adapter"))
+    GuardConfig.from_mapping(_block(cfg, "guard"))
     for key in ("output_dir", "model", "checkpointer", "tokenizer", "optimizer", "lr_scheduler", "dataset"):
         if OmegaConf.select(cfg, key) is None:
             raise ConfigError(f"{key}: missing")
@@ -62,10 +65,10 @@ def validate_config(cfg: DictConfig) -> Tuple[BoostConfig, AdapterConfig]:
     for key in ("max_steps_per_epoch", "save_every_n_steps", "log_every_n_steps"):
         positive_int(cfg, key, optional=True)
     check_component_args(cfg)  # every _component_ block's keys against its builder's signature
-    validate_periodic_eval_config(cfg)  # dataset_val, run_val_every_n_steps, eval.every_n_steps
+    validate_periodic_eval_config(cfg)  # dataset_val, run_val_every_n_steps, batch_size_val
     parse_export_config(cfg)  # export.adapter_rank
     adapter_only(cfg)  # save_adapter_weights_only: with the HF checkpointer
-    validate_eval_config(cfg)  # eval.normalize, the user's eval file, generated data never over user files
+    validate_eval_config(cfg)  # the eval: block, the user's eval file, generated data never over user files
 
     model = cfg.model
     rank = model.get("lora_rank")

@@ -11,22 +11,12 @@ tokenizers use ``<|im_end|>`` as pad), and its "greedy" is sampling at a tiny te
 Here the mask comes from the true prompt lengths and decoding is a plain ``argmax``.
 
 Scoring: the completion up to the first stop token is decoded, and prediction and answer are
-compared with ``==`` after the same normaliser (``eval.normalize``):
-
-- ``strip`` (default): surrounding whitespace removed. Deliberately strict otherwise: ``"85."``
-  or ``"The answer is 85"`` do not match ``"85"``, because producing the requested bare format is
-  part of what the example task measures (and what fine-tuning teaches);
-- ``none``: the decoded text as is; ``lower``: stripped and case-folded;
-- ``number``: the first number in the text (sign, digits, decimal point; thousands commas
-  dropped), as a canonical decimal (``"85.0"``, ``"The answer is 85."`` → ``"85"``); text without
-  a number compares stripped.
+compared with ``==`` after the same normaliser (``eval.normalize``, eval/normalize.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import re
-from decimal import Decimal, InvalidOperation
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
@@ -39,37 +29,7 @@ from torchtune.generation import (
 from torchtune.modules import TransformerDecoder
 from torchtune.modules.common_utils import disable_kv_cache, local_kv_cache
 
-
-# a sign, digits (thousands commas only in groups of three), an optional decimal part
-_NUMBER = re.compile(r"[-+]?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|\.\d+)")
-
-
-def _first_number(text: str) -> str:
-    match = _NUMBER.search(text)
-    if match is None:
-        return text.strip()
-    try:
-        value = Decimal(match.group(0).replace(",", ""))
-    except InvalidOperation:
-        return text.strip()
-    if value == 0:
-        return "0"  # also -0
-    return format(value.normalize(), "f")
-
-
-NORMALIZERS = {
-    "none": lambda text: text,
-    "strip": str.strip,
-    "lower": lambda text: text.strip().casefold(),
-    "number": _first_number,
-}
-
-
-def normalize_answer(text: str, normalize: str = "strip") -> str:
-    """The form in which predictions and answers are compared (see the module docstring)."""
-    if normalize not in NORMALIZERS:
-        raise ValueError(f"normalize must be one of {sorted(NORMALIZERS)}, got {normalize!r}")
-    return NORMALIZERS[normalize](text)
+from torchtune_xgb.eval.normalize import normalize_answer
 
 
 def _to_messages(prompt_messages: Sequence[Message | Mapping[str, Any]]) -> list[Message]:

@@ -40,8 +40,8 @@ DEFAULT_COLLATE = "torchtune.data.padded_collate_sft"
 
 
 def validate_periodic_eval_config(cfg: DictConfig) -> None:
-    """Check ``dataset_val``, ``run_val_every_n_steps``, ``batch_size_val`` and ``eval.every_n_steps``
-    (one-line ConfigError naming the key); loads nothing."""
+    """Check ``dataset_val``, ``run_val_every_n_steps`` and ``batch_size_val`` (one-line ConfigError
+    naming the key; ``eval.every_n_steps`` is checked with its block, eval/config.py); loads nothing."""
     every = positive_int(cfg, "run_val_every_n_steps", optional=True)
     positive_int(cfg, "batch_size_val", optional=True)
     dataset_val = cfg.get("dataset_val")
@@ -52,11 +52,6 @@ def validate_periodic_eval_config(cfg: DictConfig) -> None:
         for entry in entries:
             if not isinstance(entry, (dict, DictConfig)) or not entry.get("_component_"):
                 raise ConfigError(f"dataset_val: must be a dataset builder with _component_ (or a list of them), got {entry!r}")
-    eval_cfg = cfg.get("eval")
-    if eval_cfg is not None and not isinstance(eval_cfg, DictConfig):
-        raise ConfigError(f"eval: must be a mapping of keys, got {eval_cfg!r}")
-    if positive_int(cfg, "eval.every_n_steps", optional=True) is not None and OmegaConf.select(cfg, "eval.examples") is None:
-        raise ConfigError("eval.every_n_steps: set, but eval.examples is missing")
 
 
 class PeriodicEval:

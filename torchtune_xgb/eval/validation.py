@@ -1,6 +1,6 @@
 """Checks of the evaluation inputs that can run before any weights load (called by config/validation.py).
 
-- ``eval.normalize`` is a known normaliser;
+- the ``eval:`` block's keys (eval/config.py);
 - ``eval.examples`` from the user's file (``json_eval_examples``) is read now, so a missing file
   or column stops the run with one line naming the key (the file is only read);
 - the generated arithmetic task (``dataset``, ``dataset_val``, ``eval.examples``) would not have
@@ -15,8 +15,7 @@ from torchtune.config._utils import _get_component_from_path
 
 from torchtune_xgb.data.arithmetic import arithmetic_dataset, check_split_writable, load_eval_examples
 from torchtune_xgb.data.json_eval import json_eval_examples
-from torchtune_xgb.errors import ConfigError
-from torchtune_xgb.eval.exact_match import NORMALIZERS
+from torchtune_xgb.eval.config import parse_eval_config
 
 
 def _builder(block) -> Any:
@@ -33,9 +32,7 @@ def _builder(block) -> Any:
 
 def validate_eval_config(cfg: DictConfig) -> None:
     """Raise ConfigError (one line, naming the key) on the first problem; writes nothing."""
-    normalize = OmegaConf.select(cfg, "eval.normalize")
-    if normalize is not None and normalize not in NORMALIZERS:
-        raise ConfigError(f"eval.normalize: must be one of {', '.join(sorted(NORMALIZERS))}, got {normalize!r}")
+    parse_eval_config(cfg)
     examples = OmegaConf.select(cfg, "eval.examples")
     if isinstance(examples, DictConfig):
         builder = _builder(examples)

@@ -26,7 +26,6 @@ config) → :func:`write_adapter_dir` (rank 0).
 
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
 
@@ -37,6 +36,7 @@ from torchtune.models import convert_weights
 
 from torchtune_xgb.distributed.sharding import gather_rows
 from torchtune_xgb.errors import ConfigError
+from torchtune_xgb.export.config import ExportConfig
 from torchtune_xgb.export.fold import clean_name
 
 ADAPTER_DIR = "adapter"
@@ -45,28 +45,6 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_REPORT = "xgb_adapter.json"  # per-module rank and kept fraction (ours, not PEFT's)
 
 Factors = Tuple[torch.Tensor, torch.Tensor]  # (B: out×k, A: k×in), the update is B·A
-
-
-@dataclass(frozen=True)
-class ExportConfig:
-    """The ``export:`` block. ``adapter_rank``: None = exact adapter, N = top-N per module."""
-
-    adapter_rank: Optional[int] = None
-
-    def validate(self) -> None:
-        rank = self.adapter_rank
-        if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
-            raise ConfigError(f"export.adapter_rank: must be an integer ≥ 1 or null, got {rank!r}")
-
-
-def parse_export_config(cfg: DictConfig) -> ExportConfig:
-    """Check the ``export:`` block (one-line ConfigError naming the key) and return it."""
-    from torchtune_xgb.config.boost_config import build_block
-
-    block = cfg.get("export")
-    if block is not None and not isinstance(block, DictConfig):
-        raise ConfigError(f"export: must be a mapping of keys, got {block!r}")
-    return build_block(ExportConfig, "export", OmegaConf.to_container(block, resolve=True) if block is not None else None)
 
 
 def adapter_only(cfg: DictConfig) -> bool:

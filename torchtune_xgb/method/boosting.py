@@ -67,7 +67,7 @@ class RoundReport:
     update_norm: float
 
     def metrics(self) -> Dict[str, float]:
-        """What the metric logger records at the merge (the per-round metrics of the README)."""
+        """What the metric logger records at the merge (docs/reference/metrics.md, per merge)."""
         return {
             "round": self.round,
             "merge_seconds": self.merge_seconds,

@@ -22,7 +22,6 @@ rank every round; ``basis="top"`` re-takes the top-r SVD of the current merged w
 """
 
 import time
-from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -30,31 +29,12 @@ import torch.nn.functional as F
 from torch import nn
 from torchtune.modules.peft import AdapterModule, LoRALinear
 
+from torchtune_xgb.config.boost_config import SVDConfig
 from torchtune_xgb.distributed.sharding import any_nonzero, broadcast_from_rank0, full, local, local_rows
 from torchtune_xgb.errors import ConfigError
 from torchtune_xgb.method.xgblora import frozen_base_forward
 
-SIGMAS = ("input", "sqrt")
-INITS = ("normal", "zeros")
-SVD_METHODS = ("exact", "randomized")
 CORE_INIT_STD = 1e-5
-
-
-@dataclass(frozen=True)
-class SVDConfig:
-    """``adapter.svd``: how the factors are computed."""
-
-    method: str = "exact"
-    niter: int = 4
-    oversample: int = 8
-
-    def validate(self) -> None:
-        if self.method not in SVD_METHODS:
-            raise ConfigError(f"adapter.svd.method: must be one of {SVD_METHODS}, got {self.method!r}")
-        if not isinstance(self.niter, int) or self.niter < 0:
-            raise ConfigError(f"adapter.svd.niter: must be an integer ≥ 0, got {self.niter!r}")
-        if not isinstance(self.oversample, int) or self.oversample < 0:
-            raise ConfigError(f"adapter.svd.oversample: must be an integer ≥ 0, got {self.oversample!r}")
 
 
 def truncated_svd(weight: torch.Tensor, k: int, svd: SVDConfig) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

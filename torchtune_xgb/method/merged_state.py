@@ -21,7 +21,7 @@ V is replicated (see sharding.py); only the resume state and the export gather r
 When the weights are on a GPU and ``base_device`` is the CPU, W0 sits in pinned memory and is
 copied back asynchronously, one module at a time, only for the modules a round merged.
 
-Memory cost (README): ``base_device`` holds one copy of every adapted weight in its checkpoint
+Memory cost (docs/how-it-works.md): ``base_device`` holds one copy of every adapted weight in its checkpoint
 dtype (2 bytes/parameter in bf16); the factors take 2·k·(out+in) bytes per module after k
 merged rank-1 updates of bf16 adapters (4·k·(out+in) in fp32), capped at 4·out·in bytes.
 

@@ -38,31 +38,30 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
+from torchtune_xgb.config.keys import build_block, key
 from torchtune_xgb.errors import ConfigError, RunError
 
 
 @dataclass(frozen=True)
 class GuardConfig:
-    """The ``guard:`` block (all optional).
+    """The ``guard:`` block: when a diverging run is stopped (non-finite losses and gradients always stop it).
 
-    spike_factor: stop when the loss exceeds this × the recent median (and see spike_margin);
-        null disables the spike check.
-    spike_margin: ... and exceeds the recent median by more than this many nats.
-    window: how many recent losses the median is taken over.
-    max_update_ratio: stop when a live adapter's update ‖η·ΔW‖ exceeds this × ‖W0‖ of its module
-        (checked after every optimizer step, before the round can be merged or saved); null
-        disables it. A healthy round is orders of magnitude below 1 (SmolLM2 demo: ~1e-3).
-    """
+    Each key is defined below with its default, accepted values and meaning (config/keys.py)."""
 
-    spike_factor: Optional[float] = 4.0
-    spike_margin: float = 1.0
-    window: int = 20
-    max_update_ratio: Optional[float] = 1.0
+    spike_factor: Optional[float] = key(
+        4.0, "number > 1 or null",
+        "Stop when the loss exceeds this × the median of the last `window` losses (and `spike_margin` "
+        "more than that median); null turns the spike check off (non-finite values always stop the run).")
+    spike_margin: float = key(1.0, "number ≥ 0", "… and exceeds that median by more than this many nats.")
+    window: int = key(20, "integer ≥ 1", "How many recent losses the median is taken over.")
+    max_update_ratio: Optional[float] = key(
+        1.0, "number > 0 or null",
+        "Stop when a live adapter's update ‖η·ΔW‖ exceeds this × ‖W0‖ of its module (checked after "
+        "every optimizer step, before the round can be merged or saved); null turns it off. A healthy "
+        "round is orders of magnitude below 1 (SmolLM2 demo: ~1e-3).")
 
     @classmethod
     def from_mapping(cls, block: Optional[Mapping[str, Any]]) -> "GuardConfig":
-        from torchtune_xgb.config.boost_config import build_block
-
         return build_block(cls, "guard", block)
 
     def validate(self) -> None:

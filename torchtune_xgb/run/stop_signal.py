@@ -16,7 +16,7 @@ forwards the signals it receives to its workers.
 
 Outside the training steps (model loading, the final export and evaluation) the handlers are not
 installed and both signals act as usual; the export is staged, so a kill there leaves the
-previous state intact (README, Reliability).
+previous state intact (docs/reliability.md).
 """
 
 import signal
