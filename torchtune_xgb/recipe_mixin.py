@@ -235,7 +235,9 @@ class BoostedRecipeMixin(BoostedTrainingLoop):
     def _save_resume(self) -> None:
         state = self._resume_state()  # gathers under FSDP2: every rank takes part
         if self._is_main_process():
-            path = save_resume_state(self._output_dir, self.global_step, state, run=self._run_identity)
+            # the checkpoint this one continues from is kept with it (checkpointing.py)
+            path = save_resume_state(self._output_dir, self.global_step, state, run=self._run_identity,
+                                     parent_step=self._last_resume_step)
             log.info(f"Saved resume checkpoint {path}")
         self._last_resume_step = self.global_step
 
