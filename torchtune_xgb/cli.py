@@ -94,7 +94,7 @@ def _validate(args: argparse.Namespace) -> int:
         OmegaConf.resolve(cfg)
         resumed = None
         if cfg.get("optimizer") is not None:  # a training config for the xgblora_finetune recipe
-            from torchtune_xgb.run.output_dir import check_output_dir
+            from torchtune_xgb.run.output_dir import check_output_dir, disk_logger_file
             from torchtune_xgb.config.validation import validate_config, validate_resume
 
             validate_config(cfg)  # one line naming the key, builders' arguments included
@@ -102,7 +102,8 @@ def _validate(args: argparse.Namespace) -> int:
             resumed = validate_resume(cfg, world_size=None)  # the same run; its number of processes: at launch
             if resumed and cfg.get("overwrite_output_dir"):
                 raise ConfigError("overwrite_output_dir: cannot be True together with resume_from_checkpoint=True")
-            check_output_dir(cfg.output_dir, bool(cfg.get("resume_from_checkpoint")), bool(cfg.get("overwrite_output_dir")))
+            check_output_dir(cfg.output_dir, bool(cfg.get("resume_from_checkpoint")), bool(cfg.get("overwrite_output_dir")),
+                             metrics_file=disk_logger_file(cfg))
         try:
             tt_config.validate(cfg)
         except (TorchtuneConfigError, TypeError) as err:  # its partial-binding retry can raise TypeError
@@ -139,7 +140,7 @@ def _plot(args: argparse.Namespace) -> int:
             raise
         print("error: tune-xgb plot needs matplotlib: pip install matplotlib", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError) as err:  # no logs, no losses, a link at the PNG's path
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(path)
