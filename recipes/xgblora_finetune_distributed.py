@@ -41,6 +41,7 @@ from torchtune_xgb.models.cache import register_resolvers
 from torchtune_xgb.quant.nf4 import is_nf4
 from torchtune_xgb.quant.nf4_sharding import nf4_dtensor_shard, prepare_nf4_for_row_sharding
 from torchtune_xgb.recipe_mixin import BoostedRecipeMixin
+from torchtune_xgb.run.run_lock import release_owner_locks
 from torchtune_xgb.torchtune_recipes import load_recipe_module
 
 register_resolvers()
@@ -299,6 +300,7 @@ def leave_without_teardown(code: int) -> None:
     """
     import logging
 
+    release_owner_locks()  # the run lock where the filesystem has no flock (atexit is skipped)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

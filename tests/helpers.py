@@ -60,3 +60,18 @@ def build_tiny_tokenizer_json(path: Union[str, Path], vocab_size: int = TINY_VOC
     path.parent.mkdir(parents=True, exist_ok=True)
     tok.save(str(path))
     return path
+
+
+def output_dir_cfg(out, resume: bool = False, metrics_file=None, **keys):
+    """The keys of a run config that claiming ``out`` reads (run/output_dir.py), for unit tests of
+    the claim: ``output_dir``, ``resume_from_checkpoint`` and a DiskLogger writing ``metrics_file``."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    cfg = {"output_dir": str(out), "resume_from_checkpoint": resume, **keys}
+    if metrics_file is not None:
+        metrics = Path(metrics_file)
+        cfg["metric_logger"] = {"_component_": "torchtune.training.metric_logging.DiskLogger",
+                                "log_dir": str(metrics.parent), "filename": metrics.name}
+    return OmegaConf.create(cfg)

@@ -137,7 +137,7 @@ def _plot(args: argparse.Namespace) -> int:
             raise
         print("error: tune-xgb plot needs matplotlib: pip install matplotlib", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError) as err:  # no logs, no losses, a link at the PNG's path
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(path)

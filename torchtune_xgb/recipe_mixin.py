@@ -239,7 +239,9 @@ class BoostedRecipeMixin(BoostedTrainingLoop):
         state = self._resume_state()  # gathers under FSDP2: every rank takes part
         if self._is_main_process():
             record_output(self._output_dir, RESUME_DIR, "resume")  # before it is written: run_record.py
-            path = save_resume_state(self._output_dir, self.global_step, state, run=self._run_identity)
+            # the checkpoint this one continues from is kept with it (checkpointing.py)
+            path = save_resume_state(self._output_dir, self.global_step, state, run=self._run_identity,
+                                     parent_step=self._last_resume_step)
             log.info(f"Saved resume checkpoint {path}")
         self._last_resume_step = self.global_step
 

@@ -256,7 +256,7 @@ def test_boosted_loraxs_two_processes_match_one(root):
 def _ledgers(output_dir: Path) -> dict:
     """Merged state L = U·V (fp32, single-device layout) per module, from the last resume state
     (factors are stored in bf16 where that is exact: the product is formed in fp32)."""
-    state = torch.load(output_dir / "xgb_resume" / "step_00000012" / "state.pt", weights_only=False)
+    state = torch.load(output_dir / "xgb_resume" / "step_00000012" / "state.pt", weights_only=True)  # as a resume loads it
     merged = state["booster"]["merged"]
     return {n: (s["dense"] if "dense" in s else s["u"].float() @ s["v"].float()) for n, s in merged.items()}
 

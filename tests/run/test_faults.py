@@ -8,7 +8,10 @@ test runs unprivileged; the error path is the same OSError the kernel raises).
 """
 
 import fcntl
+import hashlib
+import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -18,7 +21,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.e2e_fixture import EXPORT, read_metric, run_recipe, tiny_config
+from tests.e2e_fixture import EXPORT, SHARED_RUNS, read_metric, run_recipe, tiny_config
+from torchtune_xgb.run.checkpointing import load_resume_state, select_resume_checkpoint
 from torchtune_xgb.run.faults import FAULT_ENV
 
 pytestmark = pytest.mark.slow
@@ -85,11 +89,14 @@ def test_corrupted_newest_checkpoint_resumes_from_the_previous_one_with_a_warnin
     data = bytearray(state.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte: torch.load would not notice
     state.write_bytes(bytes(data))
-    resumed = run_recipe(cfg, root, "resume_from_checkpoint=True")
+    # saving every 4 steps now: 8 and 12, so the corrupted step 9 is above the first later save
+    resumed = run_recipe(cfg, root, "resume_from_checkpoint=True", "save_every_n_steps=4")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     log = resumed.stderr + resumed.stdout
     assert f"{state} does not match its sha256" in log and "step_00000006" in log and "Resumed at step 6" in log
     _same_run(out, reference)
+    # kept: the last save and the one before it; the corrupted one went at the first save
+    assert sorted(p.name for p in (out / "xgb_resume").iterdir()) == ["latest", "step_00000008", "step_00000012"]
 
 
 @pytest.mark.parametrize("value", ["nan", "inf"])
@@ -336,3 +343,90 @@ def test_a_key_the_optimizer_does_not_take_is_refused_before_loading(root, tmp_p
     assert _errors(result) == ["error: optimizer.betas2: AdamW() has no argument 'betas2' (did you mean betas?)"]
     assert "Traceback" not in result.stderr and "Model is initialized" not in result.stderr + result.stdout
     assert not (tmp_path / "betas2").exists() or not any((tmp_path / "betas2").iterdir())
+
+
+class _RunsCode:
+    """Pickles as a call of os.system: what an attacker's state.pt holds."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def test_a_crafted_resume_state_is_refused_in_one_line_before_anything_loads_and_runs_nothing(root, reference, tmp_path):
+    """Whoever can write state.pt can rewrite its manifest's checksum too: only the loader protects."""
+    out = tmp_path / "crafted"
+    shutil.copytree(reference, out)
+    checkpoint = out / "xgb_resume" / (out / "xgb_resume" / "latest").read_text().strip()
+    marker = tmp_path / "marker"
+    payload = io.BytesIO()
+    torch.save({"booster": _RunsCode(f"touch {marker}"), "global_step": 12}, payload)
+    (checkpoint / "state.pt").write_bytes(payload.getvalue())
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    manifest["files"]["state.pt"] = {"bytes": len(payload.getvalue()), "sha256": hashlib.sha256(payload.getvalue()).hexdigest()}
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+    before = _tree(out)
+    refused = run_recipe(tiny_config(reference.parent, out), root, "resume_from_checkpoint=True")
+    assert refused.returncode == 1, refused.stderr[-3000:]
+    (line,) = _errors(refused)
+    assert line.startswith(f"error: resume_from_checkpoint: refused {checkpoint / 'state.pt'}: loading it would call posix.system")
+    assert not marker.exists()
+    assert "Model is initialized" not in refused.stderr + refused.stdout and "Traceback" not in refused.stderr
+    assert _tree(out) == before
+
+
+@pytest.mark.parametrize("name", sorted(SHARED_RUNS))
+def test_every_methods_resume_state_loads_as_a_resume_loads_it(single_process_run, name):
+    """fp32 XGBLoRA, boosted and plain LoRA-XS, NF4 (bf16) XGBLoRA and LoRA-XS: their states hold
+    only what ``weights_only=True`` builds (the runs are shared with other tests)."""
+    chosen = select_resume_checkpoint(str(single_process_run(name)))
+    state = load_resume_state(chosen)
+    assert chosen.path.name == "step_00000012" and state["global_step"] == 12 and chosen.skipped == []
+
+
+def test_links_planted_where_a_run_writes_are_refused_and_their_targets_keep_their_bytes(root, tmp_path):
+    out, outside = tmp_path / "planted", tmp_path / "outside"
+    outside.mkdir()
+    (outside / "logs").mkdir()
+    names = [".xgb_run.lock", "xgb_run.json", "xgb_summary.json", ".xgb_summary.json.tmp", "torchtune_config.yaml"]
+    for name in names:
+        (outside / f"victim{name}").write_text(f"the user's file, linked as {name}")
+    (out / "logs").mkdir(parents=True)
+    for name in names:
+        (out / name).symlink_to(outside / f"victim{name}")
+    (out / "logs" / "metrics.txt").symlink_to(outside / "logs" / "metrics.txt")  # dangling: would be created there
+    before = _tree(outside)
+    refused = run_recipe(tiny_config(root, out), root)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    (line,) = _errors(refused)
+    assert line.startswith(f"error: output_dir: {out / '.xgb_run.lock'} is a symbolic link (to {outside / 'victim.xgb_run.lock'})")
+    assert _tree(outside) == before and sorted(p.name for p in (outside / "logs").iterdir()) == []
+    assert all((out / name).is_symlink() for name in names) and "Model is initialized" not in refused.stderr + refused.stdout
+
+
+def test_without_flock_another_hosts_run_lock_is_refused_in_one_line_with_the_way_out(root, tmp_path):
+    """Lustre ``noflock``: flock fails with ENOLCK (here by a sitecustomize of the recipe's process)."""
+    shim = tmp_path / "no_flock"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(
+        "import errno, fcntl, os\n"
+        "def flock(fd, operation):\n"
+        "    raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))\n"
+        "fcntl.flock = flock\n"
+    )
+    out = tmp_path / "noflock"
+    out.mkdir()
+    owner = out / ".xgb_run.owner"
+    owner.write_text(json.dumps({"pid": 4242, "host": "node-17", "process_start": "99", "started": "2025-01-01T00:00:00Z"}))
+    pythonpath = os.pathsep.join(filter(None, [str(shim), os.environ.get("PYTHONPATH")]))
+    refused = run_recipe(tiny_config(root, out), root, env_extra={"PYTHONPATH": pythonpath})
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    (line,) = _errors(refused)
+    assert line == (
+        f"error: output_dir: {out} is in use by another run (pid 4242 on node-17 since 2025-01-01T00:00:00Z, by {owner}: "
+        f"this filesystem has no flock); if that run has ended, delete {owner}; else wait for it to end or choose another output_dir"
+    )
+    assert f"output_dir: {out} is on a filesystem without flock (No locks available)" in refused.stderr
+    assert "node-17" in owner.read_text() and sorted(p.name for p in out.iterdir()) == [".xgb_run.lock", ".xgb_run.owner"]

@@ -6,7 +6,10 @@ saving, and every changed-config resume the reliability issue found. The end-to-
 """
 
 import hashlib
+import io
 import json
+import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -116,6 +119,89 @@ def test_full_disk_while_saving_is_one_line_and_keeps_the_previous(tmp_path, mon
     assert "step_00000003" in str(err.value)  # says what is intact
     assert sorted(p.name for p in (tmp_path / "xgb_resume").iterdir()) == ["latest", "step_00000003"]
     assert _loaded_value(tmp_path)[0] == 3.0
+
+
+# --- a crafted state runs nothing -----------------------------------------------------------------
+
+
+class _RunsCode:
+    """Pickles as a call of os.system: what an attacker's state.pt holds."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def _replace_state(checkpoint: Path, payload: bytes) -> Path:
+    """Put ``payload`` in as ``state.pt`` and rewrite the manifest's size and sha256 to match, as
+    whoever can write the one can."""
+    state = checkpoint / "state.pt"
+    state.write_bytes(payload)
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    manifest["files"]["state.pt"] = {"bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+    return state
+
+
+@pytest.mark.parametrize("fmt", ["torch.save", "plain pickle"])
+def test_a_crafted_state_with_a_matching_manifest_is_refused_in_one_line_and_runs_nothing(tmp_path, fmt):
+    _save(tmp_path, 3, 3.0)
+    newest = _save(tmp_path, 6, 6.0)
+    marker = tmp_path / "marker"
+    crafted = {"x": torch.tensor([6.0]), "booster": _RunsCode(f"touch {marker}")}
+    payload = io.BytesIO()
+    torch.save(crafted, payload) if fmt == "torch.save" else pickle.dump(crafted, payload)
+    state = _replace_state(newest, payload.getvalue())
+    with pytest.raises(RunError) as err:  # when the resume is chosen: before any weights load
+        checkpointing.select_resume_checkpoint(str(tmp_path))
+    message = str(err.value)
+    assert message.startswith(f"resume_from_checkpoint: refused {state}: ") and "\n" not in message
+    assert ("loading it would call posix.system" in message) == (fmt == "torch.save")  # a plain pickle: not torch's format
+    assert not marker.exists()
+    with pytest.raises(RunError):  # nor does the load itself run it
+        checkpointing.load_resume_state(checkpointing.ResumeCheckpoint(newest, {}, []))
+    assert not marker.exists()
+
+
+def test_states_with_every_type_a_resume_state_holds_load_as_saved(tmp_path):
+    """What the recipe saves (recipe_mixin._resume_state): nested dicts and lists of tensors of
+    several dtypes, ints, floats, strings, None, tuples (the optimizer's betas), bools."""
+    state = {
+        "booster": {"merged": {"a": torch.randn(3, 2)}, "reports": [{"kept_fraction": 0.5, "merged_modules": ["q"]}]},
+        "optimizer": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(2, dtype=torch.bfloat16)}},
+                      "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "foreach": None, "amsgrad": False}]},
+        "rng": torch.get_rng_state(), "cuda_rng": None, "last_loss": float("nan"), "guard_recent": [1.0, 2.0],
+    }
+    checkpointing.save_resume_state(str(tmp_path), 3, state)
+    loaded = checkpointing.load_resume_state(checkpointing.select_resume_checkpoint(str(tmp_path)))
+    assert torch.equal(loaded["booster"]["merged"]["a"], state["booster"]["merged"]["a"])
+    assert loaded["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]
+    assert loaded["optimizer"]["state"][0]["exp_avg"].dtype == torch.bfloat16 and torch.equal(loaded["rng"], state["rng"])
+    assert loaded["guard_recent"] == [1.0, 2.0] and loaded["cuda_rng"] is None
+
+
+# --- which checkpoints are kept -----------------------------------------------------------------
+
+
+def _step_dirs(out: Path):
+    return [p.name for p in checkpointing.step_dirs(str(out))]
+
+
+def test_a_corrupted_newest_checkpoint_with_a_higher_step_goes_and_the_one_resumed_from_stays(tmp_path):
+    # save_every_n_steps 5: steps 5 and 10; step 10 corrupted, the resume falls back to step 5
+    _save(tmp_path, 5, 5.0)
+    _flip_bytes(_save(tmp_path, 10, 10.0) / "state.pt")
+    value, chosen = _loaded_value(tmp_path)
+    assert value == 5.0 and chosen.skipped
+    # the resumed run saves every 3 steps: 6, 9, 12 (each continuing the previous one)
+    checkpointing.save_resume_state(str(tmp_path), 6, {"x": torch.tensor([6.0])}, parent_step=5)
+    assert _step_dirs(tmp_path) == ["step_00000006", "step_00000005"]  # not the corrupted step 10
+    checkpointing.save_resume_state(str(tmp_path), 9, {"x": torch.tensor([9.0])}, parent_step=6)
+    assert _step_dirs(tmp_path) == ["step_00000009", "step_00000006"]
+    value, chosen = _loaded_value(tmp_path)
+    assert value == 9.0 and chosen.skipped == []
 
 
 # --- the run's identity: a resume must continue the same run -----------------------------------

@@ -11,10 +11,13 @@ parser here is also what ``benchmarks/`` uses to read step times and tokens/s.
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
+
+from torchtune_xgb.run.safe_files import write_atomically
 
 _STEP_RE = re.compile(r"^Step (\d+) \| (.*)$")
 # A value is a plain token, or a logged 0-d tensor such as "tensor(2.3017)" or
@@ -111,7 +114,8 @@ def plot_run(output_dir, out_png=None) -> Path:
 
     Returns:
         The PNG path. Raises ImportError without matplotlib, FileNotFoundError without logs,
-        ValueError when the logs hold no loss values.
+        ValueError when the logs hold no loss values, ``LinkRefused`` (an OSError) where the PNG's
+        path is a symbolic link.
     """
     import matplotlib
 
@@ -132,7 +136,8 @@ def plot_run(output_dir, out_png=None) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
     plt.close(fig)
-    return out_png
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    return write_atomically(out_png, png.getvalue())  # never through a symbolic link planted there

@@ -131,8 +131,7 @@ def save_hf_checkpoint(
     dtype = hf_state["model.embed_tokens.weight"].dtype
     config["torch_dtype"] = _DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
 
-    from torchtune_xgb.export.staged import _fsync_tree
-    from torchtune_xgb.run.checkpointing import _fsync_dir
+    from torchtune_xgb.run.safe_files import fsync_dir, fsync_tree
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_dirs(out_dir)
@@ -148,9 +147,9 @@ def save_hf_checkpoint(
         for name, content in extra_files.items():
             _write_extra(tmp / name, content)
         _make_readable(tmp)
-        _fsync_tree(tmp)  # on disk before the rename publishes them: a crash never shows empty files
+        fsync_tree(tmp)  # on disk before the rename publishes them: a crash never shows empty files
         _replace_dir(tmp, out_dir)
-        _fsync_dir(out_dir.parent)
+        fsync_dir(out_dir.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -13,17 +13,31 @@ Layout::
     <output_dir>/xgb_resume/latest                        names the newest complete checkpoint
 
 A step directory is written under a temporary name (state, then manifest, each fsynced) and
-renamed into place; only then does ``latest`` move (atomic replace), and only then are older
-checkpoints removed, keeping the newest two. A kill at any moment leaves ``latest`` naming a
-complete checkpoint. ``torch.load`` does not check the zip CRCs, so overwritten bytes would load
-silently: every load verifies the manifest first, and a corrupted or truncated newest checkpoint
-falls back to the previous intact one with a warning naming both.
+renamed into place; only then does ``latest`` move (atomic replace), and only then are other
+checkpoints removed: two are kept, the new one and the one this run continued from (the one it
+resumed from, or its previous save). That record, not the step numbers, decides: after a resume
+that fell back past a corrupted newest checkpoint, and with another ``save_every_n_steps``, the
+corrupted one may carry a higher step than every later save; it goes at the next save, and the
+checkpoint the run came from stays. A kill at any moment leaves ``latest`` naming a complete
+checkpoint. ``torch.load`` does not check the zip CRCs, so overwritten bytes would load silently:
+every load verifies the manifest first, and a corrupted or truncated newest checkpoint falls back
+to the previous intact one with a warning naming both.
+
+The manifest's checksums sit next to the state, so whoever can write the one can write the other:
+they catch accidents, not someone else's file. What keeps a crafted ``state.pt`` from running code
+is how it is read: ``torch.load(weights_only=True)``, which builds only tensors and plain
+containers (all a resume state holds: dicts, lists, numbers, strings, tensors). A file holding
+anything else is refused in one line naming it, when the resume is chosen, before any weights
+load. Nothing here writes through a symbolic link (run/safe_files.py).
 """
 
 import hashlib
 import json
 import os
+import pickle
+import re
 import shutil
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -33,6 +47,7 @@ from torchtune import utils
 
 from torchtune_xgb.errors import RunError
 from torchtune_xgb.run.faults import fault_point
+from torchtune_xgb.run.safe_files import create_new_file, fsync_dir, make_dir, refuse_link, write_atomically
 
 log = utils.get_logger("INFO")
 
@@ -41,19 +56,10 @@ LATEST = "latest"
 STATE_FILE = "state.pt"
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1
-KEEP = 2  # the newest and one before it: a corrupted newest one still leaves a way back
 
 
 def resume_root(output_dir: str) -> Path:
     return Path(output_dir) / RESUME_DIR
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def file_sha256(path: Path) -> str:
@@ -64,41 +70,47 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+def step_name(step: int) -> str:
+    return f"step_{step:08d}"
 
 
 def step_dirs(output_dir: str) -> List[Path]:
-    """Complete-looking checkpoint directories, newest step first."""
+    """Complete-looking checkpoint directories, newest step first (links are none of ours)."""
     root = resume_root(output_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit()]
+    found = [
+        p for p in root.iterdir()
+        if p.name.startswith("step_") and p.name[5:].isdigit() and p.is_dir() and not p.is_symlink()
+    ]
     return sorted(found, key=lambda p: int(p.name[5:]), reverse=True)
 
 
 def save_resume_state(
-    output_dir: str, step: int, state: Dict[str, Any], run: Optional[Dict[str, Any]] = None, keep: int = KEEP
+    output_dir: str, step: int, state: Dict[str, Any], run: Optional[Dict[str, Any]] = None,
+    parent_step: Optional[int] = None,
 ) -> Path:
-    """Write ``state`` as the checkpoint of ``step``; keep the newest ``keep``. Returns its dir.
+    """Write ``state`` as the checkpoint of ``step``. Returns its dir.
 
     ``run`` is the run's identity (recorded in the manifest; a resume compares it before any
-    weights load). Raises :class:`RunError` naming the path if the disk is full or not writable;
-    what was on disk before is then untouched (the half-written directory is removed).
+    weights load). ``parent_step``: the step of the checkpoint this state continues from (the one
+    the run resumed from or saved last); None: the one ``latest`` names. That one and the new one
+    are kept, every other checkpoint directory is removed. Raises :class:`RunError` naming the
+    path if the disk is full or not writable, or a path to write is a symbolic link; what was on
+    disk before is then untouched (the half-written directory is removed).
     """
     root = resume_root(output_dir)
-    name = f"step_{step:08d}"
+    name = step_name(step)
     final = root / name
     tmp = root / f".tmp-{name}-{os.getpid()}"
+    parent = step_name(parent_step) if parent_step is not None else latest_name(output_dir)
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        with open(tmp / STATE_FILE, "wb") as f:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)  # the run's claim made it; output_dir may be a link
+        make_dir(root)
+        refuse_link(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)  # a dead process's with this pid
+        os.mkdir(tmp)
+        with create_new_file(tmp / STATE_FILE) as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
@@ -108,29 +120,30 @@ def save_resume_state(
             "files": {STATE_FILE: {"bytes": (tmp / STATE_FILE).stat().st_size, "sha256": file_sha256(tmp / STATE_FILE)}},
             "run": run or {},
         }
-        _write_synced(tmp / MANIFEST_FILE, json.dumps(manifest, indent=1, sort_keys=True).encode())
+        with create_new_file(tmp / MANIFEST_FILE) as f:
+            f.write(json.dumps(manifest, indent=1, sort_keys=True).encode())
+            f.flush()
+            os.fsync(f.fileno())
         fault_point("mid_save", step)
-        _fsync_dir(tmp)
-        if final.exists():
+        fsync_dir(tmp)
+        refuse_link(final)
+        if final.exists():  # an abandoned save of this step (killed before `latest` moved)
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         fault_point("before_pointer", step)
-        pointer_tmp = root / f".{LATEST}.tmp-{os.getpid()}"
-        _write_synced(pointer_tmp, name.encode())
-        os.replace(pointer_tmp, root / LATEST)
-        _fsync_dir(root)
+        write_atomically(root / LATEST, name.encode())
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise RunError(
             f"save_every_n_steps: could not write the resume checkpoint {final}: {err.strerror or err}; "
             f"the previous checkpoint ({latest_name(output_dir) or 'none'}) is intact"
         ) from err
-    for old in step_dirs(output_dir)[keep:] if keep > 0 else []:
-        if old.name != name:
+    for old in step_dirs(output_dir):
+        if old.name not in (name, parent):
             shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+        shutil.rmtree(stale, ignore_errors=True)  # never follows a link (nor removes one)
     return final
 
 
@@ -191,7 +204,8 @@ def select_resume_checkpoint(output_dir: str) -> Optional[ResumeCheckpoint]:
     """The newest intact checkpoint: the one ``latest`` names, else the newest that verifies.
 
     Returns None if ``output_dir`` holds no checkpoint at all; raises :class:`RunError` (one line
-    naming each file and why) if there are checkpoints but none is intact."""
+    naming each file and why) if there are checkpoints but none is intact, or if the chosen one's
+    state holds more than tensors and plain containers (a crafted file: refused, not skipped)."""
     candidates = step_dirs(output_dir)
     if not candidates:
         return None
@@ -202,20 +216,40 @@ def select_resume_checkpoint(output_dir: str) -> Optional[ResumeCheckpoint]:
         skipped.append(f"{resume_root(output_dir) / LATEST}: names no checkpoint directory ({pointed!r})")
     for path in order:
         try:
-            return ResumeCheckpoint(path, verify_checkpoint(path), skipped)
+            manifest = verify_checkpoint(path)
         except CorruptCheckpoint as err:
             skipped.append(str(err))
+            continue
+        _load_state(path / STATE_FILE, mmap=True)  # refuses a crafted file now: reads the pickle, not the tensors
+        return ResumeCheckpoint(path, manifest, skipped)
     raise RunError(f"resume_from_checkpoint: no intact checkpoint under {resume_root(output_dir)}: " + "; ".join(skipped))
+
+
+def _load_state(file: Path, mmap: bool = False) -> Dict[str, Any]:
+    """``torch.load`` that builds only tensors and plain containers, or a one-line RunError naming
+    ``file``. A file that matched its checksum and still holds anything else was not written by
+    this tool (its checksums are as easy to rewrite as the file): refused, never fallen back from."""
+    if not zipfile.is_zipfile(file):  # torch.save's format; an old-style pickle is no state of ours
+        raise RunError(
+            f"resume_from_checkpoint: refused {file}: not in torch.save's zip format, which every resume state of this tool is"
+        )
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:  # weights_only met something that could run code
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        what = f"loading it would call {found.group(1)}" if found else "it holds more than tensors and plain containers"
+        raise RunError(
+            f"resume_from_checkpoint: refused {file}: {what}; a resume state written by this tool holds only "
+            "tensors and plain containers, so this one was written by something else (not loaded)"
+        ) from err
+    except Exception as err:  # a file that matched its checksum but still fails: say which
+        raise RunError(f"resume_from_checkpoint: cannot load {file}: {type(err).__name__}: {err}".replace("\n", " ")) from err
 
 
 def load_resume_state(checkpoint: ResumeCheckpoint) -> Dict[str, Any]:
     """Load a verified checkpoint's state (CPU tensors). Raises :class:`RunError` naming the file
-    if it cannot be unpickled even so."""
-    file = checkpoint.path / STATE_FILE
-    try:
-        return torch.load(file, map_location="cpu", weights_only=False)
-    except Exception as err:  # a file that matched its checksum but still fails: say which
-        raise RunError(f"resume_from_checkpoint: cannot load {file}: {type(err).__name__}: {err}".replace("\n", " ")) from err
+    if it holds anything but tensors and plain containers, or cannot be read."""
+    return _load_state(checkpoint.path / STATE_FILE)
 
 
 def latest_resume_dir(output_dir: str) -> Optional[Path]:

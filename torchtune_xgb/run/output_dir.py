@@ -13,76 +13,35 @@ recorded writing (another tool's ``epoch_0/``, an older version's outputs) is ne
 directory is refused.
 
 Every run holds an exclusive lock on ``output_dir/.xgb_run.lock`` for its whole life: a second run
-started there at the same time is refused. The lock is an ``flock``: the kernel releases it when
-the process ends, however it ends (a SIGKILLed run leaves no stale lock). Under torchrun only rank
-0 takes it.
+started there at the same time is refused (run/run_lock.py: an ``flock``, or a lock file where the
+filesystem has none). Under torchrun only rank 0 takes it.
+
+Nothing a run writes there goes through a symbolic link (run/safe_files.py), and before writing
+anything a run refuses, in one line naming it, a link planted at any path it will write: its own
+files, ``xgb_resume/`` and what is in it, ``epoch_N/``, torchtune's ``torchtune_config.yaml`` and
+the metric log (torchtune writes those two through links). Holding the lock, a resume then
+finishes or undoes an export a killed run left half-way (export/staged.py).
 """
 
-import errno
-import fcntl
 import os
-import socket
 from pathlib import Path
-from typing import IO, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 from torchtune import utils
 
 from torchtune_xgb.errors import ConfigError
+from torchtune_xgb.export.staged import STAGING_PREFIX, recover_exports
 from torchtune_xgb.run.checkpointing import RESUME_DIR, step_dirs
 from torchtune_xgb.run.inputs import input_inside, run_inputs
+from torchtune_xgb.run.run_lock import LOCK_FILE, OWNER_FILE, RunLock, acquire_lock, in_use_error, lock_holder
 from torchtune_xgb.run.run_record import RUN_FILE, record_started, recorded_outputs, remove_outputs, start_record
+from torchtune_xgb.run.safe_files import LinkRefused, first_link
 from torchtune_xgb.run.summary import SUMMARY_FILE
 
 log = utils.get_logger("INFO")
 
-LOCK_FILE = ".xgb_run.lock"
-
-
-def _in_use(output_dir: Path, holder: str) -> ConfigError:
-    return ConfigError(
-        f"output_dir: {output_dir} is in use by another run ({holder}); wait for it to end or choose another output_dir"
-    )
-
-
-def lock_holder(output_dir: Path) -> Optional[str]:
-    """Who holds the run lock of ``output_dir`` now (None: nobody). Creates nothing."""
-    try:
-        handle = open(output_dir / LOCK_FILE)
-    except OSError:  # no lock file: no run has used the directory, or it is not readable
-        return None
-    with handle:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError as err:
-            if err.errno not in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
-                raise
-            return handle.read().strip() or "unknown"
-    return None  # closing the file released the shared lock
-
-
-def acquire_lock(output_dir: Path) -> IO:
-    """Take the run lock of ``output_dir`` (created if needed); keep the returned file open for
-    the run's whole life. Raises a one-line ConfigError if another process holds it."""
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        handle = open(output_dir / LOCK_FILE, "a+")
-    except OSError as err:
-        raise ConfigError(f"output_dir: cannot use {output_dir}: {err.strerror or err}") from err
-    try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as err:
-        if err.errno not in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
-            raise
-        handle.seek(0)
-        holder = handle.read().strip() or "unknown"
-        handle.close()
-        raise _in_use(output_dir, holder) from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
-    handle.flush()
-    return handle
+TORCHTUNE_CONFIG = "torchtune_config.yaml"  # torchtune's metric loggers write it (training.metric_logging.save_config)
 
 
 def _overwrite_requested(cfg: DictConfig) -> bool:
@@ -130,6 +89,9 @@ def plan_fresh_run(cfg: DictConfig) -> List[str]:
     checkpoints = bool(step_dirs(str(out)))
     resume = ["resume it with resume_from_checkpoint=True"] if checkpoints and not (out / SUMMARY_FILE).exists() else []
     targets = [RESUME_DIR, SUMMARY_FILE] + [f"epoch_{e}" for e in range(int(cfg.get("epochs") or 1))]
+    # an export a killed run left half-way (export/staged.py) is that run's work: a resume
+    # finishes or undoes it; a fresh run never removes it
+    targets += sorted(p.name for p in out.glob(f"{STAGING_PREFIX}*"))
     unrecorded = [t for t in targets if t not in outputs and _occupied(out / t)]
     if unrecorded:
         it = "it" if len(unrecorded) == 1 else "them"
@@ -159,19 +121,41 @@ def plan_fresh_run(cfg: DictConfig) -> List[str]:
     return sorted(outputs)
 
 
+def refuse_planted_links(output_dir: Path, metrics_file: Optional[str] = None) -> None:
+    """Raise a one-line ConfigError naming the first symbolic link at a path a run writes in
+    ``output_dir`` (module docstring); ``metrics_file``: the metric logger's file."""
+    if not output_dir.is_dir():
+        return
+    paths = [output_dir / name for name in (LOCK_FILE, OWNER_FILE, RUN_FILE, SUMMARY_FILE, RESUME_DIR, TORCHTUNE_CONFIG)]
+    paths += sorted(output_dir.glob("epoch_*")) + sorted(output_dir.glob(f"{STAGING_PREFIX}*"))
+    resume = output_dir / RESUME_DIR
+    if resume.is_dir() and not resume.is_symlink():
+        paths += sorted(resume.iterdir())
+    if metrics_file:  # and each directory between output_dir (as the config spells it) and it
+        metrics = Path(metrics_file).expanduser().absolute()
+        base = next((q for q in metrics.parents if q.resolve() == output_dir), None)
+        if base is not None:
+            parts = metrics.relative_to(base).parts
+            paths += [base.joinpath(*parts[: i + 1]) for i in range(len(parts))]
+    link = first_link(paths)
+    if link is not None:
+        raise ConfigError(f"output_dir: {LinkRefused(link)}: remove the link, or choose another output_dir")
+
+
 def check_output_dir(cfg: DictConfig) -> None:
     """What :func:`claim_output_dir` would refuse, checked without writing anything (``tune-xgb
     validate``): a run in progress there, or what :func:`plan_fresh_run` refuses for a fresh run."""
     out = Path(cfg.output_dir).expanduser().resolve()
+    refuse_planted_links(out, disk_logger_file(cfg))
     holder = lock_holder(out)
     if holder is not None:
-        raise _in_use(out, holder)
+        raise in_use_error(out, holder)
     _overwrite_requested(cfg)
     if not cfg.get("resume_from_checkpoint"):
         plan_fresh_run(cfg)
 
 
-def claim_output_dir(cfg: DictConfig, take_lock: bool = True) -> Optional[IO]:
+def claim_output_dir(cfg: DictConfig, take_lock: bool = True) -> Optional[RunLock]:
     """Make ``cfg.output_dir`` this run's, before any weights load. Returns the held lock (or None).
 
     A resume (``resume_from_checkpoint``) takes the lock; its checkpoint is checked by the resume
@@ -182,8 +166,11 @@ def claim_output_dir(cfg: DictConfig, take_lock: bool = True) -> Optional[IO]:
     if not take_lock:  # torchrun ranks > 0: rank 0 decides (and its refusal ends the job)
         return None
     out = Path(cfg.output_dir).expanduser().resolve()
+    refuse_planted_links(out, disk_logger_file(cfg))
     lock = acquire_lock(out)
     if cfg.get("resume_from_checkpoint"):
+        for line in recover_exports(str(out)):  # an export a kill interrupted: finished or undone
+            log.info(f"export: {line}")
         return lock
     try:
         remove = plan_fresh_run(cfg)

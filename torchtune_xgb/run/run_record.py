@@ -18,12 +18,11 @@ import json
 import os
 import shutil
 import socket
-import tempfile
 import time
 from pathlib import Path, PurePosixPath
 from typing import Any, Dict, List
 
-from torchtune_xgb.run.checkpointing import _fsync_dir
+from torchtune_xgb.run.safe_files import write_atomically
 
 RUN_FILE = "xgb_run.json"
 RECORD_FORMAT = 1
@@ -32,20 +31,9 @@ RECORD_FORMAT = 1
 
 
 def _write_record(out: Path, record: Dict[str, Any]) -> None:
-    """Write the record through a new file in ``out`` renamed over the old one (a planted link is
-    replaced, not followed), synced before the output it announces is written."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{RUN_FILE}.", dir=out)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out / RUN_FILE)
-        _fsync_dir(out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write the record through a new file in ``out`` renamed over the old one (never through a
+    link), synced before the output it announces is written."""
+    write_atomically(out / RUN_FILE, json.dumps(record, indent=1).encode())
 
 
 def _safe_name(out: Path, name: object) -> bool:

@@ -4,12 +4,13 @@ Written last, only by a run that exported (a resume that finds it knows the run 
 """
 
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 from torchtune_xgb.config.boost_config import AdapterConfig
+from torchtune_xgb.errors import RunError
+from torchtune_xgb.run.safe_files import write_atomically
 
 SUMMARY_FILE = "xgb_summary.json"
 
@@ -42,10 +43,16 @@ def run_summary(booster, adapter: AdapterConfig, *, steps: int, wall_seconds: fl
 
 
 def write_summary(output_dir: str, summary: Dict[str, Any]) -> Path:
-    """Write ``summary`` to ``output_dir/xgb_summary.json`` through a temporary file renamed into
-    place, so a reader never sees half a summary. Returns the path."""
+    """Write ``summary`` to ``output_dir/xgb_summary.json`` through a new file renamed into place,
+    so a reader never sees half a summary, and never through a symbolic link. Returns the path.
+
+    Raises :class:`RunError` (one line naming the file, or the link) if it cannot be written; the
+    export is complete by then, and a resume writes the summary."""
     path = Path(output_dir) / SUMMARY_FILE
-    tmp = path.with_name(f".{SUMMARY_FILE}.tmp")
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, path)
-    return path
+    try:
+        return write_atomically(path, json.dumps(summary, indent=2).encode())
+    except OSError as err:
+        raise RunError(
+            f"summary: could not write {path}: {err.strerror or err}; the export is complete, "
+            "resume_from_checkpoint=True writes the summary"
+        ) from err
