@@ -38,6 +38,7 @@ from torchtune_xgb.method.loraxs import LoRAXSLinear
 from torchtune_xgb.method.schedules import set_scheduler_step, with_round_restarts
 from torchtune_xgb.quant.nf4 import fitting_nf4_blocks, is_nf4, keep_unquantizable_in_full_precision
 from torchtune_xgb.run.checkpointing import latest_resume_dir, load_resume_state, save_resume_state
+from torchtune_xgb.run.data_identity import check_loaded_data, loaded_data_identity
 from torchtune_xgb.run.faults import fault_point
 from torchtune_xgb.run.guard import GuardConfig, TrainingGuard
 from torchtune_xgb.run.identity import run_identity
@@ -131,6 +132,10 @@ class BoostedRecipeMixin(BoostedTrainingLoop):
         super().setup(cfg)
         if self._steps_per_epoch < 1:
             raise ConfigError("dataset: fewer batches than batch_size × gradient_accumulation_steps")
+        dataset_cfg = OmegaConf.to_container(cfg.dataset, resolve=True)
+        self._run_identity.update(loaded_data_identity(dataset_cfg, self._dataloader.dataset, self._steps_per_epoch))
+        if self._resume_boosted:  # before any step: the same data, the same steps per epoch
+            check_loaded_data(self._resume_checkpoint.run, self._run_identity, self._resume_checkpoint.path)
         self._booster.attach(self._optimizer)
         self._eval_examples = None
         if self._eval_cfg is not None:
