@@ -271,8 +271,9 @@ class BoostedRecipeMixin(BoostedTrainingLoop):
             "resume_from_checkpoint=True to write the export"
         )
         # written to a staging directory and renamed into place: epoch_N/ (with its adapter/)
-        # exists only once complete
-        with staged_export(self._checkpointer, self._output_dir, epoch, self.global_step, resume_hint) as staged:
+        # exists only once complete; its record keeps the summary entries for a resume
+        exported: Dict[str, Any] = {}
+        with staged_export(self._checkpointer, self._output_dir, epoch, self.global_step, resume_hint, exported) as staged:
             fault_point("export_write", self.global_step)
             if ckpt is None:
                 staged.mkdir(parents=True)
@@ -280,7 +281,8 @@ class BoostedRecipeMixin(BoostedTrainingLoop):
                 self._checkpointer.save_checkpoint(ckpt, epoch=epoch, intermediate_checkpoint=False, adapter_only=False)
             extra = {"merge_base": self._adapter.merge_base}
             written = write_adapter_dir(staged, updates, self._checkpointer, self._dtype, self._export, extra)
-            self._summary.update(written, export="adapter" if ckpt is None else "merged model and adapter")
+            exported.update(written, export="adapter" if ckpt is None else "merged model and adapter")
+        self._summary.update(exported)
 
     # --- end of run -----------------------------------------------------------------------
     def _finish(self) -> None:
@@ -291,6 +293,7 @@ class BoostedRecipeMixin(BoostedTrainingLoop):
                 f"exact match: before {self._summary.get('exact_match_before', float('nan')):.3f}, "
                 f"after {self._summary['exact_match_after']:.3f}"
             )
+        fault_point("before_summary", self.global_step)
         if self._is_main_process():
             path = write_summary(self._output_dir, self.summary())
             log.info(f"Wrote {path}")

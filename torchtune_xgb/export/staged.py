@@ -5,7 +5,9 @@ config, tokenizer); a kill or a full disk half-way leaves a directory that looks
 checkpoint. Here the checkpointer writes into a staging directory instead
 (``<output_dir>/.export-staging-<pid>/epoch_N``), a small ``xgb_export.json`` records what was
 written (files and sizes, step, epoch), and only then is the directory renamed to ``epoch_N``. So
-``epoch_N/`` exists only once complete; a resume redoes an export that never arrived.
+``epoch_N/`` exists only once complete; a resume redoes an export that never arrived. The record
+also keeps what the export adds to the run summary (adapter size, kept fraction…), so a resume
+after a kill between the last export and the summary writes the same summary.
 """
 
 import json
@@ -13,7 +15,7 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Dict, Iterator, Optional
 
 from torchtune_xgb.errors import RunError
 from torchtune_xgb.run.faults import fault_point
@@ -31,6 +33,15 @@ def export_complete(output_dir: str, epoch: int) -> bool:
     return (epoch_dir(output_dir, epoch) / EXPORT_RECORD).is_file()
 
 
+def exported_summary(output_dir: str, epoch: int) -> Dict[str, Any]:
+    """The run-summary entries a finished export of epoch ``epoch`` recorded (``{}``: none)."""
+    try:
+        summary = json.loads((epoch_dir(output_dir, epoch) / EXPORT_RECORD).read_text()).get("summary", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
+
+
 def _fsync_tree(path: Path) -> None:
     for root, _, files in os.walk(path):
         for name in files:
@@ -44,9 +55,12 @@ def _fsync_tree(path: Path) -> None:
 
 
 @contextmanager
-def staged_export(checkpointer, output_dir: str, epoch: int, step: int, resume_hint: Optional[str]) -> Iterator[Path]:
+def staged_export(checkpointer, output_dir: str, epoch: int, step: int, resume_hint: Optional[str],
+                  summary: Optional[Dict[str, Any]] = None) -> Iterator[Path]:
     """Point ``checkpointer`` at a staging directory for the body; then rename its ``epoch_N``
     into ``output_dir`` (replacing an older one). Yields the staged ``epoch_N`` path.
+    ``summary``: a dict the body fills with the export's run-summary entries; recorded in
+    ``xgb_export.json`` (:func:`exported_summary` reads them back).
 
     Any failure (full disk, permissions; safetensors reports I/O errors as its own type) becomes a one-line :class:`RunError` that names the
     directory and says what is left (``resume_hint``: the intact resume checkpoint); the staging
@@ -65,7 +79,7 @@ def staged_export(checkpointer, output_dir: str, epoch: int, step: int, resume_h
         yield staged
         checkpointer._output_dir = saved_output_dir
         files = {str(p.relative_to(staged)): p.stat().st_size for p in sorted(staged.rglob("*")) if p.is_file()}
-        record = {"epoch": epoch, "step": step, "files": files}
+        record = {"epoch": epoch, "step": step, "files": files, "summary": summary or {}}
         (staged / EXPORT_RECORD).write_text(json.dumps(record, indent=1))
         _fsync_tree(staged)
         fault_point("mid_export", step)
