@@ -14,7 +14,7 @@ of the method lives in its own module; this class connects them to torchtune's r
   into place; ``summary``: run/summary.py.
 
 Subclasses for other launch modes override the small hooks ``_scale_grads``, ``_reduce_loss``,
-``_is_main_process``, ``_rank0_decides``, ``_any_rank_signal``, ``_wait_for_all_ranks``,
+``_is_main_process``, ``_rank0_decides``, ``_any_rank_signal``, ``_all_ranks_done``, ``_wait_for_all_ranks``,
 ``_model_state_dict``, ``_merged_weights``, ``_optimizer_state_dict`` and ``_load_optimizer_state``.
 """
 import os
@@ -103,6 +103,10 @@ class BoostedRecipeMixin(BoostedTrainingLoop):
     def _any_rank_signal(self, signum: int) -> int:
         """The largest stop-signal number any rank received (0: none; one process: as is)."""
         return signum
+
+    def _all_ranks_done(self, done: bool) -> bool:
+        """Whether ``done`` holds on every rank (one process: as is)."""
+        return done
 
     def _wait_for_all_ranks(self) -> None:
         """Return when every rank got here (one process: at once)."""
@@ -197,6 +201,7 @@ class BoostedRecipeMixin(BoostedTrainingLoop):
             batch_size=self._eval_cfg.get("batch_size", 16),
             device=self._device,
             normalize=self._eval_cfg.get("normalize", "strip"),
+            all_ranks_done=self._all_ranks_done,  # under FSDP2 all ranks decode and must stop together
         )
 
     # --- resume ---------------------------------------------------------------------------
