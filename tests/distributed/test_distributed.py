@@ -197,7 +197,9 @@ def test_a_one_process_run_resumes_on_two_processes_from_the_same_global_sample_
     cfg = no_eval(tiny_config(root, out))
     killed = run_recipe(cfg, root, env_extra={KILL_AT_STEP_ENV: "7"})
     assert killed.returncode == -9, killed.stderr[-2000:]
-    files = lambda: {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and p.name != ".xgb_run.lock"}  # noqa: E731
+    def files():
+        return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and p.name != ".xgb_run.lock"}
+
     before = files()
     allow = ("resume_from_checkpoint=True", "resume_allow_changes=[world_size]")
     refused = run_distributed(cfg, root, *allow, "batch_size=4")

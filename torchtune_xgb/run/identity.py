@@ -215,7 +215,8 @@ def check_resume_identity(saved: Dict[str, Any], current: Dict[str, Any], allowe
         with_processes = LAYOUT_KEYS if any(k == WORLD_SIZE for k, _, _ in refused) else ()
         changeable = [k for k, _, _ in refused if any(k.startswith(c) for c in CHANGEABLE_ON_REQUEST) or k in with_processes]
         listed_keys = [k for k in changeable if k == WORLD_SIZE or k not in LAYOUT_KEYS]  # world_size covers the other two
-        hint = f"; to change them on purpose: resume_allow_changes=[{','.join(listed_keys)}]" if len(changeable) == len(refused) else ""
+        hint = (f"; to change them on purpose: resume_allow_changes=[{','.join(listed_keys)}]"
+                if len(changeable) == len(refused) else "")
         raise ConfigError(
             f"resume_from_checkpoint: the config differs from the run that wrote {checkpoint} in {listed}; "
             f"a resume must continue the same run (choose another output_dir for a new one){hint}"
