@@ -88,6 +88,11 @@ class XGBLoRAFinetuneRecipeDistributed(BoostedRecipeMixin, _torchtune_lora.LoRAF
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag.item())
 
+    def _all_ranks_done(self, done: bool) -> bool:
+        flag = torch.tensor([int(done)], device=self._device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
     def _wait_for_all_ranks(self) -> None:
         dist.barrier()
 

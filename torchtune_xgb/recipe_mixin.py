@@ -14,7 +14,7 @@ of the method lives in its own module; this class connects them to torchtune's r
   into place; ``summary``: run/summary.py.
 
 Subclasses for other launch modes override the small hooks ``_scale_grads``, ``_reduce_loss``,
-``_is_main_process``, ``_rank0_decides``, ``_any_rank_signal``, ``_wait_for_all_ranks``,
+``_is_main_process``, ``_rank0_decides``, ``_any_rank_signal``, ``_all_ranks_done``, ``_wait_for_all_ranks``,
 ``_model_state_dict``, ``_merged_weights``, ``_optimizer_state_dict`` and ``_load_optimizer_state``.
 """
 import os
@@ -41,6 +41,7 @@ from torchtune_xgb.method.loraxs import LoRAXSLinear
 from torchtune_xgb.method.schedules import set_scheduler_step, with_round_restarts
 from torchtune_xgb.quant.nf4 import fitting_nf4_blocks, is_nf4, keep_unquantizable_in_full_precision
 from torchtune_xgb.run.checkpointing import RESUME_DIR, latest_resume_dir, load_resume_state, save_resume_state
+from torchtune_xgb.run.data_identity import check_loaded_data, loaded_data_identity
 from torchtune_xgb.run.faults import fault_point
 from torchtune_xgb.run.guard import GuardConfig, TrainingGuard
 from torchtune_xgb.run.identity import run_identity
@@ -100,6 +101,10 @@ class BoostedRecipeMixin(BoostedTrainingLoop):
         """The largest stop-signal number any rank received (0: none; one process: as is)."""
         return signum
 
+    def _all_ranks_done(self, done: bool) -> bool:
+        """Whether ``done`` holds on every rank (one process: as is)."""
+        return done
+
     def _wait_for_all_ranks(self) -> None:
         """Return when every rank got here (one process: at once)."""
 
@@ -129,6 +134,10 @@ class BoostedRecipeMixin(BoostedTrainingLoop):
         super().setup(cfg)
         if self._steps_per_epoch < 1:
             raise ConfigError("dataset: fewer batches than batch_size × gradient_accumulation_steps")
+        dataset_cfg = OmegaConf.to_container(cfg.dataset, resolve=True)
+        self._run_identity.update(loaded_data_identity(dataset_cfg, self._dataloader.dataset, self._steps_per_epoch))
+        if self._resume_boosted:  # before any step: the same data, the same steps per epoch
+            check_loaded_data(self._resume_checkpoint.run, self._run_identity, self._resume_checkpoint.path)
         self._booster.attach(self._optimizer)
         self._eval_examples = None
         if self._eval_cfg is not None:
@@ -195,6 +204,7 @@ class BoostedRecipeMixin(BoostedTrainingLoop):
             batch_size=self._eval.batch_size,
             device=self._device,
             normalize=self._eval.normalize,
+            all_ranks_done=self._all_ranks_done,  # under FSDP2 all ranks decode and must stop together
         )
 
     # --- resume ---------------------------------------------------------------------------
@@ -272,9 +282,10 @@ class BoostedRecipeMixin(BoostedTrainingLoop):
             "resume_from_checkpoint=True to write the export"
         )
         # written to a staging directory and renamed into place: epoch_N/ (with its adapter/)
-        # exists only once complete
+        # exists only once complete; its record keeps the summary entries for a resume
         record_output(self._output_dir, epoch_dir(self._output_dir, epoch).name, "export")
-        with staged_export(self._checkpointer, self._output_dir, epoch, self.global_step, resume_hint) as staged:
+        exported: Dict[str, Any] = {}
+        with staged_export(self._checkpointer, self._output_dir, epoch, self.global_step, resume_hint, exported) as staged:
             fault_point("export_write", self.global_step)
             if ckpt is None:
                 staged.mkdir(parents=True)
@@ -282,7 +293,8 @@ class BoostedRecipeMixin(BoostedTrainingLoop):
                 self._checkpointer.save_checkpoint(ckpt, epoch=epoch, intermediate_checkpoint=False, adapter_only=False)
             extra = {"merge_base": self._adapter.merge_base}
             written = write_adapter_dir(staged, updates, self._checkpointer, self._dtype, self._export, extra)
-            self._summary.update(written, export="adapter" if ckpt is None else "merged model and adapter")
+            exported.update(written, export="adapter" if ckpt is None else "merged model and adapter")
+        self._summary.update(exported)
 
     # --- end of run -----------------------------------------------------------------------
     def _finish(self) -> None:
@@ -293,6 +305,7 @@ class BoostedRecipeMixin(BoostedTrainingLoop):
                 f"exact match: before {self._summary.get('exact_match_before', float('nan')):.3f}, "
                 f"after {self._summary['exact_match_after']:.3f}"
             )
+        fault_point("before_summary", self.global_step)
         if self._is_main_process():
             record_output(self._output_dir, SUMMARY_FILE, "summary")
             path = write_summary(self._output_dir, self.summary())

@@ -185,6 +185,42 @@ def test_resume_under_fsdp_matches_uninterrupted(root, fsdp):
         assert torch.allclose(a[key], b[key], rtol=0, atol=1e-6), key
 
 
+def test_a_one_process_run_resumes_on_two_processes_from_the_same_global_sample_or_is_refused(root, single):
+    """``resume_allow_changes=[world_size]``: killed after step 7 on one process (batch 4), resumed
+    from step 6 on two. Batch 4 per rank would double the global batch: refused in one line before
+    anything loads, nothing on disk changed. Batch 2 per rank keeps it: each rank continues at the
+    global sample 6 × 4 (tests/run/test_resume_layout.py checks the sampler positions), and the
+    run repeats the uninterrupted one-process run."""
+    from torchtune_xgb.run.faults import KILL_AT_STEP_ENV
+
+    out = root / "one_then_two"
+    cfg = no_eval(tiny_config(root, out))
+    killed = run_recipe(cfg, root, env_extra={KILL_AT_STEP_ENV: "7"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    def files():
+        return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and p.name != ".xgb_run.lock"}
+
+    before = files()
+    allow = ("resume_from_checkpoint=True", "resume_allow_changes=[world_size]")
+    refused = run_distributed(cfg, root, *allow, "batch_size=4")
+    assert refused.returncode != 0  # the workers' 2 reaches the shell as torchrun's 1
+    assert [line for line in refused.stderr.splitlines() if line.startswith("error:")] == [
+        "error: resume_allow_changes: world_size 1 → 2 changes the global batch 4 → 8 "
+        "(batch_size × processes × gradient_accumulation_steps): set batch_size=2 to keep 4"
+    ]
+    assert "Model is initialized" not in refused.stderr + refused.stdout and files() == before
+    resumed = run_distributed(cfg, root, *allow)  # batch 2 per rank
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "Resumed at step 6" in resumed.stderr + resumed.stdout
+    full, again = read_metric(single, "loss"), read_metric(out, "loss")
+    assert sorted(again) == list(range(1, 13))
+    assert [again[s] for s in range(7, 13)] == pytest.approx([full[s] for s in range(7, 13)], rel=LOSS_REL)
+    a, b = load_file(single / EXPORT), load_file(out / EXPORT)
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=0, atol=WEIGHT_ATOL), key
+    assert json.loads((out / "xgb_summary.json").read_text())["steps"] == 12
+
+
 def test_sigterm_on_one_rank_stops_both_after_the_step_and_the_resume_matches_uninterrupted(root, fsdp):
     """A pre-empted node: SIGTERM reaches rank 1 only, mid-step 8. Both ranks finish step 8, agree
     to stop (an all-reduce of the request), save it and exit; the resume repeats the fsdp run."""

@@ -157,6 +157,64 @@ def test_max_new_tokens_truncates():
     assert generate_answers(model, tok, examples, max_new_tokens=1) == ["1"]
 
 
+def _counting_forwards(model):
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("other_rank_done_after,forwards", [(5, 5), (None, 8), (1, 3)])
+def test_decoding_stops_at_the_token_where_every_rank_is_done(other_rank_done_after, forwards):
+    """Under FSDP every rank decodes the same batch and each forward pass is a collective: ranks
+    must stop at the same token. Simulated: this rank's replies ("12" + <|im_end|>) end at token 3;
+    the reduction also asks another rank, done after ``other_rank_done_after`` tokens (None: never,
+    until max_new_tokens). Decoding goes on, one decision per token, until both are done; the
+    extra tokens do not change the replies."""
+    model, tok = says_12_model(), ChatCharTokenizer()
+    calls = _counting_forwards(model)
+    examples = [{"prompt_messages": [{"role": "user", "content": q}], "answer": "12"} for q in ("hi", "a longer one")]
+    asked = []
+
+    def all_ranks_done(done):
+        asked.append(done)
+        return done and other_rank_done_after is not None and len(asked) >= other_rank_done_after
+
+    replies = generate_answers(model, tok, examples, max_new_tokens=8, all_ranks_done=all_ranks_done)
+    assert replies == ["12", "12"]
+    assert len(calls) == len(asked) == forwards  # one shared decision per generated token
+    assert asked == [False, False] + [True] * (forwards - 2)  # this rank alone would stop at token 3
+    calls.clear()
+    assert generate_answers(model, tok, examples, max_new_tokens=8) == ["12", "12"] and len(calls) == 3  # one process
+
+
+def test_the_fsdp_recipe_decodes_until_every_rank_is_done(monkeypatch):
+    """The distributed recipe's evaluation reduces the done flag over the ranks (its minimum),
+    once per generated token. Simulated ranks: the all-reduce combines this rank's flag with
+    another rank that is done only from token 5 on."""
+    import torch.distributed as dist
+    import xgblora_finetune_distributed as worker
+    from omegaconf import OmegaConf
+
+    from torchtune_xgb.eval.config import parse_eval_config
+
+    recipe = object.__new__(worker.XGBLoRAFinetuneRecipeDistributed)
+    recipe._model, recipe._tokenizer, recipe._device = says_12_model(), ChatCharTokenizer(), torch.device("cpu")
+    recipe._eval_examples = [{"prompt_messages": [{"role": "user", "content": "hi"}], "answer": "12"}]
+    recipe._eval = parse_eval_config(OmegaConf.create({"eval": {"examples": {"_component_": "x"}, "max_new_tokens": 8}}))
+    calls = _counting_forwards(recipe._model)
+    reduced = []
+
+    def all_reduce(tensor, op=dist.ReduceOp.SUM):
+        other = torch.full_like(tensor, int(len(reduced) >= 4))  # the other rank's flag at this token
+        reduced.append(op)
+        combine = torch.minimum if op == dist.ReduceOp.MIN else torch.maximum if op == dist.ReduceOp.MAX else torch.add
+        tensor.copy_(combine(tensor, other))
+
+    monkeypatch.setattr(worker.dist, "all_reduce", all_reduce)
+    assert recipe._exact_match() == 1.0
+    assert len(calls) == len(reduced) == 5 and all(op == dist.ReduceOp.MIN for op in reduced)
+
+
 def test_left_padding_and_cache_do_not_change_predictions():
     model, tok = tiny_decoder(), ChatCharTokenizer()
     examples = mixed_length_examples()

@@ -38,8 +38,26 @@ def _errors(result):
     return [line for line in result.stderr.splitlines() if line.startswith("error:")]
 
 
+WALL_CLOCK = ("wall_seconds", "merge_seconds", "svd_seconds", "reset_seconds")
+
+
+def _timeless(summary):
+    """A run summary without its wall-clock fields (also inside the round reports)."""
+    if isinstance(summary, dict):
+        return {k: _timeless(v) for k, v in summary.items() if k not in WALL_CLOCK}
+    return [_timeless(v) for v in summary] if isinstance(summary, list) else summary
+
+
+def _same_summary(out: Path, reference: Path) -> None:
+    """The summaries agree key by key, but for wall-clock times."""
+    a, b = (_timeless(json.loads((d / "xgb_summary.json").read_text())) for d in (reference, out))
+    assert sorted(b) == sorted(a)
+    for key in a:
+        assert b[key] == a[key], key
+
+
 def _same_run(out: Path, reference: Path) -> None:
-    """Identical losses on every step and an identical, complete export."""
+    """Identical losses on every step, an identical, complete export and the same summary."""
     a, b = read_metric(reference, "loss"), read_metric(out, "loss")
     assert sorted(b) == list(range(1, 13))
     assert [b[s] for s in range(1, 13)] == pytest.approx([a[s] for s in range(1, 13)], rel=1e-5)
@@ -50,6 +68,7 @@ def _same_run(out: Path, reference: Path) -> None:
     assert (out / "epoch_0" / "xgb_export.json").is_file() and (out / "epoch_0" / "config.json").is_file()
     assert not list(out.glob(".export-*"))  # no staging left behind
     assert json.loads((out / "xgb_summary.json").read_text())["steps"] == 12
+    _same_summary(out, reference)
 
 
 def _kill_then_resume(root, name, fault, resumed_from, expect_export_before=False):
@@ -78,6 +97,31 @@ def _kill_then_resume(root, name, fault, resumed_from, expect_export_before=Fals
 def test_sigkill_at_each_phase_then_resume_equals_the_uninterrupted_run(root, reference, fault, resumed_from):
     out, _ = _kill_then_resume(root, fault.replace(":", "_"), fault, resumed_from)
     _same_run(out, reference)
+
+
+def test_a_kill_between_the_final_export_and_the_summary_resumes_to_the_uninterrupted_summary(root, tmp_path):
+    """10 steps, κ = 4: the last round (steps 9-10) is partial. The checkpoint of step 10 is saved
+    before it is folded and before the export knows its adapter; the resume must still write the
+    summary of the run that finished: 3 rounds, their merged state, the adapter's entries."""
+    from torchtune_xgb.export.staged import export_complete
+
+    config = lambda out: tiny_config(root, out, max_steps_per_epoch=10)  # noqa: E731
+    reference = tmp_path / "uninterrupted"
+    finished = run_recipe(config(reference), root)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    expected = json.loads((reference / "xgb_summary.json").read_text())
+    assert expected["rounds"] == 3 and expected["steps"] == 10 and expected["adapter_bytes"] > 0
+    out = tmp_path / "killed_before_summary"
+    killed = run_recipe(config(out), root, env_extra={FAULT_ENV: "kill:before_summary"})
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert export_complete(str(out), 0) and not (out / "xgb_summary.json").exists()
+    export = {p.name: p.read_bytes() for p in (out / "epoch_0").rglob("*") if p.is_file()}
+    resumed = run_recipe(config(out), root, "resume_from_checkpoint=True")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resumed at step 10" in resumed.stderr + resumed.stdout
+    _same_summary(out, reference)
+    assert {p.name: p.read_bytes() for p in (out / "epoch_0").rglob("*") if p.is_file()} == export  # not written again
+    assert read_metric(out, "kept_fraction") == read_metric(reference, "kept_fraction")  # each merge logged once
 
 
 def test_corrupted_newest_checkpoint_resumes_from_the_previous_one_with_a_warning(root, reference):

@@ -17,7 +17,7 @@ compared with ``==`` after the same normaliser (``eval.normalize``, eval/normali
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -154,8 +154,10 @@ def _greedy_batch(
     pad_id: int,
     device: torch.device,
     dtype: torch.dtype,
+    all_ranks_done: Callable[[bool], bool],
 ) -> list[list[int]]:
-    """Greedy continuations of left-padded ``prompts``, each cut before its first stop token."""
+    """Greedy continuations of left-padded ``prompts``, each cut before its first stop token.
+    Stops when ``all_ranks_done`` says so (see :func:`generate_answers`)."""
     bsz, plen = len(prompts), max(len(p) for p in prompts)
     total = plen + max_new_tokens
     tokens = torch.full((bsz, total), pad_id, dtype=torch.long, device=device)
@@ -179,7 +181,7 @@ def _greedy_batch(
             nxt = logits.argmax(dim=-1)
             tokens[:, cur] = torch.where(done, torch.full_like(nxt, pad_id), nxt)
             done |= torch.isin(nxt, stop)
-            if bool(done.all()):
+            if all_ranks_done(bool(done.all())):  # one decision per token, shared by all ranks
                 break
     out = []
     for row in tokens[:, plen:].tolist():
@@ -200,6 +202,7 @@ def generate_answers(
     batch_size: int = 16,
     device: Optional[str | torch.device] = None,
     normalize: str = "strip",
+    all_ranks_done: Optional[Callable[[bool], bool]] = None,
 ) -> list[str]:
     """Greedy replies of ``model`` to each example's prompt.
 
@@ -213,6 +216,12 @@ def generate_answers(
         batch_size: prompts decoded together (left-padded).
         device: where the token tensors go; default: the device of the model's parameters.
         normalize: ``strip`` | ``none`` | ``lower`` | ``number`` (see the module docstring).
+        all_ranks_done: for a model sharded over processes (FSDP2), where every rank decodes the
+            same batches and each forward pass is a collective: called once per generated token
+            with whether this rank's replies have all ended, it returns whether every rank's
+            have (e.g. an all-reduce), so that all ranks stop at the same token; ranks whose
+            logits differ in the last bit would otherwise stop apart and leave one waiting in a
+            forward pass forever. Default: this process's own answer.
 
     Returns:
         One decoded reply per example, in order, cut before the first stop token and passed
@@ -237,7 +246,7 @@ def generate_answers(
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             batch = [prompts[i] for i in idx]
-            outs = _greedy_batch(model, batch, max_new_tokens, stop_tokens, pad_id, device, dtype)
+            outs = _greedy_batch(model, batch, max_new_tokens, stop_tokens, pad_id, device, dtype, all_ranks_done or bool)
             for i, ids in zip(idx, outs):
                 replies[i] = normalize_answer(tokenizer.decode(ids), normalize)
     return replies  # type: ignore[return-value]
@@ -251,6 +260,7 @@ def exact_match_details(
     batch_size: int = 16,
     device: Optional[str | torch.device] = None,
     normalize: str = "strip",
+    all_ranks_done: Optional[Callable[[bool], bool]] = None,
 ) -> tuple[float, list[dict[str, Any]]]:
     """Like :func:`exact_match`, also returning per-example records.
 
@@ -260,7 +270,7 @@ def exact_match_details(
     """
     if not examples:
         raise ValueError("no examples to evaluate")
-    preds = generate_answers(model, tokenizer, examples, max_new_tokens, batch_size, device, normalize)
+    preds = generate_answers(model, tokenizer, examples, max_new_tokens, batch_size, device, normalize, all_ranks_done)
     records = []
     for ex, pred in zip(examples, preds):
         correct = pred == normalize_answer(str(ex["answer"]), normalize)
@@ -278,15 +288,17 @@ def exact_match(
     batch_size: int = 16,
     device: Optional[str | torch.device] = None,
     normalize: str = "strip",
+    all_ranks_done: Optional[Callable[[bool], bool]] = None,
 ) -> float:
     """Fraction of ``examples`` whose greedy reply equals ``answer`` after the same normaliser
     (default: whitespace stripped).
 
     Args:
-        model, tokenizer, max_new_tokens, batch_size, device, normalize: as in :func:`generate_answers`.
+        model, tokenizer, max_new_tokens, batch_size, device, normalize, all_ranks_done: as in
+            :func:`generate_answers`.
         examples: dicts with ``prompt_messages`` and ``answer`` (see ``load_eval_examples``).
 
     Returns:
         A float in [0, 1]. Raises ``ValueError`` on an empty ``examples``.
     """
-    return exact_match_details(model, tokenizer, examples, max_new_tokens, batch_size, device, normalize)[0]
+    return exact_match_details(model, tokenizer, examples, max_new_tokens, batch_size, device, normalize, all_ranks_done)[0]

@@ -15,6 +15,8 @@ into place if ``epoch_N/`` is missing (a kill between its two renames, or just b
 a replaced ``epoch_N`` goes back where it was; then the staging directory goes. So a complete
 export that is the only copy is never deleted. (A new run in that directory is refused, or with
 ``overwrite_output_dir`` replaces that run: its export removes such leftovers.)
+The record also keeps what the export adds to the run summary (adapter size, kept fraction…), so a
+resume after a kill between the last export and the summary writes the same summary.
 """
 
 import json
@@ -23,7 +25,7 @@ import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 from torchtune_xgb.errors import RunError
 from torchtune_xgb.run.faults import fault_point
@@ -44,6 +46,15 @@ def epoch_dir(output_dir: str, epoch: int) -> Path:
 def export_complete(output_dir: str, epoch: int) -> bool:
     """Whether ``epoch_N/`` was renamed into place by a finished export (it carries the record)."""
     return (epoch_dir(output_dir, epoch) / EXPORT_RECORD).is_file()
+
+
+def exported_summary(output_dir: str, epoch: int) -> Dict[str, Any]:
+    """The run-summary entries a finished export of epoch ``epoch`` recorded (``{}``: none)."""
+    try:
+        summary = json.loads((epoch_dir(output_dir, epoch) / EXPORT_RECORD).read_text()).get("summary", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
 
 
 def _record(path: Path) -> Optional[dict]:
@@ -108,9 +119,12 @@ def recover_exports(output_dir: str) -> List[str]:
 
 
 @contextmanager
-def staged_export(checkpointer, output_dir: str, epoch: int, step: int, resume_hint: Optional[str]) -> Iterator[Path]:
+def staged_export(checkpointer, output_dir: str, epoch: int, step: int, resume_hint: Optional[str],
+                  summary: Optional[Dict[str, Any]] = None) -> Iterator[Path]:
     """Point ``checkpointer`` at a staging directory for the body; then rename its ``epoch_N``
     into ``output_dir`` (replacing an older one). Yields the staged ``epoch_N`` path.
+    ``summary``: a dict the body fills with the export's run-summary entries; recorded in
+    ``xgb_export.json`` (:func:`exported_summary` reads them back).
 
     Any failure (full disk, permissions, a symbolic link at ``epoch_N``; safetensors reports I/O
     errors as its own type) becomes a one-line :class:`RunError` that names the directory and says
@@ -132,7 +146,7 @@ def staged_export(checkpointer, output_dir: str, epoch: int, step: int, resume_h
         yield staged
         checkpointer._output_dir = saved_output_dir
         files = {str(p.relative_to(staged)): p.stat().st_size for p in sorted(staged.rglob("*")) if p.is_file()}
-        record = {"epoch": epoch, "step": step, "files": files}
+        record = {"epoch": epoch, "step": step, "files": files, "summary": summary or {}}
         with create_new_file(staged / EXPORT_RECORD) as f:
             f.write(json.dumps(record, indent=1).encode())
         fsync_tree(staged)

@@ -11,7 +11,8 @@ full disk), at one of the phases the recipe announces with :func:`fault_point`:
 - ``before_pointer``: the checkpoint directory is in place, ``latest`` still names the previous one;
 - ``mid_export``: the export's files are written to the staging directory, not renamed into place;
 - ``export_swap``: an older ``epoch_N/`` is moved aside into the staging directory, the new one not yet in place;
-- ``export_write``: while the export's model files are being written.
+- ``export_write``: while the export's model files are being written;
+- ``before_summary``: the final export is in place (and evaluated), ``xgb_summary.json`` not written.
 
 ``nan:loss:STEP`` and ``inf:loss:STEP`` make the loss that the guard sees at STEP non-finite
 (:func:`fault_value`), as a diverged forward pass would.

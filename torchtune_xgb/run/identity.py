@@ -18,7 +18,13 @@ a checkpoint written before the tokenizer was fingerprinted) must stay where it 
 
 Changing the optimizer, scheduler or gradient clipping on purpose (typically: resuming a run that
 diverged with a lower learning rate) is allowed when the resume lists the keys in
-``resume_allow_changes``; nothing else can be changed on resume.
+``resume_allow_changes``. Listing ``world_size`` lets the number of processes change, and with it
+``batch_size`` and ``gradient_accumulation_steps``, as long as the global batch and the steps per
+epoch stay the same (batch_layout.py: the resume then continues from the same global sample);
+nothing else can be changed on resume.
+
+What only the loaded data shows (its size, the steps per epoch, a hub dataset's resolved
+revision) is added to the identity once the data has loaded and compared then (data_identity.py).
 """
 
 import glob
@@ -32,6 +38,7 @@ from torchtune import utils
 
 from torchtune_xgb.errors import ConfigError
 from torchtune_xgb.run.base_fingerprint import MODEL_CONFIG, base_fingerprints
+from torchtune_xgb.run.batch_layout import LAYOUT_KEYS, SAMPLES_KEY, WORLD_SIZE, check_layout_change
 
 log = utils.get_logger("INFO")
 
@@ -52,6 +59,9 @@ BASE_KEY = "checkpointer#base_weights"
 # Blocks whose local files are hashed (``KEY#sha256``), so their bytes define the run and their paths may move.
 HASHED_BLOCKS = ("dataset", "tokenizer")
 HASH_SUFFIX = "#sha256"
+# Keys the recipe adds once the data has loaded (data_identity.py): compared then, not before.
+REVISIONS_KEY, STEPS_KEY = "dataset#revisions", "dataset#steps_per_epoch"
+LOADED_KEYS = (SAMPLES_KEY, STEPS_KEY, REVISIONS_KEY)
 _HASH_LIMIT = 1 << 30  # files above 1 GiB: size and the first and last MiB, not every byte
 
 
@@ -160,7 +170,7 @@ def run_identity(cfg: DictConfig, world_size: int = 1) -> Dict[str, Any]:
                 identity[key + HASH_SUFFIX] = prints
     if cfg.get("checkpointer") is not None:
         identity[BASE_KEY] = base_fingerprints(cfg.checkpointer)
-    identity["world_size"] = world_size
+    identity[WORLD_SIZE] = world_size
     return identity
 
 
@@ -190,20 +200,29 @@ def check_resume_identity(saved: Dict[str, Any], current: Dict[str, Any], allowe
                 f"resume_allow_changes: {key!r} cannot change on resume (only optimizer.*, lr_scheduler.*, "
                 "clip_grad_norm, world_size); start a new run in another output_dir"
             )
+    # with world_size allowed, processes, per-rank batch and accumulation are judged together
+    judged_together = LAYOUT_KEYS if WORLD_SIZE in allowed else ()
     refused = [
         (key, a, b)
         for key, a, b in differences(saved, current)
         if key != BASE_KEY and not _unrecorded_hash(key, saved) and not _moved(key, a, b, saved, current)
+        if not (key in LOADED_KEYS and key not in current) and key not in judged_together
         if not any(key == k or key.startswith(k + ".") or key.startswith(k + "#") for k in allowed)
     ]
     if refused:
         listed = ", ".join(f"{k} (checkpoint {_short(a)}, now {_short(b)})" for k, a, b in refused)
-        changeable = [k for k, _, _ in refused if any(k.startswith(c) for c in CHANGEABLE_ON_REQUEST)]
-        hint = f"; to change them on purpose: resume_allow_changes=[{','.join(changeable)}]" if len(changeable) == len(refused) else ""
+        # a new number of processes needs its per-rank batch or accumulation changed with it
+        with_processes = LAYOUT_KEYS if any(k == WORLD_SIZE for k, _, _ in refused) else ()
+        changeable = [k for k, _, _ in refused if any(k.startswith(c) for c in CHANGEABLE_ON_REQUEST) or k in with_processes]
+        listed_keys = [k for k in changeable if k == WORLD_SIZE or k not in LAYOUT_KEYS]  # world_size covers the other two
+        hint = (f"; to change them on purpose: resume_allow_changes=[{','.join(listed_keys)}]"
+                if len(changeable) == len(refused) else "")
         raise ConfigError(
             f"resume_from_checkpoint: the config differs from the run that wrote {checkpoint} in {listed}; "
             f"a resume must continue the same run (choose another output_dir for a new one){hint}"
         )
+    if judged_together:
+        check_layout_change(saved, current)
     _check_base_weights(saved, current, checkpoint)  # after the config: a moved checkpoint_dir is said as such
 
 

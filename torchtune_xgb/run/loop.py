@@ -24,8 +24,9 @@ from torchtune import training, utils
 from tqdm import tqdm
 
 from torchtune_xgb.errors import StoppedBySignal
-from torchtune_xgb.export.staged import export_complete
+from torchtune_xgb.export.staged import export_complete, exported_summary
 from torchtune_xgb.method.boosting import RoundReport
+from torchtune_xgb.run.batch_layout import rank_position
 from torchtune_xgb.run.faults import fault_point, fault_value
 from torchtune_xgb.run.stop_signal import FORCE_AFTER_S, StopOnSignal, signal_name
 from torchtune_xgb.run.summary import SUMMARY_FILE
@@ -162,14 +163,14 @@ class BoostedTrainingLoop:
             return
         total_steps = self.total_epochs * self._steps_per_epoch
         pbar = tqdm(total=total_steps, initial=self.global_step, disable=not self._is_main_process())
-        sampler = self._dataloader.sampler
-        samples_per_step = self._gradient_accumulation_steps * self._dataloader.batch_size
+        sampler = self._dataloader.sampler  # a DistributedSampler, also on one process
+        global_batch = self._gradient_accumulation_steps * self._dataloader.batch_size * sampler.num_replicas
         with self._profiler as prof, _closing(pbar):  # an error line then starts on a line of its own
             for epoch in range(self.epochs_run, self.total_epochs):
                 done = self.global_step - epoch * self._steps_per_epoch
                 sampler.set_epoch(epoch)
-                if done:  # mid-epoch resume: continue after the samples already trained on
-                    sampler.load_state_dict({"yielded": done * samples_per_step})
+                if done:  # mid-epoch resume: every rank continues at the next global sample (batch_layout.py)
+                    sampler.load_state_dict({"yielded": rank_position(done, global_batch, sampler.num_replicas)})
                 batches = iter(self._dataloader)
                 # SIGTERM / Ctrl-C during the steps: finish the step, save, stop (stop_signal.py)
                 with StopOnSignal(self._log_stop_request) as stop:
@@ -243,8 +244,11 @@ class BoostedTrainingLoop:
 
     def _finish_interrupted_export(self) -> bool:
         """After a resume exactly at an epoch's end whose export never arrived (killed, or the disk
-        was full), write it now: the state at that step is the one that export needs. Returns True
-        when the run had nothing left but that (or nothing at all)."""
+        was full), write it now: the state at that step is the one that export needs. After the
+        final export did arrive (killed before the summary), bring the run to the state that export
+        left it in: the partial last round folded (the checkpoint of the final step is saved
+        before that, see ``_end_epoch``) and the export's summary entries from its record.
+        Returns True when the run had nothing left but that (or nothing at all)."""
         done = self.global_step - self.epochs_run * self._steps_per_epoch
         if self.epochs_run == 0 or done != 0 or not self._resume_boosted:
             return False
@@ -253,6 +257,10 @@ class BoostedTrainingLoop:
             if self._is_main_process():
                 log.info(f"Resumed at the end of epoch {last}: writing its missing export")
             self._end_epoch(last)
+        elif self.epochs_run == self.total_epochs:
+            self._booster.finish()  # its round report was logged before the kill
+            if self._is_main_process():
+                self._summary.update(exported_summary(self._output_dir, last))
         return self.epochs_run == self.total_epochs
 
     def _end_epoch(self, epoch: int) -> None:
