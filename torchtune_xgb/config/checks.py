@@ -49,16 +49,23 @@ PLUGIN_KEYS: Dict[str, Tuple[str, Any, str]] = {
     "batch_size_val": ("integer ≥ 1 or null", None, "Batch size of the `dataset_val` scoring (null: `batch_size`)."),
     "save_every_n_steps": (
         "integer ≥ 1 or null", None,
-        "Write a resume checkpoint every N steps (atomic, verified, the newest two kept); one is "
-        "always written at the final step, before the export."),
+        "Write a resume checkpoint every N steps (atomic, verified; two kept: the new one and the one "
+        "the run continued from); one is always written at the final step, before the export."),
     "overwrite_output_dir": (
         "`true` or `false`", False,
-        "Start a new run in a directory that holds another run: removes what a run wrote there "
-        "(resume state, exports, summary, the metrics file) and nothing else."),
+        "Start a new run in a directory that holds another run: removes exactly what that run "
+        "recorded writing in `xgb_run.json` (resume state, exports, summary, the metrics log) and "
+        "nothing else; refused, before anything is removed, when an input of this run (base, "
+        "tokenizer, data, eval file) lies inside what would go, or when the directory holds what "
+        "this run would write but no run recorded (another tool's or an older version's `epoch_N/`)."),
     "resume_allow_changes": (
         "list of keys", [],
         "Keys a resume (`resume_from_checkpoint=True`) may change on purpose: `optimizer.*`, "
-        "`lr_scheduler.*`, `clip_grad_norm`, `world_size`."),
+        "`lr_scheduler.*`, `clip_grad_norm`, `world_size`. `world_size` lets the number of processes "
+        "change, and `batch_size` and `gradient_accumulation_steps` with it, as long as the global batch "
+        "(`batch_size × processes × gradient_accumulation_steps`) and the steps per epoch stay the same: "
+        "the resume then continues from the same global sample; anything else is refused in one line "
+        "naming the setting that keeps it."),
     "model_dir": ("path", None, "The packaged configs' helper variable: the prepared model's directory."),
 }
 KNOWN_KEYS = TORCHTUNE_KEYS | set(PLUGIN_KEYS)

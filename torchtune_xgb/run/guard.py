@@ -56,9 +56,10 @@ class GuardConfig:
     window: int = key(20, "integer ≥ 1", "How many recent losses the median is taken over.")
     max_update_ratio: Optional[float] = key(
         1.0, "number > 0 or null",
-        "Stop when a live adapter's update ‖η·ΔW‖ exceeds this × ‖W0‖ of its module (checked after "
-        "every optimizer step, before the round can be merged or saved); null turns it off. A healthy "
-        "round is orders of magnitude below 1 (SmolLM2 demo: ~1e-3).")
+        "Stop when a live adapter's update ‖η·ΔW‖ exceeds this × ‖W0‖ of its module (measured after "
+        "every optimizer step and read with the next step's loss, before that step is applied; at once "
+        "where the step is merged, saved or exported); null turns it off. A healthy round is orders of "
+        "magnitude below 1 (SmolLM2 demo: ~1e-3).")
 
     @classmethod
     def from_mapping(cls, block: Optional[Mapping[str, Any]]) -> "GuardConfig":
