@@ -69,12 +69,14 @@ from benchmarks.common import (
     clean_dir,
     config_files,
     count_params,
+    defining_path,
     hardware,
     read_log,
     run_subprocess,
     tail,
     today,
     tune_command,
+    with_defining_paths,
     write_config,
 )
 from benchmarks.quality_stats import SLOW_FACTOR, curve_from_log, lr_past_edge, seconds_to_step, select_lr, slow_runs
@@ -224,7 +226,7 @@ def tiny_settings(tiny_dir: Path, model_cfg) -> Dict[str, Any]:
     """The tiny 2-layer test model in place of SmolLM2 (``--quick``), keeping the method's rank."""
     from tests.tiny_model import TINY
 
-    if model_cfg._component_ in PLAIN_MODELS.values():
+    if defining_path(model_cfg._component_) in PLAIN_MODELS.values():
         model = {"_component_": "torchtune.models.llama3_2._component_builders.llama3_2", **TINY}
     else:
         model = {"_component_": "torchtune.models.llama3_2._component_builders.lora_llama3_2",
@@ -240,7 +242,7 @@ def tiny_settings(tiny_dir: Path, model_cfg) -> Dict[str, Any]:
 
 def plain_model_config(model_cfg) -> Dict[str, Any]:
     """The non-LoRA model of a run's model config (what a merged checkpoint loads into)."""
-    component = model_cfg._component_
+    component = defining_path(model_cfg._component_)
     if component in PLAIN_MODELS:
         return {"_component_": PLAIN_MODELS[component]}
     kwargs = {k: v for k, v in OmegaConf.to_container(model_cfg).items() if k != "_component_"}
@@ -355,10 +357,12 @@ def config_fingerprint(cfg, out_dir: Path) -> str:
     """The resolved config as text with the run's own directory, the model cache and the checkout
     written symbolically: equal for the same run in another workdir, cache or clone (a benchmark
     can run from a worktree pinned at one commit while the checkout changes), different when any
-    value that reaches the recipe changes."""
+    value that reaches the recipe changes. Components are written by their defining module's
+    path (``defining_path``): the packaged configs' switch to the public aliases
+    (``torchtune_xgb.lora_smollm2_135m``) left every recorded run's id as it was."""
     from torchtune_xgb.models.cache import cache_root
 
-    text = OmegaConf.to_yaml(cfg).replace(str(out_dir), "<run>").replace(str(cache_root()), "<cache>")
+    text = OmegaConf.to_yaml(OmegaConf.create(with_defining_paths(OmegaConf.to_container(cfg)))).replace(str(out_dir), "<run>").replace(str(cache_root()), "<cache>")
     text = text.replace(str(REPO), "<repo>")
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
