@@ -138,7 +138,7 @@ PRESETS = {
     "quick": Setting(steps=4, every=2, batch_size=2, device="cpu", dtype="fp32", model="tiny", n_val=6, n_test=6,
                      eval_batch_size=6),
     # --long (benchmarks/quality_long.py): 25 merged rounds at κ = 20, curve points every 50 steps;
-    # batch 4 halves the 2-core CPU's ~32 h at batch 8 (measured sizing in the module's docstring)
+    # batch 4: ~25 h on the 2-core CPU where batch 8 takes ~37 h (sizing in that module's docstring)
     "long": Setting(steps=500, every=50, batch_size=4, device="cpu", dtype="fp32"),
     "long_gpu": Setting(steps=500, every=50, batch_size=4, device="cuda", dtype="bf16", eval_batch_size=100),
     "long_quick": Setting(steps=6, every=2, batch_size=2, device="cpu", dtype="fp32", model="tiny", n_val=6, n_test=6,

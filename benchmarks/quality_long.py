@@ -18,7 +18,23 @@ The report is the 60-step protocol's (quality_report.render_protocol) plus:
   missing per family and method, whose learning rate is still to be chosen, and the hours left
   at the recorded runs' median time.
 
-Sizing (2-core CPU, README / the lead's note): see ``SIZING`` below.
+Sizing (2-core AMD EPYC, fp32, 2026-12-04). Seconds per step at batch 8 are the 60-step record's
+(lower quartile over runs, mean over the three families; LoRA r=32 = r=8 × 1.09, its measured CPU
+ratio); batch 4 scales them by each method's single-thread CPU-seconds per step measured on real
+arithmetic batches (batch 4 / batch 8: LoRA 0.54, r=32 0.53, rank-1 0.51, full 0.72: the full
+model's AdamW step does not shrink with the batch). Evaluation: 28-40 s per curve point (100 test
+items, greedy; ordering's 18-token answers the slowest), at each point and twice more for the
+final val + test scores. Runs: 12 (family, method) groups × (3 rates + 0.68 edge extensions, the
+60-step record's mean, + 2 seeds) ≈ 68, between 60 and 84.
+
+    setting              LoRA r=8  r=32  full  XGBLoRA   per run   protocol
+    batch 8, every 50      3.11    3.39  2.96   2.77    ~33 min   ~37 h (33-46)
+    batch 8, every 100       "       "     "      "     ~30 min   ~34 h
+    batch 4, every 50      1.67    1.79  2.15   1.42    ~22 min   ~25 h (22-31)   ← the preset
+    batch 4, every 100       "       "     "      "     ~19 min   ~22 h
+
+on an otherwise idle machine. Under ``nice -n 19`` beside other work it is far slower: with the
+load average at ~7, a niced XGBLoRA step at batch 4 took ~20 s and one curve point ~12 min.
 """
 
 from __future__ import annotations

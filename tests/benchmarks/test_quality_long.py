@@ -10,6 +10,7 @@ import importlib.util
 import json
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -259,3 +260,26 @@ def test_long_quick_run_and_its_report_from_the_record(tmp_path, monkeypatch):
         return [line for line in text.splitlines() if line.startswith(("| ", "- "))]
 
     assert figures(again.read_text()) == figures(text)
+
+
+RESULTS = Path(quality.REPO) / "benchmarks" / "results"
+LONG_REPORTS = sorted(p.name for p in RESULTS.glob("quality_long_cpu*.md"))
+
+
+@pytest.mark.parametrize("report", LONG_REPORTS)
+def test_a_committed_long_report_is_what_its_record_renders(report, tmp_path, monkeypatch):
+    """A committed long-protocol report (interim or final) against ``--long --report-only`` of
+    benchmarks/results/quality_long_cpu_runs.jsonl: every table row and list line must match.
+    Command that writes it: ``python -m benchmarks.quality --long --report-only --reuse
+    benchmarks/results/quality_long_cpu_runs.jsonl --workdir DIR --out benchmarks/results/quality_long_cpu.md``."""
+    text = (RESULTS / report).read_text()
+    families = re.fullmatch(r"## Quality: .*, task families: (.*), \d{4}-\d{2}-\d{2}", text.splitlines()[0]).group(1)
+    monkeypatch.setattr(quality, "run_subprocess", lambda *a, **k: pytest.fail("--report-only started a run"))
+    out = tmp_path / report
+    quality.main(["--long", "--tasks", *families.split(", "), "--report-only", "--reuse",
+                  str(RESULTS / "quality_long_cpu_runs.jsonl"), "--workdir", str(tmp_path / "work"), "--out", str(out)])
+
+    def figures(text):
+        return [line for line in text.splitlines() if line.startswith(("| ", "- "))]
+
+    assert figures(out.read_text()) == figures(text)
