@@ -82,7 +82,7 @@ from benchmarks.common import (
     with_defining_paths,
     write_config,
 )
-from benchmarks.quality_long import LONG_GRIDS, LONG_METHODS, LONG_QUICK_METHODS, LONG_QUICK_TASKS, LONG_TASKS
+from benchmarks.quality_long import LONG_GRIDS, LONG_METHODS, LONG_QUICK_METHODS, LONG_QUICK_TASKS, LONG_TASKS, render_long
 from benchmarks.quality_rank import run_effective_rank
 from benchmarks.quality_stats import SLOW_FACTOR, curve_from_log, lr_past_edge, seconds_to_step, select_lr, slow_runs
 from torchtune_xgb.errors import ConfigError
@@ -377,8 +377,8 @@ def config_fingerprint(cfg, out_dir: Path) -> str:
     (``torchtune_xgb.lora_smollm2_135m``) left every recorded run's id as it was."""
     from torchtune_xgb.models.cache import cache_root
 
-    text = OmegaConf.to_yaml(OmegaConf.create(with_defining_paths(OmegaConf.to_container(cfg)))).replace(str(out_dir), "<run>").replace(str(cache_root()), "<cache>")
-    text = text.replace(str(REPO), "<repo>")
+    text = OmegaConf.to_yaml(OmegaConf.create(with_defining_paths(OmegaConf.to_container(cfg))))
+    text = text.replace(str(out_dir), "<run>").replace(str(cache_root()), "<cache>").replace(str(REPO), "<repo>")
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -629,11 +629,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    f"{' '.join(LONG_TASKS)})")
     p.add_argument("--json-task", nargs="*", default=[], metavar="NAME=DIR", help="your own data: " + JSON_TASK_HELP)
     p.add_argument("--methods", nargs="*", default=None, choices=list(METHODS))
-    p.add_argument("--seeds", type=int, default=None, help="seeds per method (default 3; --quick 2; --sweep 1)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per method (default 3; --quick 2; --sweep 1; --long --quick 1)")
     p.add_argument("--grid", action="store_true", help="each method's LR grid, best chosen on val (default: first LR)")
     p.add_argument("--lrs", nargs="*", default=[], metavar="METHOD=LR[,LR…]", help="LRs of a method, replacing its grid")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (preset: cpu 60, gpu 300)")
-    p.add_argument("--every", type=int, default=None, help="curve interval in steps (preset: cpu 20, gpu 50)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (preset: cpu 60, gpu 300, --long 500)")
+    p.add_argument("--every", type=int, default=None, help="curve interval in steps (preset: cpu 20, gpu 50, --long 50)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--keep-checkpoints", action="store_true")
     p.add_argument("--rerun-slow", action="store_true", help="run again the finished runs whose training took "
@@ -645,7 +645,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--report-only", action="store_true",
                    help="render the report from the record (WORKDIR/runs.jsonl and --reuse) and start no run: runs it "
                         "lacks are named as not run (no model needed: e.g. the committed record on a fresh clone)")
-    p.add_argument("--out", type=Path, default=None, help="write the report to OUT (.md), OUT.json and OUT.png")
+    p.add_argument("--out", type=Path, default=None, help="write the report to OUT (.md), OUT.json and OUT.png "
+                   "(--long: OUT_FAMILY.png per family)")
     args = p.parse_args(argv)
     if args.long and args.sweep:
         p.error("--long runs the protocol, not the sweep")
@@ -671,7 +672,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    from benchmarks.quality_long import render_long
     from benchmarks.quality_report import render_protocol, render_sweep, write_outputs
 
     args = parse_args(argv)
