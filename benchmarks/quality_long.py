@@ -43,7 +43,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from benchmarks.common import fmt, markdown_table
+from benchmarks.common import markdown_table
 from benchmarks.quality_report import ORDER, PANELS, REFERENCE, _base, _points, curve_series, paired_versus, summarise
 from benchmarks.quality_stats import holm, paired_p_value
 

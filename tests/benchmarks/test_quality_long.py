@@ -17,7 +17,7 @@ import pytest
 
 from benchmarks import quality
 from benchmarks.quality_long import LONG_GRIDS, progress, rank_rounds, render_long
-from benchmarks.quality_rank import rank_curves, run_effective_rank
+from benchmarks.quality_rank import run_effective_rank
 from benchmarks.quality_stats import energy_rank, entropy_rank, holm, paired_p_value, prefix_singular_values
 
 
