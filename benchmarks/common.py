@@ -95,6 +95,33 @@ def model_settings(model: str) -> Dict[str, Any]:
     raise ValueError(f"--model: unknown {model!r} (smollm2-135m, 1b-random)")
 
 
+def defining_path(component: str) -> str:
+    """A ``_component_`` path written as the path of the module that defines it when it names one
+    of torchtune_xgb's public aliases (``torchtune_xgb.lora_smollm2_135m``, as the packaged
+    configs spell it, → ``torchtune_xgb.models.smollm2.lora_smollm2_135m``); any other path as
+    given. Both spellings build the same thing, so what is keyed by a component (``PLAIN_MODELS``,
+    a quality run's id) reads this one and does not change when a config switches spelling."""
+    package, _, name = component.rpartition(".")
+    if package != "torchtune_xgb":
+        return component
+    import torchtune_xgb
+
+    target = getattr(torchtune_xgb, name, None)
+    module = sys.modules.get(getattr(target, "__module__", None) or "")
+    # the alias's name in its defining module (an alias of another function keeps its own name)
+    return f"{module.__name__}.{name}" if module is not None and getattr(module, name, None) is target else component
+
+
+def with_defining_paths(node: Any) -> Any:
+    """A plain config container (dicts, lists) with every ``_component_`` through :func:`defining_path`."""
+    if isinstance(node, dict):
+        return {k: defining_path(v) if k == "_component_" and isinstance(v, str) else with_defining_paths(v)
+                for k, v in node.items()}
+    if isinstance(node, list):
+        return [with_defining_paths(v) for v in node]
+    return node
+
+
 PLAIN_MODELS = {
     # the non-LoRA builder of each LoRA builder, for full fine-tuning and the bare-base floor
     "torchtune_xgb.models.smollm2.lora_smollm2_135m": "torchtune_xgb.models.smollm2.smollm2_135m",
@@ -156,7 +183,7 @@ def build_config(
         for key in OUR_KEYS:
             cfg.pop(key, None)
     if method.recipe in (TORCHTUNE_FULL, "floor"):
-        cfg.model = {"_component_": PLAIN_MODELS[cfg.model._component_]}
+        cfg.model = {"_component_": PLAIN_MODELS[defining_path(cfg.model._component_)]}
     if method.recipe == TORCHTUNE_FULL:
         cfg.optimizer_in_bwd = False
     if not keep_eval:

@@ -5,6 +5,8 @@
     python -m benchmarks.quality --quick --out outputs/quality_quick.md                    # smoke test, tiny model, ~1 min
     python -m benchmarks.quality --sweep --out outputs/sweep.md                           # κ, blocks, α, lr (XGBLoRA), r (LoRA-XS)
     python -m benchmarks.quality --tasks strings --json-task mine=/data/mine --methods lora_r8 xgblora
+    python -m benchmarks.quality --long --workdir outputs/quality_long --out outputs/quality_long.md  # 500 steps (quality_long.py)
+    python -m benchmarks.quality --long --quick --out outputs/quality_long_quick.md                   # its smoke test, ~1 min
 
 Protocol (every method, every task family of ``torchtune_xgb.data.TASKS`` or ``--json-task``):
 
@@ -49,6 +51,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -69,14 +72,18 @@ from benchmarks.common import (
     clean_dir,
     config_files,
     count_params,
+    defining_path,
     hardware,
     read_log,
     run_subprocess,
     tail,
     today,
     tune_command,
+    with_defining_paths,
     write_config,
 )
+from benchmarks.quality_long import LONG_GRIDS, LONG_METHODS, LONG_QUICK_METHODS, LONG_QUICK_TASKS, LONG_TASKS, render_long
+from benchmarks.quality_rank import run_effective_rank
 from benchmarks.quality_stats import SLOW_FACTOR, curve_from_log, lr_past_edge, seconds_to_step, select_lr, slow_runs
 from torchtune_xgb.errors import ConfigError
 
@@ -102,7 +109,11 @@ METHODS = {
                           "smollm2_135m_xgblora_xs", {"adapter.method": "loraxs"}),
                    [4e-3, 1e-3, 1e-2]),
     "full": (Method("full fine-tuning", TORCHTUNE_FULL), [2e-5, 1e-5, 5e-5]),
+    # torchtune's α = 2r convention, as r=8's α = 16: the same scale α/r
+    "lora_r32": (Method("torchtune LoRA r=32", TORCHTUNE_LORA, overrides={"model.lora_rank": 32, "model.lora_alpha": 64}),
+                 [1e-3, 3e-4, 3e-3]),
 }
+PROTOCOL_METHODS = ["lora_r8", "xgblora", "loraxs", "xgblora_xs", "full"]  # the 60-step protocol's default
 
 
 @dataclass(frozen=True)
@@ -126,6 +137,12 @@ PRESETS = {
     "gpu": Setting(steps=300, every=50, batch_size=16, device="cuda", dtype="bf16", eval_batch_size=100),
     "quick": Setting(steps=4, every=2, batch_size=2, device="cpu", dtype="fp32", model="tiny", n_val=6, n_test=6,
                      eval_batch_size=6),
+    # --long (benchmarks/quality_long.py): 25 merged rounds at κ = 20, curve points every 50 steps;
+    # batch 4: ~25 h on the 2-core CPU where batch 8 takes ~37 h (sizing in that module's docstring)
+    "long": Setting(steps=500, every=50, batch_size=4, device="cpu", dtype="fp32"),
+    "long_gpu": Setting(steps=500, every=50, batch_size=4, device="cuda", dtype="bf16", eval_batch_size=100),
+    "long_quick": Setting(steps=6, every=2, batch_size=2, device="cpu", dtype="fp32", model="tiny", n_val=6, n_test=6,
+                          eval_batch_size=6),
 }
 QUICK_TASKS, QUICK_METHODS = ["strings"], ["lora_r8", "xgblora"]
 
@@ -224,7 +241,7 @@ def tiny_settings(tiny_dir: Path, model_cfg) -> Dict[str, Any]:
     """The tiny 2-layer test model in place of SmolLM2 (``--quick``), keeping the method's rank."""
     from tests.tiny_model import TINY
 
-    if model_cfg._component_ in PLAIN_MODELS.values():
+    if defining_path(model_cfg._component_) in PLAIN_MODELS.values():
         model = {"_component_": "torchtune.models.llama3_2._component_builders.llama3_2", **TINY}
     else:
         model = {"_component_": "torchtune.models.llama3_2._component_builders.lora_llama3_2",
@@ -240,7 +257,7 @@ def tiny_settings(tiny_dir: Path, model_cfg) -> Dict[str, Any]:
 
 def plain_model_config(model_cfg) -> Dict[str, Any]:
     """The non-LoRA model of a run's model config (what a merged checkpoint loads into)."""
-    component = model_cfg._component_
+    component = defining_path(model_cfg._component_)
     if component in PLAIN_MODELS:
         return {"_component_": PLAIN_MODELS[component]}
     kwargs = {k: v for k, v in OmegaConf.to_container(model_cfg).items() if k != "_component_"}
@@ -355,11 +372,13 @@ def config_fingerprint(cfg, out_dir: Path) -> str:
     """The resolved config as text with the run's own directory, the model cache and the checkout
     written symbolically: equal for the same run in another workdir, cache or clone (a benchmark
     can run from a worktree pinned at one commit while the checkout changes), different when any
-    value that reaches the recipe changes."""
+    value that reaches the recipe changes. Components are written by their defining module's
+    path (``defining_path``): the packaged configs' switch to the public aliases
+    (``torchtune_xgb.lora_smollm2_135m``) left every recorded run's id as it was."""
     from torchtune_xgb.models.cache import cache_root
 
-    text = OmegaConf.to_yaml(cfg).replace(str(out_dir), "<run>").replace(str(cache_root()), "<cache>")
-    text = text.replace(str(REPO), "<repo>")
+    text = OmegaConf.to_yaml(OmegaConf.create(with_defining_paths(OmegaConf.to_container(cfg))))
+    text = text.replace(str(out_dir), "<run>").replace(str(cache_root()), "<cache>").replace(str(REPO), "<repo>")
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -426,6 +445,7 @@ def run_method(key: str, task: TaskSpec, lr: float, seed: int, setting: Setting,
         return cached
     if getattr(args, "report_only", False):
         return missing_row(ident, key, task, lr, seed)
+    started = time.perf_counter()
     clean_dir(out_dir)
     result = run_subprocess(tune_command(method.recipe, write_config(cfg, out_dir / "config.yaml")), out_dir / "stdout.txt")
     row: Dict[str, Any] = {"id": ident, "method": method.name, "key": key, "task": task.name, "lr": lr, "seed": seed,
@@ -475,6 +495,11 @@ def run_method(key: str, task: TaskSpec, lr: float, seed: int, setting: Setting,
         row.update(trainable_params=count_params(cfg.model)["adapter"], distinct_params_touched=adapted_weight_entries(cfg.model))
     else:  # full fine-tuning trains (and may change) every parameter
         row["trainable_params"] = row["distinct_params_touched"] = count_params(cfg.model)["total"]
+    # the update's effective rank (per round for boosted runs) from the last export's PEFT adapter
+    rank = run_effective_rank(epochs[-1], int(cfg.model.get("lora_rank") or 0) or 1, len(row.get("merges") or []) or None)
+    if rank is not None:
+        row["effective_rank"] = rank
+    row["total_seconds"] = time.perf_counter() - started  # training, evaluation and scoring: the sizing's unit
     if not args.keep_checkpoints:
         for ckpt in epochs:
             shutil.rmtree(ckpt, ignore_errors=True)
@@ -517,7 +542,11 @@ EDGE_STEPS = 2  # at most this many learning rates tried past the edge of a grid
 def protocol(tasks: List[TaskSpec], methods: List[str], lrs: Dict[str, List[float]], seeds: List[int],
              setting: Setting, args, cache: RunCache) -> List[Dict[str, Any]]:
     """All runs of the protocol: per task and method, the LR grid on the first seed (extended past
-    an edge the val-best LR sits on, up to ``EDGE_STEPS`` values), then the other seeds at the best."""
+    an edge the val-best LR sits on, up to ``EDGE_STEPS`` values), then the other seeds at the best.
+
+    ``--report-only`` on a partial record: while a grid run (or an edge extension) is missing, the
+    learning rate is not chosen from the runs that happen to be there; the other seeds are listed
+    as missing with the rate pending (``lr`` None), so the report counts them."""
     rows = []
     for task in tasks:
         rows.append(base_row(task, setting, args, cache))
@@ -525,18 +554,24 @@ def protocol(tasks: List[TaskSpec], methods: List[str], lrs: Dict[str, List[floa
             grid = lrs[key]
             print(f"{task.name} / {METHODS[key][0].name}: lr grid {grid}, seeds {seeds}")
             runs = [run_method(key, task, lr, seeds[0], setting, args, cache) for lr in grid]
-            best = select_lr(runs) if len(grid) > 1 else grid[0]
+            pending = len(grid) > 1 and any(r.get("missing") for r in runs)
+            best = None if pending else select_lr(runs) if len(grid) > 1 else grid[0]
             for _ in range(EDGE_STEPS):  # a one-value grid has no edge (lr_past_edge: None)
                 beyond = lr_past_edge([r["lr"] for r in runs], best) if best is not None else None
                 if beyond is None:
                     break
                 print(f"  best lr {best:g} is on the grid's edge: trying {beyond:g}")
                 runs.append(run_method(key, task, beyond, seeds[0], setting, args, cache))
-                best = select_lr(runs)
+                pending = bool(runs[-1].get("missing"))
+                best = None if pending else select_lr(runs)
+                if pending:
+                    break
             for run in runs:
                 run["chosen"] = run["lr"] == best
             if best is not None:
                 runs += [dict(run_method(key, task, best, s, setting, args, cache), chosen=True) for s in seeds[1:]]
+            elif pending:
+                runs += [missing_row(f"pending:{task.name}:{key}:seed{s}", key, task, None, s) for s in seeds[1:]]
             rows += runs
     return rows
 
@@ -584,16 +619,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="smoke test: tiny 2-layer model, 1 task, 2 methods, 4 steps")
     mode.add_argument("--gpu", action="store_true", help="GPU preset: cuda, bf16, 300 steps, batch 16, curve every 50")
+    p.add_argument("--long", action="store_true", help="the long-budget protocol (benchmarks/quality_long.py): 500 "
+                   "steps (25 rounds at κ = 20), batch 4, facts, ordering, arithmetic_fresh; LoRA r=8 and r=32, full "
+                   "fine-tuning, XGBLoRA; same-density LR grids (on by default); Holm-corrected claims, effective rank. "
+                   "With --quick: the tiny model; with --gpu: cuda, bf16")
     p.add_argument("--sweep", action="store_true", help="κ, blocks per round, α, lr of XGBLoRA and r of LoRA-XS")
-    p.add_argument("--tasks", nargs="*", default=None, help=f"task families ({', '.join(TASKS)}) or 'all' (default: all; "
-                   f"--sweep: {' '.join(SWEEP_TASKS)})")
+    p.add_argument("--tasks", nargs="*", default=None, help=f"task families ({', '.join(TASKS)}, or the variant "
+                   f"arithmetic_fresh) or 'all' (default: all; --sweep: {' '.join(SWEEP_TASKS)}; --long: "
+                   f"{' '.join(LONG_TASKS)})")
     p.add_argument("--json-task", nargs="*", default=[], metavar="NAME=DIR", help="your own data: " + JSON_TASK_HELP)
     p.add_argument("--methods", nargs="*", default=None, choices=list(METHODS))
-    p.add_argument("--seeds", type=int, default=None, help="seeds per method (default 3; --quick 2; --sweep 1)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per method (default 3; --quick 2; --sweep 1; --long --quick 1)")
     p.add_argument("--grid", action="store_true", help="each method's LR grid, best chosen on val (default: first LR)")
     p.add_argument("--lrs", nargs="*", default=[], metavar="METHOD=LR[,LR…]", help="LRs of a method, replacing its grid")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (preset: cpu 60, gpu 300)")
-    p.add_argument("--every", type=int, default=None, help="curve interval in steps (preset: cpu 20, gpu 50)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (preset: cpu 60, gpu 300, --long 500)")
+    p.add_argument("--every", type=int, default=None, help="curve interval in steps (preset: cpu 20, gpu 50, --long 50)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--keep-checkpoints", action="store_true")
     p.add_argument("--rerun-slow", action="store_true", help="run again the finished runs whose training took "
@@ -605,18 +645,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--report-only", action="store_true",
                    help="render the report from the record (WORKDIR/runs.jsonl and --reuse) and start no run: runs it "
                         "lacks are named as not run (no model needed: e.g. the committed record on a fresh clone)")
-    p.add_argument("--out", type=Path, default=None, help="write the report to OUT (.md), OUT.json and OUT.png")
+    p.add_argument("--out", type=Path, default=None, help="write the report to OUT (.md), OUT.json and OUT.png "
+                   "(--long: OUT_FAMILY.png per family)")
     args = p.parse_args(argv)
-    preset = PRESETS["quick" if args.quick else "gpu" if args.gpu else "cpu"]
+    if args.long and args.sweep:
+        p.error("--long runs the protocol, not the sweep")
+    name = "quick" if args.quick else "gpu" if args.gpu else "cpu"
+    preset = PRESETS[{"cpu": "long", "gpu": "long_gpu", "quick": "long_quick"}[name] if args.long else name]
     setting = replace(preset, **{k: v for k, v in (("steps", args.steps), ("every", args.every),
                                                     ("batch_size", args.batch_size)) if v is not None})
     if setting.steps % setting.every:
         p.error(f"--steps {setting.steps} must be a multiple of --every {setting.every}")
     args.setting = setting
+    if args.long:
+        args.tasks = args.tasks or (LONG_QUICK_TASKS if args.quick else LONG_TASKS)
+        args.methods = args.methods or (LONG_QUICK_METHODS if args.quick else LONG_METHODS)
+        args.seeds = args.seeds or (1 if args.quick else 3)
+        args.grid = args.grid or not args.quick  # the protocol chooses every method's rate
     if args.tasks is None:
         args.tasks = QUICK_TASKS if args.quick else SWEEP_TASKS if args.sweep else ["all"]
     if args.methods is None:
-        args.methods = QUICK_METHODS if args.quick else list(METHODS)
+        args.methods = QUICK_METHODS if args.quick else PROTOCOL_METHODS
     if args.seeds is None:
         args.seeds = 2 if args.quick else 1 if args.sweep else 3
     return args
@@ -642,7 +691,8 @@ def main(argv=None) -> int:
     chosen = {m.name for m in available([METHODS[k][0] for k in args.methods])}
     methods = [k for k in args.methods if METHODS[k][0].name in chosen]
     given = parse_lrs(args.lrs)
-    lrs = {k: given.get(k, METHODS[k][1] if args.grid else METHODS[k][1][:1]) for k in methods}
+    grids = {k: LONG_GRIDS[k] if args.long else METHODS[k][1] for k in methods}
+    lrs = {k: given.get(k, grids[k] if args.grid else grids[k][:1]) for k in methods}
     seeds = list(range(args.seeds))
     cache = RunCache(args.workdir / "runs.jsonl", args.reuse)
     slow = slow_runs(cache.rows.values())
@@ -655,14 +705,15 @@ def main(argv=None) -> int:
               "machine?); their seconds enter the time-to-quality medians, --rerun-slow runs them again")
     header = {"date": today(), "model": "tiny 2-layer test model" if setting.model == "tiny" else "SmolLM2-135M-Instruct", "hardware": hardware(setting.device), "setting": asdict(setting), "seeds": seeds,
               "tasks": [t.name for t in tasks], "grid": {k: lrs[k] for k in methods},
-              "arithmetic": {t.name: t.arithmetic for t in tasks}}
+              "arithmetic": {t.name: t.arithmetic for t in tasks}, "protocol": "long" if args.long else "short"}
     if args.sweep:
         header["centre"] = dict(SWEEP_DEFAULTS)
         rows = sweep(tasks, seeds, setting, args, cache)
         report = render_sweep(rows, header)
     else:
         rows = protocol(tasks, methods, lrs, seeds, setting, args, cache)
-        report = render_protocol(rows, header, png=args.out.with_suffix(".png") if args.out else None)
+        render = render_long if args.long else render_protocol
+        report = render(rows, header, png=args.out.with_suffix(".png") if args.out else None)
     print("\n" + report)
     if args.out:
         write_outputs(args.out, report, header, rows)

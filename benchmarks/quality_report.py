@@ -22,7 +22,7 @@ from benchmarks.quality_stats import (
 )
 
 REFERENCE = "lora_r8"
-ORDER = ["lora_r8", "full", "xgblora", "loraxs", "xgblora_xs"]
+ORDER = ["lora_r8", "lora_r32", "full", "xgblora", "loraxs", "xgblora_xs"]
 
 
 def _pct(interval) -> str:

@@ -16,6 +16,20 @@ from torchtune_xgb.eval.plot import MetricLine
 LEVEL = 0.95
 
 
+def _resampled(values, weights, draws: int, seed: int) -> Tuple[np.ndarray, float]:
+    """The statistic of each bootstrap resample over seeds and items, and of the data itself."""
+    v = np.asarray(values, dtype=float)
+    w = np.ones_like(v) if weights is None else np.asarray(weights, dtype=float)
+    if v.ndim != 2 or v.size == 0 or w.shape != v.shape:
+        raise ValueError(f"values must be a non-empty [seeds][items] table (weights the same shape), got {v.shape}")
+    n_seeds, n_items = v.shape
+    rng = np.random.default_rng(seed)
+    seeds = rng.integers(0, n_seeds, size=(draws, n_seeds))[:, :, None]
+    items = rng.integers(0, n_items, size=(draws, n_items))[:, None, :]
+    stats = (v[seeds, items] * w[seeds, items]).sum(axis=(1, 2)) / w[seeds, items].sum(axis=(1, 2))
+    return stats, float((v * w).sum() / w.sum())
+
+
 def bootstrap_interval(
     values: Sequence[Sequence[float]],
     weights: Optional[Sequence[Sequence[float]]] = None,
@@ -37,18 +51,10 @@ def bootstrap_interval(
     (the same items for every drawn seed: an item is equally hard in every run), so the interval
     covers both run-to-run and test-set variation. One seed gives an items-only bootstrap.
     """
-    v = np.asarray(values, dtype=float)
-    w = np.ones_like(v) if weights is None else np.asarray(weights, dtype=float)
-    if v.ndim != 2 or v.size == 0 or w.shape != v.shape:
-        raise ValueError(f"values must be a non-empty [seeds][items] table (weights the same shape), got {v.shape}")
-    n_seeds, n_items = v.shape
-    rng = np.random.default_rng(seed)
-    seeds = rng.integers(0, n_seeds, size=(draws, n_seeds))[:, :, None]
-    items = rng.integers(0, n_items, size=(draws, n_items))[:, None, :]
-    stats = (v[seeds, items] * w[seeds, items]).sum(axis=(1, 2)) / w[seeds, items].sum(axis=(1, 2))
+    stats, estimate = _resampled(values, weights, draws, seed)
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(stats, [tail, 100 - tail])
-    return float((v * w).sum() / w.sum()), float(low), float(high)
+    return estimate, float(low), float(high)
 
 
 def paired_difference(
@@ -66,11 +72,48 @@ def paired_difference(
     seed whose data order suits every method) cancels: the interval of the difference is narrower
     than two overlapping per-method intervals suggest. Unweighted (exact match).
     """
+    # the mean of the differences is the difference of the means, resample by resample
+    return bootstrap_interval(_differences(values, reference), draws=draws, seed=seed, level=level)
+
+
+def _differences(values, reference) -> np.ndarray:
     v, r = np.asarray(values, dtype=float), np.asarray(reference, dtype=float)
     if v.shape != r.shape:
         raise ValueError(f"paired tables must have the same [seeds][items] shape, got {v.shape} and {r.shape}")
-    # the mean of the differences is the difference of the means, resample by resample
-    return bootstrap_interval(v - r, draws=draws, seed=seed, level=level)
+    return v - r
+
+
+def paired_p_value(
+    values: Sequence[Sequence[float]],
+    reference: Sequence[Sequence[float]],
+    draws: int = 4000,
+    seed: int = 0,
+) -> float:
+    """Two-sided bootstrap p-value of "no difference" for :func:`paired_difference`'s resamples.
+
+    ``2 · min(P*(d ≤ 0), P*(d ≥ 0))`` over the same resamples (same ``draws`` and ``seed``) that
+    give the interval, capped at 1: the level at which the percentile interval would just touch
+    0, so p < 0.05 where the 95% interval excludes 0 (up to how the percentile is interpolated).
+    Resolution ``1 / draws``; a table of identical runs (every resample 0) gives 1.
+    """
+    stats, _ = _resampled(_differences(values, reference), None, draws, seed)
+    return float(min(1.0, 2 * min(np.mean(stats <= 0), np.mean(stats >= 0))))
+
+
+def holm(p_values: Mapping[str, float], alpha: float = 1 - LEVEL) -> Dict[str, Tuple[float, bool]]:
+    """Holm–Bonferroni over a family of tests: ``{name: (adjusted p, rejected at alpha)}``.
+
+    With the m p-values sorted ascending, p₍ⱼ₎ is adjusted to ``max over i ≤ j of min(1, (m−i+1)·p₍ᵢ₎)``
+    (the step-down adjustment, monotone in the order), and a hypothesis is rejected when its
+    adjusted p is ≤ ``alpha``: every rejection at once holds the family-wise error rate at alpha.
+    Ties keep their input order (their adjusted values come out equal either way).
+    """
+    order = sorted(p_values, key=lambda name: p_values[name])
+    m, running, out = len(order), 0.0, {}
+    for i, name in enumerate(order):
+        running = max(running, min(1.0, (m - i) * p_values[name]))
+        out[name] = (running, running <= alpha)
+    return out
 
 
 def verdict(interval: Sequence[float], reference: Sequence[float], higher_is_better: bool = True) -> str:
@@ -274,3 +317,45 @@ def implied_defaults(rows: Iterable[Mapping], margin: float = DEFAULT_MARGIN) ->
         out[factor] = {"best": best, "default": defaults[factor], "gain": gain,
                        "change": best != defaults[factor] and gain > margin + 1e-12}
     return out
+
+
+# --- effective rank of an accumulated low-rank update -----------------------------------------
+def prefix_singular_values(u: np.ndarray, v: np.ndarray, block: int = 1) -> List[np.ndarray]:
+    """Singular values of ``U[:, :j]·V[:j]`` for j = block, 2·block, … ≤ k, never forming U·V.
+
+    ``u``: out×k, ``v``: k×in, the factors of an update built block by block (XGBLoRA's ledger
+    appends one rank-``block`` block per merged round, in order, so prefix j·block is the update
+    after j rounds). With U = Q_u·R_u and Vᵀ = Q_v·R_v (reduced QR), U·V = Q_u·(R_u·R_vᵀ)·Q_vᵀ, and
+    the QR of a column prefix is the same Q's prefix with R's leading block (R is triangular):
+    every prefix costs one j×j SVD. Factors wider than they are tall (k > out or in) take the
+    SVD of each prefix product instead.
+    """
+    u, v = np.asarray(u, dtype=np.float64), np.asarray(v, dtype=np.float64)
+    k = u.shape[1]
+    prefixes = range(block, k + 1, block)
+    if k > min(u.shape[0], v.shape[1]):
+        return [np.linalg.svd(u[:, :j] @ v[:j], compute_uv=False) for j in prefixes]
+    ru = np.linalg.qr(u, mode="r")
+    rv = np.linalg.qr(v.T, mode="r")
+    return [np.linalg.svd(ru[:j, :j] @ rv[:j, :j].T, compute_uv=False) for j in prefixes]
+
+
+def entropy_rank(singular_values: Sequence[float]) -> float:
+    """Entropy effective rank (Roy & Vetterli 2007): exp of the Shannon entropy of σ / Σσ.
+
+    k equal singular values give k; one dominant direction gives ~1; an all-zero update 0."""
+    s = np.asarray(singular_values, dtype=np.float64)
+    s = s[s > 0]
+    if not s.size:
+        return 0.0
+    p = s / s.sum()
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def energy_rank(singular_values: Sequence[float], fraction: float = 0.9) -> int:
+    """How many of the largest singular values hold ``fraction`` of ‖ΔW‖²_F = Σσ² (0 for zero)."""
+    energy = np.sort(np.asarray(singular_values, dtype=np.float64) ** 2)[::-1]
+    total = energy.sum()
+    if total == 0:
+        return 0
+    return int(np.searchsorted(np.cumsum(energy) / total, fraction - 1e-12) + 1)

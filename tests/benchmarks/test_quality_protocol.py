@@ -665,3 +665,20 @@ def test_a_committed_report_is_what_the_committed_record_renders(report, tmp_pat
     committed = figures(text)
     assert len(committed) > 20 * len(families) and "not run" not in "".join(committed)
     assert figures(out.read_text()) == committed
+
+
+def test_components_are_keyed_by_their_defining_path():
+    """The packaged configs name builders by torchtune_xgb's public aliases; run ids and the plain
+    model of a LoRA builder read the defining module's path, so both spellings are one run."""
+    from benchmarks.common import PLAIN_MODELS, defining_path
+
+    assert defining_path("torchtune_xgb.lora_smollm2_135m") == "torchtune_xgb.models.smollm2.lora_smollm2_135m"
+    # an alias of another function keeps its own name (smollm2_tokenizer is chatml_tokenizer's)
+    assert defining_path("torchtune_xgb.smollm2_tokenizer") == "torchtune_xgb.models.chatml.smollm2_tokenizer"
+    for unchanged in ("torchtune.training.FullModelHFCheckpointer", "torchtune_xgb.no_such_name",
+                      "torchtune_xgb.models.smollm2.smollm2_135m"):
+        assert defining_path(unchanged) == unchanged
+    assert defining_path("torchtune_xgb.lora_smollm2_135m") in PLAIN_MODELS
+    aliased = OmegaConf.create({"model": {"_component_": "torchtune_xgb.lora_smollm2_135m", "lora_rank": 8}})
+    spelled = OmegaConf.create({"model": {"_component_": "torchtune_xgb.models.smollm2.lora_smollm2_135m", "lora_rank": 8}})
+    assert quality.config_fingerprint(aliased, Path("/x")) == quality.config_fingerprint(spelled, Path("/x"))

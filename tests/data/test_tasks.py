@@ -23,7 +23,7 @@ MONTHS = ["January", "February", "March", "April", "May", "June", "July", "Augus
 
 def reference_answer(task, question):
     """The answer worked out from the question text alone."""
-    if task == "arithmetic":
+    if task in ("arithmetic", "arithmetic_fresh"):
         a, op, b = re.match(r"What is (\d+) ([+-]) (\d+)\?", question).groups()
         return str(int(a) + int(b) if op == "+" else int(a) - int(b))
     if task == "strings":
@@ -46,7 +46,7 @@ def reference_answer(task, question):
     raise AssertionError(task)
 
 
-@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("task", FAMILIES)
 def test_splits_disjoint_answers_exact_and_deterministic(task):
     splits = {s: make_task_examples(task, s) for s in ("train", "val", "test")}
     questions = {s: {r["question"] for r in rows} for s, rows in splits.items()}
@@ -75,6 +75,30 @@ def test_arithmetic_test_split_is_the_demo_eval_split(tmp_path):
     assert load_task_eval_examples("arithmetic", "test", data_dir=tmp_path / "t") == demo
     demo_train = [r["question"] for r in __import__("torchtune_xgb.data", fromlist=["x"]).make_arithmetic_examples(50)]
     assert [r["question"] for r in make_task_examples("arithmetic", "train", n=50)] == demo_train
+
+
+def test_arithmetic_fresh_test_split_is_new_to_every_arithmetic_split(tmp_path):
+    """The fresh test split shares no question with arithmetic's train (hash-split by question),
+    its val (any size the held-out pool allows: up to half of it, read from the far end), or the
+    demo's test split (the 100 questions scored while the defaults were chosen), at any seed of
+    the fresh split; its train and val are arithmetic's own."""
+    from torchtune_xgb.data.arithmetic import OPS, _candidates
+
+    half = len(_candidates("eval", OPS, 2)) // 2
+    used = {r["question"] for r in make_task_examples("arithmetic", "train")}
+    used |= {r["question"] for r in make_task_examples("arithmetic", "val", n=half)}
+    demo = {r["question"] for r in make_task_examples("arithmetic", "test")}  # the demo's eval split
+    assert len(demo) == 100 and not used & demo
+    for seed in (0, 1):
+        fresh = {r["question"] for r in make_task_examples("arithmetic_fresh", "test", n=half - 100, seed=seed)}
+        assert len(fresh) == half - 100 and not fresh & (used | demo)
+    with pytest.raises(ValueError, match="arithmetic_fresh: n=.* test split"):
+        make_task_examples("arithmetic_fresh", "test", n=half - 99)
+    for split in ("train", "val"):
+        assert make_task_examples("arithmetic_fresh", split) == make_task_examples("arithmetic", split)
+    assert "arithmetic_fresh" not in TASKS and FAMILIES["arithmetic_fresh"].arithmetic
+    assert load_task_eval_examples("arithmetic_fresh", "test", n=3, data_dir=tmp_path)[0]["answer"] == \
+        make_task_examples("arithmetic_fresh", "test", n=1)[0]["answer"]
 
 
 def test_ordering_split_key_is_the_word_set():
@@ -145,7 +169,7 @@ def test_answers_fit_the_generation_budget(smollm2_tokenizer_json):
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(smollm2_tokenizer_json)
-    for task in TASKS:
+    for task in FAMILIES:
         longest = max(len(tok.encode(r["answer"]).ids) for s in ("train", "val", "test")
                       for r in make_task_examples(task, s))
         assert longest + 1 <= FAMILIES[task].max_new_tokens, task  # +1: the stop token ends the reply
