@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from torchtune_xgb.config.names import packaged_configs
 from torchtune_xgb.eval.plot import MetricLine, read_metric_log
@@ -178,7 +178,6 @@ def build_config(
     for key, value in settings.items():
         OmegaConf.update(cfg, key, value, merge=False, force_add=True)
     OmegaConf.resolve(cfg)
-    defining_paths(cfg)
     if method.recipe != OURS:
         for key in OUR_KEYS:
             cfg.pop(key, None)
@@ -189,31 +188,6 @@ def build_config(
     if not keep_eval:
         cfg.pop("eval", None)
     return cfg
-
-
-def defining_paths(cfg) -> None:
-    """Name every builder a short public alias names (``torchtune_xgb.lora_smollm2_135m``) by the
-    module that defines it (``torchtune_xgb.models.smollm2.lora_smollm2_135m``), in place: the
-    same builder is then the same text, so a recorded run's id (its config's fingerprint) does not
-    depend on which import path a packaged config uses."""
-    import torchtune_xgb
-
-    for node in _component_blocks(cfg):
-        path = node.get("_component_")
-        name = path[len("torchtune_xgb."):] if isinstance(path, str) and path.startswith("torchtune_xgb.") else None
-        if name in torchtune_xgb._PUBLIC:
-            node["_component_"] = f"{torchtune_xgb._PUBLIC[name]}.{name}"
-
-
-def _component_blocks(node):
-    if isinstance(node, DictConfig):
-        if "_component_" in node:
-            yield node
-        for value in node.values():
-            yield from _component_blocks(value)
-    elif isinstance(node, ListConfig):
-        for value in node:
-            yield from _component_blocks(value)
 
 
 def parse_sets(items: Optional[Sequence[str]]) -> Dict[str, Any]:
