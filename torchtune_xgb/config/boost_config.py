@@ -32,6 +32,12 @@ class BoostConfig:
     basis: LoRA-XS only. "rotate": a module's k-th round uses singular block k of the SVD taken
         once at the start, so the cumulative update gains rank each round; "top": the top-r SVD
         of the current merged weight each round (paper-faithful; stays within rank r).
+    nf4_view_rank: NF4 bases only: the rank R of the view of the merged rounds that the forward
+        pass adds beside the 4-bit weight (exact while a module's rounds fit, then their best
+        rank-R approximation; what it leaves out is logged per round as ``view_deviation``). Its
+        memory (4·R·(out+in) bytes per module) and step cost are fixed; null: no bound, the view
+        stays exact and its cost grows with the rounds. The merged state itself stays exact for
+        the export and resume.
     """
 
     steps_per_round: int = 50
@@ -43,6 +49,7 @@ class BoostConfig:
     seed: int = 0
     base_device: str = "cpu"
     basis: str = "rotate"
+    nf4_view_rank: Optional[int] = 32
 
     @classmethod
     def from_mapping(cls, block: Optional[Mapping[str, Any]]) -> "BoostConfig":
@@ -77,6 +84,8 @@ class BoostConfig:
             )
         if not _is_int(self.seed):
             raise ConfigError(f"boost.seed: must be an integer, got {self.seed!r}")
+        if self.nf4_view_rank is not None and (not _is_int(self.nf4_view_rank) or self.nf4_view_rank < 1):
+            raise ConfigError(f"boost.nf4_view_rank: must be an integer ≥ 1 or null, got {self.nf4_view_rank!r}")
         if self.basis not in BASES:
             raise ConfigError(f"boost.basis: must be one of {BASES}, got {self.basis!r}")
         from torchtune_xgb.config.checks import check_device

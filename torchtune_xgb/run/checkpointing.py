@@ -9,7 +9,10 @@ Layout::
 
     <output_dir>/xgb_resume/step_NNNNNNNN/state.pt
     <output_dir>/xgb_resume/step_NNNNNNNN/manifest.json   sha256 and size of every file, the step,
-                                                          and the run's identity (run_identity.py)
+                                                          the run's identity (run_identity.py) and
+                                                          the ledger segments it needs
+    <output_dir>/xgb_resume/segments/                     sealed ledger segments, each written once
+                                                          and shared (ledger_segments.py)
     <output_dir>/xgb_resume/latest                        names the newest complete checkpoint
 
 A step directory is written under a temporary name (state, then manifest, each fsynced) and
@@ -26,13 +29,14 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torchtune import utils
 
 from torchtune_xgb.errors import RunError
 from torchtune_xgb.run.faults import fault_point
+from torchtune_xgb.run.ledger_segments import CorruptSegment, evict_segments, load_segments, verify_segments
 
 log = utils.get_logger("INFO")
 
@@ -81,13 +85,17 @@ def step_dirs(output_dir: str) -> List[Path]:
 
 
 def save_resume_state(
-    output_dir: str, step: int, state: Dict[str, Any], run: Optional[Dict[str, Any]] = None, keep: int = KEEP
+    output_dir: str, step: int, state: Dict[str, Any], run: Optional[Dict[str, Any]] = None, keep: int = KEEP,
+    segments: Sequence[Dict[str, Any]] = (),
 ) -> Path:
     """Write ``state`` as the checkpoint of ``step``; keep the newest ``keep``. Returns its dir.
 
     ``run`` is the run's identity (recorded in the manifest; a resume compares it before any
-    weights load). Raises :class:`RunError` naming the path if the disk is full or not writable;
-    what was on disk before is then untouched (the half-written directory is removed).
+    weights load). ``segments``: the entries of the ledger segments the state continues, already
+    written (ledger_segments.write_segments); segments no kept checkpoint lists any more are
+    removed after the older checkpoints. Raises :class:`RunError` naming the path if the disk is
+    full or not writable; what was on disk before is then untouched (the half-written directory
+    is removed).
     """
     root = resume_root(output_dir)
     name = f"step_{step:08d}"
@@ -107,6 +115,7 @@ def save_resume_state(
             "step": step,
             "files": {STATE_FILE: {"bytes": (tmp / STATE_FILE).stat().st_size, "sha256": file_sha256(tmp / STATE_FILE)}},
             "run": run or {},
+            "segments": list(segments),
         }
         _write_synced(tmp / MANIFEST_FILE, json.dumps(manifest, indent=1, sort_keys=True).encode())
         fault_point("mid_save", step)
@@ -131,6 +140,7 @@ def save_resume_state(
             shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
+    evict_segments(root, [path / MANIFEST_FILE for path in step_dirs(output_dir)])
     return final
 
 
@@ -171,6 +181,10 @@ def verify_checkpoint(path: Path) -> Dict[str, Any]:
             raise CorruptCheckpoint(f"{file} has {size} bytes, the manifest says {expected.get('bytes')} (truncated?)")
         if file_sha256(file) != expected.get("sha256"):
             raise CorruptCheckpoint(f"{file} does not match its sha256 in {MANIFEST_FILE} (corrupted)")
+    try:
+        verify_segments(path.parent, manifest.get("segments", []))
+    except CorruptSegment as err:
+        raise CorruptCheckpoint(str(err)) from err
     return manifest
 
 
@@ -216,6 +230,11 @@ def load_resume_state(checkpoint: ResumeCheckpoint) -> Dict[str, Any]:
         return torch.load(file, map_location="cpu", weights_only=False)
     except Exception as err:  # a file that matched its checksum but still fails: say which
         raise RunError(f"resume_from_checkpoint: cannot load {file}: {type(err).__name__}: {err}".replace("\n", " ")) from err
+
+
+def load_resume_segments(checkpoint: ResumeCheckpoint) -> List[Dict[str, Any]]:
+    """The ledger segments a verified checkpoint lists, in order (see ledger_segments.py)."""
+    return load_segments(checkpoint.path.parent, checkpoint.manifest.get("segments", []))
 
 
 def latest_resume_dir(output_dir: str) -> Optional[Path]:
