@@ -63,7 +63,11 @@ from torchtune_xgb.method.merged_checkpoint import MergedStateCheckpoint
 from torchtune_xgb.method.views import CompensatedView, LowRankView, add_in_place, deviation
 from torchtune_xgb.quant.nf4 import dequantize, is_nf4
 
-SEGMENT_ROUNDS = 64  # rounds per sealed ledger segment in resume checkpoints
+# Rounds per sealed ledger segment in resume checkpoints: a save writes at most this many rounds of
+# factors in its state (plus, every SEGMENT_ROUNDS rounds, one segment and its replica). Measured on
+# SmolLM2 with 64: saves wrote 2.6 MB at round 1, 23 MB at round 100 (36 open rounds); 16 keeps
+# that spread small at one file pair per 16 rounds.
+SEGMENT_ROUNDS = 16
 
 
 @dataclass
