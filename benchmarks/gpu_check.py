@@ -425,7 +425,7 @@ def part_e_merge_cost(args) -> Dict[str, Any]:
 
     device = "cpu" if args.dry_run else "cuda"
     shape = "tiny" if args.dry_run else "llama3-8b"
-    # pinned first (the default), then W0 on the GPU, then pageable (the slowest) if time is left
+    # pinned first (the default), then lo on the GPU, then pageable (the slowest) if time is left
     timed = time_merges(shape, ["pinned", "gpu", "pageable"], device, repeats=2, layers=2 if args.dry_run else None,
                         deadline=args.deadline)
     step_8b, how = None, "no XGBLoRA step time from part c"
@@ -446,7 +446,7 @@ def part_e_merge_cost(args) -> Dict[str, Any]:
         t["share_k50"] = share
         rows.append([t["base"] + (" (pinned)" if t["pinned"] else ""), t["modules"], fmt(merge, ".3f"),
                      fmt(min(t["reset_seconds"]), ".3f"), fmt(t["kept_fraction"], ".6f"), fmt(share, ".3%")])
-    table = markdown_table(["W0 memory", "modules", "merge (s)", "re-init + reset (s)", "kept fraction", "share at κ=50"], rows)
+    table = markdown_table(["merged state (lo) memory", "modules", "merge (s)", "re-init + reset (s)", "kept fraction", "share at κ=50"], rows)
     ok = len(timed) == 3 and all(t["kept_fraction"] >= 0.99 for t in timed) and (args.dry_run or step_8b is not None)
     peak = torch.cuda.max_memory_allocated() / 1024**3 if device == "cuda" else None
     text = (f"One all-block merge over {timed[0]['layers']} blocks × 7 bf16 projections at the {shape} shape "

@@ -13,8 +13,10 @@ writes, the multiply-adds of matrix products, and how many out×in-sized tensors
 of a value back to the host (``item``/``tolist``/…, each a synchronisation on a GPU) are counted
 too. Blocks are identical, so a merge over all blocks costs ``num_layers`` times one block.
 
-Modelling (the numbers a GPU would give, to be checked by ``--time`` on one): with W0 on the CPU,
-every merged weight's W0 crosses PCIe once (2 bytes/parameter in bf16); the counted bytes move
+Modelling (the numbers a GPU would give, to be checked by ``--time`` on one): with the merged
+state on the CPU, every merged weight's lo (what the bf16 weight's rounding leaves out of the exact
+state, fp32; method/views.py) crosses PCIe to the GPU and back (4 bytes/parameter each way, the
+two directions at once); the counted bytes move
 through HBM; the counted matrix products run at the fp32 rate (merges use full fp32 precision,
 no TF32); each kernel costs the host a fixed time to issue (small kernels are bound by it); each
 host read costs a fixed latency. Defaults are an H200's (KINDS.md / H200.md:
@@ -240,17 +242,17 @@ class Hardware:
     kernel_us: float = 9.3
 
 
-def modelled_seconds(counts: Counts, layers: int, w0_bytes: int, base: str, hw: Hardware) -> float:
-    """Seconds of an all-block merge from the counts of one block: W0 over PCIe (``base``
+def modelled_seconds(counts: Counts, layers: int, host_bytes: int, base: str, hw: Hardware) -> float:
+    """Seconds of an all-block merge from the counts of one block: lo over PCIe, each way (``base``
     'pageable': synchronous copies, added to the compute; 'pinned': asynchronous copies on a side
     stream that overlap the compute, so the slower of the two), HBM traffic and fp32 GEMMs.
     Host reads and re-initialisation are added by the caller."""
     compute = (counts.bytes_moved * layers / (hw.hbm_tbs * 1e12) + counts.flops * layers / (hw.fp32_tflops * 1e12)
                + counts.kernels * layers * hw.kernel_us * 1e-6)
     if base == "pinned":
-        return max(w0_bytes * layers / (hw.pcie_pinned_gbs * 1e9), compute)
+        return max(host_bytes * layers / (hw.pcie_pinned_gbs * 1e9), compute)
     if base == "pageable":
-        return w0_bytes * layers / (hw.pcie_pageable_gbs * 1e9) + compute
+        return 2 * host_bytes * layers / (hw.pcie_pageable_gbs * 1e9) + compute  # there and back, in turn
     return compute
 
 
@@ -270,7 +272,7 @@ def model_rows(args, hw: Hardware) -> List[Dict[str, Any]]:
     rows = []
     for shape_name, shape in shapes.items():
         layers, dim, kv_dim, ffn_dim, _ = shape
-        w0_bytes = 2 * sum(o * i for o, i in block_projections(dim, kv_dim, ffn_dim).values())
+        host_bytes = 4 * sum(o * i for o, i in block_projections(dim, kv_dim, ffn_dim).values())  # lo, one way
         for rounds in args.rounds:
             counts = count_block_merge(shape, rounds, args.implementation)
             # kernels are not per block: modules of one shape are measured together across blocks,
@@ -280,7 +282,7 @@ def model_rows(args, hw: Hardware) -> List[Dict[str, Any]]:
             counts.kernels = kernels_total / layers  # per block, as modelled_seconds multiplies by layers
             reads_total = host_reads(args.implementation, layers)
             row = {"shape": shape_name, "earlier_rounds": rounds, "layers": layers,
-                   "w0_gb": w0_bytes * layers / 1e9, "hbm_gb": counts.bytes_moved * layers / 1e9,
+                   "lo_gb": host_bytes * layers / 1e9, "hbm_gb": counts.bytes_moved * layers / 1e9,
                    "gflop": counts.flops * layers / 1e9, "full_passes": counts.full_passes * layers,
                    "kernels": kernels_total,
                    "host_reads": reads_total}
@@ -289,7 +291,7 @@ def model_rows(args, hw: Hardware) -> List[Dict[str, Any]]:
                     modelled_step_seconds(shape_name, args.tokens, args.mfu, hw)
                 row["step_seconds"] = step
                 for base in ("pageable", "pinned", "gpu"):
-                    seconds = (modelled_seconds(counts, layers, w0_bytes, base, hw) + reads_total * hw.host_read_us * 1e-6
+                    seconds = (modelled_seconds(counts, layers, host_bytes, base, hw) + reads_total * hw.host_read_us * 1e-6
                                + reinit_seconds(7 * layers, hw))
                     row[f"merge_s_{base}"] = seconds
                     row[f"share_k50_{base}"] = seconds / (seconds + 50 * step)
@@ -300,10 +302,10 @@ def model_rows(args, hw: Hardware) -> List[Dict[str, Any]]:
 
 def render_model(rows: List[Dict[str, Any]], args, hw: Hardware, label: str) -> str:
     table = markdown_table(
-        ["shape", "ledger rank before", "W0 over PCIe (GB)", "HBM traffic (GB)", "GEMM (GFLOP)",
-         "out×in-sized passes", "kernels", "host reads", "step (s, modelled)", "merge + re-init s: pageable / pinned / GPU W0",
-         "merge+re-init share at κ=50: pageable / pinned / GPU W0"],
-        [[r["shape"], r["earlier_rounds"], fmt(r["w0_gb"], ".2f"), fmt(r["hbm_gb"], ".1f"), fmt(r["gflop"], ".0f"),
+        ["shape", "ledger rank before", "lo over PCIe, each way (GB)", "HBM traffic (GB)", "GEMM (GFLOP)",
+         "out×in-sized passes", "kernels", "host reads", "step (s, modelled)", "merge + re-init s: pageable / pinned / GPU lo",
+         "merge+re-init share at κ=50: pageable / pinned / GPU lo"],
+        [[r["shape"], r["earlier_rounds"], fmt(r["lo_gb"], ".2f"), fmt(r["hbm_gb"], ".1f"), fmt(r["gflop"], ".0f"),
           r["full_passes"], r.get("kernels", "–"), r["host_reads"], fmt(r.get("step_seconds"), ".2f"),
           " / ".join(fmt(r.get(f"merge_s_{b}"), ".3f") or "–" for b in ("pageable", "pinned", "gpu")),
           " / ".join(fmt(r.get(f"share_k50_{b}"), ".2%") or "–" for b in ("pageable", "pinned", "gpu"))]
@@ -318,7 +320,7 @@ def render_model(rows: List[Dict[str, Any]], args, hw: Hardware, label: str) -> 
         f"{hw.pcie_pinned_gbs:g} GB/s pinned; HBM {hw.hbm_tbs:g} TB/s; fp32 GEMM {hw.fp32_tflops:g} TFLOP/s; "
         f"{hw.host_read_us:g} µs per host read and per module re-initialised (a small synchronous copy); "
         f"{hw.kernel_us:g} µs of host time per kernel issued (calibrated on the H200, see Hardware.kernel_us). "
-        f"Pinned W0 travels on a side stream while the previous module computes (the slower of the two counts); "
+        f"Pinned lo travels on a side stream while the previous module computes (the slower of the two counts); "
         f"pageable copies are synchronous (added). Step time: 4·N·T FLOPs, T = {args.tokens} tokens/step, "
         f"{args.mfu:.0%} of {hw.bf16_tflops:g} TFLOP/s bf16"
         + (f" (8B: given, {args.step_seconds_8b:.3f} s)" if args.step_seconds_8b else "") + ".",
@@ -331,8 +333,8 @@ def render_model(rows: List[Dict[str, Any]], args, hw: Hardware, label: str) -> 
 # --- timing on a GPU (gpu_check part e) ------------------------------------------------------
 def time_merges(shape_name: str, bases: List[str], device: str, repeats: int = 2, layers: Optional[int] = None,
                 deadline: Optional[float] = None) -> List[Dict[str, Any]]:
-    """Seconds of real all-block merges (``layers`` blocks, default the shape's) with W0 in each of
-    ``bases`` ('pageable' CPU, 'pinned' CPU, 'gpu': the weights' device), and of re-initialising
+    """Seconds of real all-block merges (``layers`` blocks, default the shape's) with the merged
+    state (lo) in each of ``bases`` ('pageable' CPU, 'pinned' CPU, 'gpu': the weights' device), and of re-initialising
     every adapter after it (as ``Booster.end_round`` does: fresh A drawn on the CPU and copied, B = 0).
     The first merge of each is a warm-up and not reported. A base whose turn comes when less
     than 1.5× the previous base's time is left before ``deadline`` (perf_counter) is skipped."""
@@ -354,12 +356,13 @@ def time_merges(shape_name: str, bases: List[str], device: str, repeats: int = 2
     for base in bases:
         began = time.perf_counter()
         if deadline is not None and deadline - began < 1.5 * previous:
-            print(f"  W0 {base}: skipped ({deadline - began:.0f} s left)", flush=True)
+            print(f"  lo {base}: skipped ({deadline - began:.0f} s left)", flush=True)
             continue
         state = state_cls(modules, base_device=device if base == "gpu" else "cpu")
-        if base == "pageable":  # the same copy of W0 without page-locking
-            state._base = {n: torch.empty(t.shape, dtype=t.dtype).copy_(t) for n, t in state._base.items()}
-        pinned = cuda and base != "gpu" and all(t.is_pinned() for t in state._base.values())
+        lo = state._compensated.lo
+        if base == "pageable":  # the same lo without page-locking
+            state._compensated.lo = lo = {n: torch.empty(t.shape, dtype=t.dtype).copy_(t) for n, t in lo.items()}
+        pinned = cuda and base != "gpu" and all(t.is_pinned() for t in lo.values())
         seconds, reset_seconds = [], []
         for r in range(repeats + 1):
             perturb_adapters(modules, seed=r)
@@ -378,7 +381,7 @@ def time_merges(shape_name: str, bases: List[str], device: str, repeats: int = 2
         results.append({"shape": shape_name, "layers": layers, "base": base, "pinned": pinned,
                         "seconds": seconds, "reset_seconds": reset_seconds, "reported_seconds": report.seconds,
                         "kept_fraction": report.kept_fraction, "modules": report.modules})
-        print(f"  {shape_name} W0 {base}: {min(seconds):.3f} s per all-block merge, re-init {min(reset_seconds):.3f} s "
+        print(f"  {shape_name} lo {base}: {min(seconds):.3f} s per all-block merge, re-init {min(reset_seconds):.3f} s "
               f"(kept {report.kept_fraction:.6f})", flush=True)
         del state
         if cuda:

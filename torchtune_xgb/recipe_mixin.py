@@ -19,7 +19,7 @@ Subclasses for other launch modes override the small hooks ``_scale_grads``, ``_
 """
 import os
 from dataclasses import asdict, replace
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -40,11 +40,19 @@ from torchtune_xgb.method.boosting import Booster
 from torchtune_xgb.method.loraxs import LoRAXSLinear
 from torchtune_xgb.method.schedules import set_scheduler_step, with_round_restarts
 from torchtune_xgb.quant.nf4 import fitting_nf4_blocks, is_nf4, keep_unquantizable_in_full_precision
-from torchtune_xgb.run.checkpointing import RESUME_DIR, latest_resume_dir, load_resume_state, save_resume_state
+from torchtune_xgb.run.checkpointing import (
+    RESUME_DIR,
+    latest_resume_dir,
+    load_resume_segments,
+    load_resume_state,
+    resume_root,
+    save_resume_state,
+)
 from torchtune_xgb.run.data_identity import check_loaded_data, loaded_data_identity
 from torchtune_xgb.run.faults import fault_point
 from torchtune_xgb.run.guard import GuardConfig, TrainingGuard
 from torchtune_xgb.run.identity import run_identity
+from torchtune_xgb.run.ledger_segments import write_segments
 from torchtune_xgb.run.loop import BoostedTrainingLoop
 from torchtune_xgb.run.output_dir import claim_output_dir
 from torchtune_xgb.run.run_record import record_output
@@ -78,6 +86,7 @@ class BoostedRecipeMixin(BoostedTrainingLoop):
         # held until the process ends; under torchrun rank 0 holds it for the job
         self._run_lock = claim_output_dir(cfg, take_lock=int(os.environ.get("RANK", "0")) == 0)
         self._last_resume_step: Optional[int] = None
+        self._segment_entries: List[Dict[str, Any]] = []  # ledger segments written (rank 0: their entries)
         cfg.resume_from_checkpoint = False  # ours, see module docstring
         super().__init__(cfg)
         self._save_every = cfg.get("save_every_n_steps")
@@ -230,7 +239,10 @@ class BoostedRecipeMixin(BoostedTrainingLoop):
                 f"resume: skipped {'; '.join(checkpoint.skipped)}; resuming from the previous intact checkpoint {checkpoint.path}"
             )
         state = load_resume_state(checkpoint)
-        self._booster.start(total_steps=self.total_epochs * self._steps_per_epoch, state=state["booster"])
+        segments = load_resume_segments(checkpoint)
+        self._segment_entries = list(checkpoint.manifest.get("segments", []))
+        self._booster.start(total_steps=self.total_epochs * self._steps_per_epoch, state=state["booster"],
+                            segments=segments)
         self._load_optimizer_state(state["optimizer"])
         self.global_step = int(state["global_step"])
         self.epochs_run = self.global_step // self._steps_per_epoch
@@ -247,12 +259,18 @@ class BoostedRecipeMixin(BoostedTrainingLoop):
 
     def _save_resume(self) -> None:
         state = self._resume_state()  # gathers under FSDP2: every rank takes part
+        # ledger segments sealed since the last save: written once, listed by every later checkpoint
+        sealed = self._booster.segment_payloads(len(self._segment_entries))  # gathers too
         if self._is_main_process():
             record_output(self._output_dir, RESUME_DIR, "resume")  # before it is written: run_record.py
+            entries = self._segment_entries + write_segments(resume_root(self._output_dir), sealed)
             # the checkpoint this one continues from is kept with it (checkpointing.py)
             path = save_resume_state(self._output_dir, self.global_step, state, run=self._run_identity,
-                                     parent_step=self._last_resume_step)
+                                     parent_step=self._last_resume_step, segments=entries)
             log.info(f"Saved resume checkpoint {path}")
+        else:
+            entries = self._segment_entries + [{}] * len(sealed)  # other ranks count them only
+        self._segment_entries = entries
         self._last_resume_step = self.global_step
 
     def _last_good_checkpoint(self) -> str:

@@ -4,8 +4,8 @@ A round's factors are u = η(α/r)·B and v = A. With bf16 adapters and η·α/r
 bf16 value again (scaling by 2^k moves the exponent only), so the merged state stores bf16 factors
 at half the memory of fp32 ones and loses nothing; otherwise fp32. These tests check the choice
 (table), that the stored factors are bit for bit the fp32 ones captured before each merge, the
-bytes held (computed by hand), widening when the two kinds meet, resume, and that the forward
-path beside an NF4 weight computes in fp32 without keeping a widened copy for the backward.
+bytes held (computed by hand), widening when the two kinds meet, resume, and that the view
+beside an NF4 weight computes in the activation dtype without keeping a cast copy for the backward.
 """
 
 import pytest
@@ -53,8 +53,9 @@ def test_bf16_rounds_are_stored_bit_for_bit_at_half_the_bytes():
     assert ledger.u.dtype == ledger.v.dtype == BF16
     assert torch.equal(ledger.u.float(), torch.cat([u for u, _ in rounds], dim=1))
     assert torch.equal(ledger.v.float(), torch.cat([v for _, v in rounds], dim=0))
-    # one bf16 copy of W0 (48×32) plus five bf16 rank-1 pairs: 2·48·32 + 2·5·(48+32) bytes
-    assert state.nbytes() == 2 * 48 * 32 + 2 * 5 * (48 + 32)
+    # lo, what the bf16 weight's rounding leaves out of S (fp32, 48×32), plus the ledger's first
+    # chunk, room for eight bf16 rank-1 pairs: 4·48·32 + 2·8·(48+32) bytes
+    assert state.nbytes() == 4 * 48 * 32 + 2 * 8 * (48 + 32)
     # S = W0 + Σ u·v, summed here in fp64 from the captured fp32 factors
     w0 = state.base_weight("m0").double()
     exact = w0 + sum(u.double() @ v.double() for u, v in rounds)
@@ -102,20 +103,19 @@ def test_resume_restores_bf16_factors_as_saved():
     assert older._ledgers["m0"].u.dtype == FP32
 
 
-def test_the_nf4_forward_path_computes_bf16_factors_in_fp32_and_keeps_no_wider_copy():
-    """Beside an NF4 weight the merged rounds are applied as x·Vᵀ·Uᵀ in fp32. With bf16 factors
-    the output and the input gradient are those of the same factors held in fp32 (bit for bit),
-    and nothing fp32 of the factors' shapes is saved for the backward: the widened copy lives for
-    one matmul, not for the whole step (autograd would otherwise keep it: the memory that storing
-    bf16 saves)."""
+def test_the_nf4_view_is_computed_in_the_activation_dtype_and_keeps_no_cast_copy():
+    """Beside an NF4 weight the merged rounds' view (fp32 factors, fixed rank) is applied as
+    x·Vᵀ·Uᵀ in the activation dtype (bf16: tensor cores on a GPU): the output and the input
+    gradient are those of the factors cast to bf16 (bit for bit), and nothing bf16 of the factors'
+    shapes is saved for the backward: the cast copy lives for one matmul, not for the whole step
+    (autograd would otherwise keep a second copy of every view)."""
     g = torch.Generator().manual_seed(0)
-    u = torch.randn(96, 12, generator=g).to(BF16)
-    v = torch.randn(12, 80, generator=g).to(BF16)
+    u = torch.randn(96, 12, generator=g)
+    v = torch.randn(12, 80, generator=g)
     x = torch.randn(4, 7, 80, generator=g).to(BF16)
 
-    def run(factors):
+    def run(factors, plain=False):
         holder = torch.nn.Module()
-        holder.merged_dense = None
         holder.merged_u, holder.merged_v = factors
         inp = x.clone().requires_grad_(True)
         saved = []
@@ -125,15 +125,18 @@ def test_the_nf4_forward_path_computes_bf16_factors_in_fp32_and_keeps_no_wider_c
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = merged_path(holder, inp)
+            if plain:
+                out = torch.nn.functional.linear(torch.nn.functional.linear(inp, factors[1]), factors[0])
+            else:
+                out = merged_path(holder, inp)
         out.float().square().sum().backward()
         return out, inp.grad, saved
 
     out, grad, saved = run((u, v))
-    out_fp32, grad_fp32, _ = run((u.float(), v.float()))
-    assert out.dtype == BF16 and torch.equal(out, out_fp32) and torch.equal(grad, grad_fp32)
+    out_bf16, grad_bf16, _ = run((u.to(BF16), v.to(BF16)), plain=True)
+    assert out.dtype == BF16 and torch.equal(out, out_bf16) and torch.equal(grad, grad_bf16)
     # (by size: a matmul saves the weight transposed)
-    assert not [s for s in saved if s[0] == FP32 and s[1] in (u.numel(), v.numel())], saved
+    assert not [s for s in saved if s[0] == BF16 and s[1] in (u.numel(), v.numel())], saved
 
 
 def test_bf16_factors_turn_dense_when_they_take_as_many_bytes_as_a_dense_fp32_matrix():

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from tests.tiny_model import tiny_lora
-from torchtune_xgb.method import merge_stats
 from torchtune_xgb.method.ledger import Ledger
 from torchtune_xgb.method.merged_state import MergedState
 from torchtune_xgb.method.xgblora import convert_to_xgblora
@@ -220,7 +219,7 @@ def test_merge_leaves_the_users_matmul_precision_as_it_was(setting):
 
 
 def test_a_round_over_modules_of_several_shapes_and_histories_is_measured_per_module(monkeypatch):
-    """The batched measurement (grouped by shape, earlier factors compared in foreach chunks) gives
+    """The batched measurement (grouped by shape and storage dtype) gives
     each module its own full-matrix kept fraction: modules of three shapes, with 0-3 earlier
     rounds each, one of them stored lossily; the report is the lossy one's value, computed here
     with dense fp32 matrices, and a rewrite of one module's earlier factors among many is caught."""
@@ -241,7 +240,6 @@ def test_a_round_over_modules_of_several_shapes_and_histories_is_measured_per_mo
         for n in names:
             perturb(modules[n], gen)
         state.merge_round(names)
-    monkeypatch.setattr(merge_stats, "_COMPARE_CHUNK", 200)  # several foreach chunks
 
     for m in modules.values():
         perturb(m, gen)
@@ -279,8 +277,9 @@ def test_a_round_over_modules_of_several_shapes_and_histories_is_measured_per_mo
 
 def test_the_aten_ops_of_a_merge_do_not_grow_40_per_module():
     """On a GPU a merge of many small modules is bound by the host issuing kernels: the measurement
-    is batched over module shapes, so each further module costs its own ledger append and weight
-    re-derivation (~18 ops, counted at the 1B layout) and not ~44 as when each was measured alone."""
+    is batched over module shapes, so each further module costs its own ledger append and view
+    update (~20 ops; 22 in a round that allocates the ledger's storage chunk) and not ~44 as when
+    each was measured alone."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
@@ -305,4 +304,4 @@ def test_the_aten_ops_of_a_merge_do_not_grow_40_per_module():
     # comparison) and the second (appending to factored ledgers)
     for rounds in (1, 2):
         per_module = (ops_for(12, rounds) - ops_for(2, rounds)) / 10
-        assert per_module <= 20, (rounds, per_module)
+        assert per_module <= 22, (rounds, per_module)

@@ -17,6 +17,12 @@ def test_nf4_golden_losses_kept_fraction_and_resume(root, single_process_run):
     assert losses(full) == pytest.approx(GOLDEN, rel=1e-3)
     kept = read_metric(full, "kept_fraction")
     assert sorted(kept) == [4, 8, 12] and all(v >= 0.99 for v in kept.values())
+    # three rank-1 rounds fit in the rank-32 view (the default) beside the NF4 weights: the forward pass sees
+    # the exact rounds (the deviation a 16-column sketch measures is fp32 noise)
+    deviation = read_metric(full, "view_deviation")
+    assert sorted(deviation) == [4, 8, 12] and all(v < 1e-5 for v in deviation.values())
+    summary = json.loads((full / "xgb_summary.json").read_text())
+    assert summary["max_view_deviation"] == max(deviation.values())
     # killed after step 7, resumed from the mid-round checkpoint at step 6
     out = kill_and_resume(run_recipe, tiny_nf4_config(root, root / "killed"), root, full, rel=1e-5, killed_code=-9)
     exported, again = load_file(full / EXPORT), load_file(out / EXPORT)

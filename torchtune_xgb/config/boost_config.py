@@ -48,13 +48,21 @@ class BoostConfig:
         "same on every rank, so a resume is exact.")
     base_device: str = key(
         "cpu", "device (`cpu`, `cuda`, `cuda:1`, …)",
-        "Where the exact copy of the original adapted weights (W0) lives. `cuda` makes merges faster "
-        "at the cost of one copy of the adapted weights in GPU memory.")
+        "Where the exact record of the merged rounds (the ledger) and, for bf16 weights, the rounding "
+        "remainder lo = S − weight (fp32) live; pinned CPU memory when the weights are on a GPU. "
+        "`cuda` keeps them in GPU memory.")
     basis: str = key(
         "rotate", one_of(BASES),
         "Boosted LoRA-XS only. `rotate`: round k of a module uses singular block k of the SVD taken "
         "once, so the cumulative rank grows by r per round; `top`: the top-r SVD of the current merged "
         "weight each round (paper-faithful; the update stays within rank r).")
+    nf4_view_rank: Optional[int] = key(
+        32, "integer ≥ 1 or null",
+        "NF4 bases only: the rank R of the view of the merged rounds that the forward pass adds beside "
+        "the 4-bit weight: exact while a module's rounds fit, then their best rank-R approximation "
+        "(what it leaves out is logged per round as `view_deviation`). Its memory (4·R·(out+in) bytes "
+        "per module) and step cost are fixed; null: no bound, the view stays exact and its cost grows "
+        "with the rounds. The merged state itself stays exact for the export and resume.")
 
     @classmethod
     def from_mapping(cls, block: Optional[Mapping[str, Any]]) -> "BoostConfig":
@@ -89,6 +97,8 @@ class BoostConfig:
             )
         if not _is_int(self.seed):
             raise ConfigError(f"boost.seed: must be an integer, got {self.seed!r}")
+        if self.nf4_view_rank is not None and (not _is_int(self.nf4_view_rank) or self.nf4_view_rank < 1):
+            raise ConfigError(f"boost.nf4_view_rank: must be an integer ≥ 1 or null, got {self.nf4_view_rank!r}")
         if self.basis not in BASES:
             raise ConfigError(f"boost.basis: must be one of {BASES}, got {self.basis!r}")
         from torchtune_xgb.config.checks import check_device

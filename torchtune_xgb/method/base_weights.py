@@ -1,46 +1,42 @@
-"""Where the copy of W0 lives and how it travels back to the weights' device for a merge."""
+"""Host copies the merged state keeps beside the weights, and how they travel for a merge."""
 
 import warnings
 from typing import Dict, List, Optional
 
 import torch
-from torch import nn
-
-from torchtune_xgb.distributed.sharding import local
 
 
-def base_copy(weight: torch.Tensor, base_device: str) -> torch.Tensor:
-    """A copy of W0 on ``base_device``. A CPU copy of a GPU weight goes to pinned (page-locked)
-    memory, so re-deriving the weight after a merge copies it back asynchronously at full PCIe
-    speed (pageable memory is staged through a bounce buffer, at a fraction of it); if pinning
-    fails (a locked-memory limit), the copy stays pageable, with a warning."""
-    target = torch.device(base_device)
-    if target.type != "cpu" or weight.device.type != "cuda":
-        return weight.to(device=target, copy=True)
-    try:
-        copy = torch.empty(weight.shape, dtype=weight.dtype, pin_memory=True)
-    except RuntimeError as err:  # pragma: no cover - depends on the host's limits
-        warnings.warn(f"boost.base_device: cannot pin {weight.numel() * weight.element_size()} bytes ({err}); W0 stays pageable")
-        return weight.to(device=target, copy=True)
-    return copy.copy_(weight)
+def host_empty(shape, dtype: torch.dtype, base_device: str, pin: bool) -> torch.Tensor:
+    """An uninitialised tensor on ``base_device``; ``pin``: in pinned (page-locked) CPU memory, so a
+    merge copies it to the GPU and back asynchronously at full PCIe speed (pageable memory is
+    staged through a bounce buffer, at a fraction of it). If pinning fails (a locked-memory
+    limit), it stays pageable, with a warning (Python shows it once)."""
+    if pin:
+        try:
+            return torch.empty(shape, dtype=dtype, pin_memory=True)
+        except RuntimeError:  # pragma: no cover - depends on the host's limits
+            warnings.warn("boost.base_device: cannot pin the merged state's host memory (a locked-memory limit?); "
+                          "it stays pageable, and merges copy it synchronously")
+    return torch.empty(shape, dtype=dtype, device=base_device)
 
 
-class W0Prefetch:
-    """Copies W0 of the next module to the GPU on a side stream while this one is re-derived.
+class Prefetch:
+    """Copies the host tensor of the next module to the GPU on a side stream while this one is used.
 
-    A merge with W0 in pinned CPU memory is bound by PCIe (2 bytes per parameter against ~20
-    bytes of HBM traffic at ~100× the bandwidth), so the copy engine should never wait for the
-    compute: module i+1's W0 is in flight while module i's GEMM runs. A no-op (``take`` returns
-    None) unless W0 is pinned on the CPU and the weights are on a GPU.
+    A merge with its state in pinned CPU memory is bound by PCIe (4 bytes per parameter against
+    tens of bytes of HBM traffic at ~100× the bandwidth), so the copy engine should never wait for
+    the compute: module i+1's tensor is in flight while module i's update runs. A no-op (``take``
+    returns None) unless the tensors are pinned on the CPU and ``device`` is a GPU.
     """
 
-    def __init__(self, bases: Dict[str, torch.Tensor], names: List[str], modules: Dict[str, nn.Module]):
-        self.bases, self.pending = bases, {}
-        self.names = [n for n in names if bases[n].is_pinned() and local(modules[n].weight).is_cuda]
+    def __init__(self, tensors: Dict[str, torch.Tensor], names: List[str], device: torch.device):
+        self.tensors, self.pending = tensors, {}
+        self.names = [n for n in names if device.type == "cuda" and tensors[n].is_pinned()]
         if not self.names:
             return
-        self.device = local(modules[self.names[0]].weight).device
+        self.device = device
         self.stream = torch.cuda.Stream(self.device)
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))  # after earlier writes to them
         self.order = iter(self.names)
         self._issue()
 
@@ -49,13 +45,13 @@ class W0Prefetch:
         if name is None:
             return
         with torch.cuda.stream(self.stream):
-            copy = self.bases[name].to(self.device, non_blocking=True)
+            copy = self.tensors[name].to(self.device, non_blocking=True)
             self.pending[name] = (copy, self.stream.record_event())
 
     def take(self, name: str) -> Optional[torch.Tensor]:
         if name not in self.pending:
             return None
-        self._issue()  # the next module's W0 travels while this one is used
+        self._issue()  # the next module's tensor travels while this one is used
         copy, ready = self.pending.pop(name)
         current = torch.cuda.current_stream(self.device)
         current.wait_event(ready)

@@ -11,8 +11,8 @@ import hashlib
 import math
 import re
 import time
-from dataclasses import asdict, dataclass
-from typing import Dict, Iterator, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -21,6 +21,7 @@ from torchtune import utils
 from torchtune_xgb.config.boost_config import AdapterConfig, BoostConfig
 from torchtune_xgb.distributed.sharding import all_sum, any_nonzero, gather_rows, local, local_rows
 from torchtune_xgb.errors import RunError
+from torchtune_xgb.method.booster_checkpoint import BoosterCheckpoint
 from torchtune_xgb.method.loraxs import convert_to_loraxs, svd_all, truncated_svd_once
 from torchtune_xgb.method.merge_stats import product_sq_norms
 from torchtune_xgb.method.merged_state import MergedState
@@ -65,10 +66,11 @@ class RoundReport:
     kept_fraction: float
     merged_modules: int
     update_norm: float
+    view_deviation: Optional[float] = None  # NF4: what the forward's rank-R view leaves out (MergeReport)
 
     def metrics(self) -> Dict[str, float]:
         """What the metric logger records at the merge (docs/reference/metrics.md, per merge)."""
-        return {
+        metrics = {
             "round": self.round,
             "merge_seconds": self.merge_seconds,
             "reset_seconds": self.reset_seconds,
@@ -76,6 +78,9 @@ class RoundReport:
             "trainable_params": self.trainable_params,
             "merged_modules": self.merged_modules,
         }
+        if self.view_deviation is not None:
+            metrics["view_deviation"] = self.view_deviation
+        return metrics
 
 
 def holds_non_finite(tensors: List[torch.Tensor]) -> torch.Tensor:
@@ -91,7 +96,7 @@ def holds_non_finite(tensors: List[torch.Tensor]) -> torch.Tensor:
     return torch.isnan(torch.nn.utils.get_total_norm(torch._foreach_mul(tensors, 0.0))).reshape(1)
 
 
-class Booster:
+class Booster(BoosterCheckpoint):
     """Runs the rounds on a model whose LoRA modules it converts to the configured adapter.
 
     Args:
@@ -132,6 +137,7 @@ class Booster:
             self.modules,
             base_device=config.base_device,
             originals=originals if self.adapter.merge_base == "original" else None,
+            nf4_view_rank=config.nf4_view_rank,
         )
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.step = 0
@@ -147,7 +153,8 @@ class Booster:
     def is_loraxs(self) -> bool:
         return self.adapter.method == "loraxs"
 
-    def start(self, total_steps: Optional[int] = None, state: Optional[dict] = None) -> "Booster":
+    def start(self, total_steps: Optional[int] = None, state: Optional[dict] = None,
+              segments: Sequence[dict] = ()) -> "Booster":
         """Begin round 0, or restore a saved run exactly (the SVD is then loaded, not recomputed).
 
         ``total_steps`` bounds how many rounds a module can train, i.e. how many singular blocks
@@ -156,7 +163,7 @@ class Booster:
         """
         self.total_steps = total_steps
         if state is not None:
-            self.load_state_dict(state)  # the saved SVD is used, never recomputed
+            self.load_state_dict(state, segments)  # the saved SVD is used, never recomputed
         else:
             self._start_fresh(total_steps)
         if self.config.basis != "top":
@@ -275,6 +282,7 @@ class Booster:
             kept_fraction=merge.kept_fraction,
             merged_modules=merge.modules,
             update_norm=merge.update_norm,
+            view_deviation=merge.view_deviation,
         )
         self.reports.append(report)
         if start_next:
@@ -319,7 +327,7 @@ class Booster:
         like = next(iter(active.values())).weight
         missing = [n for n in names if n not in self._base_norm_sq]
         if missing:  # the same names on every rank: once per module, at its first round
-            local_sq = torch.stack([self.merged.base_weight(n).double().square().sum() for n in missing])
+            local_sq = torch.stack([self.merged.base_sq_norms[n] for n in missing])
             self._base_norm_sq.update(zip(missing, all_sum(local_sq, like)))
         factors = [active[n].update_factors() for n in names]
         update_sq = product_sq_norms([(left, right) for left, right, _ in factors])
@@ -362,31 +370,3 @@ class Booster:
             if module.active and module.has_update():
                 live = self.config.merge_rate * module.delta_weight()
             yield name, self.merged.export_weight(name, dtype, live)
-
-    def state_dict(self) -> dict:
-        """Everything needed to continue exactly: step, ledgers, live adapters (LoRA-XS: with
-        their frozen factors), per-module round counts and the LoRA-XS SVD."""
-        return {
-            "method": self.adapter.method,
-            "step": self.step,
-            "merged": self.merged.state_dict(),
-            "reports": [asdict(r) for r in self.reports],
-            "adapters": {name: m.adapter_state() for name, m in self.modules.items()},
-            "rounds_trained": dict(self.rounds_trained),
-            "svd_factors": self.svd_factors,
-            "svd_seconds": self.svd_seconds,
-        }
-
-    @torch.no_grad()
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("method", "xgblora") != self.adapter.method:
-            raise ValueError(f"adapter.method: the checkpoint was trained with {state.get('method')!r}")
-        self.step = int(state["step"])
-        self.merged.load_state_dict(state["merged"])
-        self.reports = [RoundReport(**r) for r in state["reports"]]
-        self.rounds_trained = dict(state["rounds_trained"])
-        self.svd_factors = state["svd_factors"]
-        self.svd_seconds = state["svd_seconds"]
-        for name, module in self.modules.items():
-            module.load_adapter_state(state["adapters"][name])  # the live round's factors as saved
-        self._set_active(self.round)

@@ -3,10 +3,93 @@
 See :mod:`torchtune_xgb.method.merged_state` for where ledgers sit in the merged state.
 """
 
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
+
+from torchtune_xgb.method.base_weights import host_empty
+
+# Rounds of factors per storage chunk (at most): an append writes into the open chunk and never
+# copies the earlier rounds, so a merge costs the same at round 1,000 as at round 1 (a fresh chunk
+# is allocated every CHUNK_ROWS rows).
+CHUNK_ROWS = 64
+FIRST_CHUNK_ROWS = 8
+
+
+def chunk_rows(held: int) -> int:
+    """Rows of the chunk allocated once ``held`` rows fill the earlier ones: about what is held
+    (from FIRST_CHUNK_ROWS up to CHUNK_ROWS), so a ledger of a few rounds allocates about what it
+    holds. A function of the rows held alone, never of how they arrived: appending round by round
+    and loading every round at once give the same chunks, the same bytes."""
+    return min(CHUNK_ROWS, max(FIRST_CHUNK_ROWS, held))
+
+
+class _Rows:
+    """Append-only rows of a 2-D tensor, in chunks of ``CHUNK_ROWS`` rows that are never copied
+    once written: appending costs the rows appended, whatever is stored already."""
+
+    def __init__(self, width: int, device: torch.device, pin: bool):
+        self.width, self.device, self.pin = width, device, pin
+        self.chunks: List[torch.Tensor] = []
+        self.filled = 0  # rows used in the last chunk
+        self.before_last = 0  # rows in the chunks before the last (all full)
+        self.dtype = torch.float32
+
+    @property
+    def count(self) -> int:
+        return self.before_last + self.filled
+
+    def _new_chunk(self, rows: int) -> torch.Tensor:
+        return host_empty((rows, self.width), self.dtype, self.device, self.pin)
+
+    def append(self, rows: torch.Tensor) -> torch.Tensor:
+        """Copy ``rows`` (any device and dtype: converted as copied) in, asynchronously from a GPU
+        into pinned chunks; return them as stored."""
+        first, done = self.count, 0
+        while done < rows.shape[0]:
+            if not self.chunks or self.filled == self.chunks[-1].shape[0]:
+                held = self.count
+                self.chunks.append(self._new_chunk(chunk_rows(held)))
+                self.before_last, self.filled = held, 0
+            take = min(rows.shape[0] - done, self.chunks[-1].shape[0] - self.filled)
+            part = rows if take == rows.shape[0] else rows[done : done + take]
+            written = self.chunks[-1][self.filled : self.filled + take].copy_(part, non_blocking=True)
+            self.filled += take
+            done += take
+        return written if done == take else self.slice(first, self.count)
+
+    def slice(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` (a view when they lie in one chunk, else a copy)."""
+        parts, offset = [], 0
+        for chunk in self.chunks:
+            size = chunk.shape[0] if chunk is not self.chunks[-1] else self.filled
+            lo, hi = max(start - offset, 0), min(stop - offset, size)
+            if lo < hi:
+                parts.append(chunk[lo:hi])
+            offset += chunk.shape[0]
+        if not parts:
+            return torch.zeros(0, self.width, dtype=self.dtype, device=self.device)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def whole(self) -> torch.Tensor:
+        return self.slice(0, self.count)
+
+    def replace(self, tensor: torch.Tensor) -> None:
+        """Hold exactly ``tensor``'s rows, in ``tensor``'s dtype, chunked as appends would have
+        chunked them (so a resumed ledger holds the same bytes as the uninterrupted one)."""
+        self.dtype = tensor.dtype
+        self.chunks, self.filled, self.before_last = [], 0, 0
+        if tensor.shape[0]:
+            self.append(tensor)
+
+    def widen(self) -> None:
+        """Store fp32 from now on; the rows held so far are converted exactly (once)."""
+        self.dtype = torch.float32
+        self.chunks = [c.float() for c in self.chunks]
+
+    def nbytes(self) -> int:
+        return sum(c.numel() * c.element_size() for c in self.chunks)
 
 
 class Ledger:
@@ -18,56 +101,129 @@ class Ledger:
     ever widens (bf16 → fp32, exact). Products and sums of the factors are always formed in fp32
     (``float()``), never in the storage dtype; the kept fraction of every merge measures the stored
     factors, so a storage that lost anything would show there.
+
+    Storage: on ``device`` (the merged state's ``base_device``, the CPU by default: nothing of it
+    grows on the accelerator), append-only (an append writes only the new round's rows, see
+    ``CHUNK_ROWS``), in pinned memory when the rounds come from a GPU (``pin``), so a merge copies
+    them off asynchronously. U is held transposed (rows are rounds). Earlier rounds change only by
+    assigning ``u`` or ``v`` (each assignment counts in ``generation``; a merge that sees it change
+    while appending reports an internal error), never by an append.
+
+    ``last_added``: the (u, v) the last :meth:`add` stored, as stored (storage dtype, on the
+    ledger's device): what the training views apply, so the forward pass sees exactly what the
+    ledger holds.
     """
 
-    def __init__(self, out_dim: int, in_dim: int, device: torch.device, full_out: Optional[int] = None):
-        self.u = torch.zeros(out_dim, 0, device=device)
-        self.v = torch.zeros(0, in_dim, device=device)
+    def __init__(self, out_dim: int, in_dim: int, device: torch.device, full_out: Optional[int] = None,
+                 pin: bool = False):
+        self._u = _Rows(out_dim, torch.device(device), pin)  # Uᵀ: one row per factor
+        self._v = _Rows(in_dim, torch.device(device), pin)
         self.dense: Optional[torch.Tensor] = None
         self.full_out = out_dim if full_out is None else full_out  # all ranks' rows (FSDP2)
+        self.generation = 0
+        self.last_added: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+
+    @property
+    def device(self) -> torch.device:
+        return self._u.device
+
+    @property
+    def columns(self) -> int:
+        """Stored factor pairs (columns of U); 0 once dense."""
+        return self._u.count
+
+    @property
+    def u(self) -> torch.Tensor:
+        """U (out×k) as stored: a copy of the chunks (O(k): for export, resume and tests)."""
+        return self._u.whole().T
+
+    @u.setter
+    def u(self, value: torch.Tensor) -> None:
+        self._u.replace(value.T)
+        self.generation += 1
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self._v.whole()
+
+    @v.setter
+    def v(self, value: torch.Tensor) -> None:
+        self._v.replace(value)
+        self.generation += 1
 
     @property
     def rank_bound(self) -> int:
-        return self.u.shape[1] if self.dense is None else min(self.full_out, self.dense.shape[1])
+        return self.columns if self.dense is None else min(self.full_out, self.dense.shape[1])
 
-    def matrix(self) -> torch.Tensor:
-        return self.dense if self.dense is not None else self.u.float() @ self.v.float()
+    def factors(self, start: int = 0, stop: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(U[:, start:stop], V[start:stop]) as stored."""
+        stop = self.columns if stop is None else stop
+        return self._u.slice(start, stop).T, self._v.slice(start, stop)
+
+    def matrix(self, device: Optional[torch.device] = None) -> torch.Tensor:
+        """L in fp32, formed on ``device`` (default: the ledger's): a product over every round, for
+        export and resume only."""
+        device = self.device if device is None else device
+        if self.dense is not None:
+            return self.dense.to(device)
+        return self.u.to(device).float() @ self.v.to(device).float()
 
     def add(self, u: torch.Tensor, v: torch.Tensor, dtype: torch.dtype = torch.float32) -> None:
         """Append u·v (fp32 factors); ``dtype``: what they are stored in, one that holds them exactly."""
+        if self.dense is None and self.columns and dtype != self._u.dtype:
+            if dtype == torch.float32:  # mixed rounds: widen to fp32 (exact), never narrow
+                self._u.widen()
+                self._v.widen()
+            dtype = self._u.dtype
         if self.dense is not None:
-            self.dense.addmm_(u.float(), v.float())
+            stored = u.to(self.device, dtype), v.to(self.device, dtype)
+            self.dense.addmm_(stored[0].float(), stored[1].float())
+            self.last_added = stored
             return
-        if self.u.shape[1] == 0:  # an empty ledger takes the round's factors in its storage dtype
-            # (copies: v may be the adapter's own A, which the re-initialisation overwrites)
-            self.u, self.v = u.to(dtype, copy=True), v.to(dtype, copy=True)
-        else:
-            if dtype != self.u.dtype:  # mixed rounds: widen to fp32 (exact), never narrow
-                self.u, self.v = self.u.float(), self.v.float()
-            self.u = torch.cat([self.u, u.to(self.u.dtype)], dim=1)
-            self.v = torch.cat([self.v, v.to(self.v.dtype)], dim=0)
-        out_dim, in_dim = self.full_out, self.v.shape[1]  # the same decision on every rank
-        # dense once the factors hold as many bytes as a dense fp32 matrix would: bf16 factors
-        # stay factored twice as many rounds as fp32 ones (switching earlier would double memory)
-        if self.u.element_size() * self.u.shape[1] * (out_dim + in_dim) >= 4 * out_dim * in_dim:
-            self.dense = self.u.float() @ self.v.float()
-            self.u = self.u[:, :0]
-            self.v = self.v[:0]
+        if not self.columns:  # an empty ledger takes the round's storage dtype
+            self._u.dtype = self._v.dtype = dtype
+        # converted into the chunks as they are copied
+        self.last_added = self._u.append(u.T).T, self._v.append(v)
+        self._densify_if_larger()
 
-    def state(self) -> Dict[str, torch.Tensor]:
-        if self.dense is not None:
-            return {"dense": self.dense.cpu()}
-        return {"u": self.u.cpu(), "v": self.v.cpu()}
+    def _densify_if_larger(self) -> None:
+        if self._dense_at(self.columns, self._u.dtype):
+            self.dense = self.matrix()
+            self._u.replace(self._u.whole()[:0])
+            self._v.replace(self._v.whole()[:0])
+
+    def _dense_at(self, columns: int, dtype: torch.dtype) -> bool:
+        """Dense once the factors hold as many bytes as a dense fp32 matrix would: bf16 factors stay
+        factored twice as many rounds as fp32 ones (switching earlier would double memory). The
+        same decision on every rank (all ranks' rows count)."""
+        out_dim, in_dim = self.full_out, self._v.width
+        return (torch.finfo(dtype).bits // 8) * columns * (out_dim + in_dim) >= 4 * out_dim * in_dim
+
+    def snapshot(self) -> Tuple[List[torch.Tensor], List[torch.Tensor], int, int, int]:
+        """The factor chunks as they are now (references: appends never change the rows held, a
+        widening or a dense switch replaces the chunks), their count and U's and V's widths, for
+        :func:`product_of`."""
+        return list(self._u.chunks), list(self._v.chunks), self.columns, self._u.width, self._v.width
+
+    def nbytes(self) -> int:
+        """Bytes held (chunks as allocated, or the dense matrix)."""
+        dense = self.dense.numel() * self.dense.element_size() if self.dense is not None else 0
+        return self._u.nbytes() + self._v.nbytes() + dense
 
     def load(self, state: Dict[str, torch.Tensor]) -> None:
-        device = self.u.device
+        """Hold exactly ``{"u", "v"}`` (every round, as a checkpoint stored them) or ``{"dense"}``:
+        bf16 factors stay bf16 (exact), anything else becomes fp32."""
         if "dense" in state:
-            self.dense = state["dense"].to(device=device, dtype=torch.float32)
-        else:  # as saved: bf16 factors stay bf16 (exact), anything else becomes fp32
+            self.dense = state["dense"].to(device=self.device, dtype=torch.float32, copy=True)
+            self._u.replace(torch.zeros(0, self._u.width))
+            self._v.replace(torch.zeros(0, self._v.width))
+        else:
             dtype = torch.bfloat16 if state["u"].dtype == state["v"].dtype == torch.bfloat16 else torch.float32
-            self.u = state["u"].to(device=device, dtype=dtype)
-            self.v = state["v"].to(device=device, dtype=dtype)
+            self._u.replace(state["u"].T.to(dtype))
+            self._v.replace(state["v"].to(dtype))
             self.dense = None
+            self._densify_if_larger()
+        self.generation += 1
 
 
 def storage_dtype(module: nn.Module, merge_rate: float) -> torch.dtype:
@@ -75,3 +231,12 @@ def storage_dtype(module: nn.Module, merge_rate: float) -> torch.dtype:
     the adapter defines it (a dtype that holds ``merge_factors(merge_rate)`` exactly), else fp32."""
     exact = getattr(module, "factor_dtype", None)
     return exact(merge_rate) if exact is not None else torch.float32
+
+
+def product_of(snapshot: Tuple[List[torch.Tensor], List[torch.Tensor], int, int, int],
+               device: torch.device) -> torch.Tensor:
+    """U·V (fp32, on ``device``) of a :meth:`Ledger.snapshot`."""
+    u_chunks, v_chunks, count, out_dim, in_dim = snapshot
+    if not count:
+        return torch.zeros(out_dim, in_dim, device=device)
+    return torch.cat(u_chunks)[:count].float().T @ torch.cat(v_chunks)[:count].float()

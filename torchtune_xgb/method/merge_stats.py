@@ -5,14 +5,12 @@ of every merged module. Both come from r×r Gram matrices in fp64, batched over 
 shape, so a round costs a few kernels per module shape; the guard uses the same norms every step.
 """
 
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from torchtune_xgb.method.ledger import Ledger
 
 
 @contextmanager
@@ -108,78 +106,52 @@ def _stacked_fp64(tensors: List[torch.Tensor]) -> torch.Tensor:
 
 @dataclass
 class _Appended:
-    """A round appended to a factored ledger: the ledger after the append, its rank k before, and
-    the round's factors (what the residual and ‖ΔW‖² are measured from)."""
+    """A round appended to a factored ledger: the round's factors (u, v), what the ledger stored
+    of them (its ``last_added``, None if nothing), and whether earlier rounds were rewritten."""
 
-    ledger: "Ledger"
-    k: int
     u: torch.Tensor
     v: torch.Tensor
-
-
-# Elements of earlier factors compared per foreach call. The factors before the append are held
-# (and their differences materialised) only until their chunk is compared, so a merge's transient
-# memory stays ~2·4·_COMPARE_CHUNK bytes beyond one module's ledger, while a round costs a few
-# calls rather than several kernels per module.
-_COMPARE_CHUNK = 1 << 22
+    stored: Optional[Tuple[torch.Tensor, torch.Tensor]]
+    changed: bool
 
 
 class AppendedRounds:
     """The rounds a merge appends to factored ledgers, measured together (:meth:`stats`).
 
-    The stored state changed by L_after − L_before = U'·V' − U·V. When the first k factors are
-    the old ones (``changed``, the largest difference of an earlier factor, is 0), that is exactly
-    u'·v' for the appended factors (u', v'), and the residual u'·v' − u·v = (u' − u)·v' + u·(v' − v)
-    is a product of two rank-2r factors whose entries scale with the error: no cancellation of
-    large terms, so a lossless append measures exactly 0 and a lossy one its true loss.
+    The stored state changed by L_after − L_before = u'·v' for the stored factors (u', v') when
+    the earlier rounds are untouched (a ledger appends without copying them; that they were not
+    reassigned during the append is ``changed``, from the ledger's generation), and the residual
+    u'·v' − u·v = (u' − u)·v' + u·(v' − v) is a product of two rank-2r factors whose entries scale
+    with the error: no cancellation of large terms, so a lossless append measures exactly 0 and a
+    lossy one its true loss. O(r²·(out+in)) per round, whatever the number of earlier rounds.
 
-    Batched: the norms by one stacked Gram product per module shape, the comparison of earlier
-    factors by foreach calls over chunks of modules, instead of ~30 kernels per module.
+    Batched: the norms by one stacked Gram product per module shape, instead of ~30 kernels per module.
     """
 
     def __init__(self):
         self.records: List[_Appended] = []
-        self._pending: List[Tuple[int, torch.Tensor, torch.Tensor]] = []  # (record, now, before)
-        self._pending_size = 0
-        self._changed: List[Tuple[int, torch.Tensor]] = []
 
-    def add(self, ledger: "Ledger", old_u: torch.Tensor, old_v: torch.Tensor, k: int, u: torch.Tensor, v: torch.Tensor) -> None:
-        index = len(self.records)
-        self.records.append(_Appended(ledger, k, u, v))
-        for now, before in ((ledger.u[:, :k], old_u), (ledger.v[:k], old_v)):
-            if now.numel():  # FSDP2: a rank may hold no rows of u; k = 0: nothing earlier
-                self._pending.append((index, now, before))
-                self._pending_size += now.numel()
-        if self._pending_size >= _COMPARE_CHUNK:
-            self._compare()
-
-    def _compare(self) -> None:
-        """The largest |difference| of each pending earlier factor, then the old factors are dropped."""
-        if not self._pending:
-            return
-        diffs = torch._foreach_sub([now for _, now, _ in self._pending], [before for _, _, before in self._pending])
-        norms = torch._foreach_norm(diffs, ord=math.inf)
-        self._changed += [(index, norm) for (index, _, _), norm in zip(self._pending, norms)]
-        self._pending, self._pending_size = [], 0
+    def add(self, u: torch.Tensor, v: torch.Tensor, stored: Optional[Tuple[torch.Tensor, torch.Tensor]],
+            changed: bool) -> None:
+        self.records.append(_Appended(u, v, stored, changed))
 
     def stats(self) -> torch.Tensor:
-        """(‖u·v‖², ‖residual‖², changed) of each appended round, one row each (``changed``: the
-        largest |difference| of an earlier factor; NaN where one was NaN)."""
-        self._compare()
+        """(‖u·v‖², ‖residual‖², changed) of each appended round, one row each."""
         records = self.records
         update_sq = product_sq_norms([(r.u, r.v) for r in records])
+        kept = [i for i, r in enumerate(records) if r.stored is not None]
 
         def residual_sq(members: List[int]) -> torch.Tensor:
-            group = [records[i] for i in members]
+            group = [records[kept[i]] for i in members]
             # fp64 before subtracting: the stored factors may be bf16, the round's are fp32
-            new_u = _stacked_fp64([r.ledger.u[:, r.k:] for r in group])
-            new_v = _stacked_fp64([r.ledger.v[r.k:] for r in group])
+            new_u = _stacked_fp64([r.stored[0] for r in group])
+            new_v = _stacked_fp64([r.stored[1] for r in group])
             u, v = _stacked_fp64([r.u for r in group]), _stacked_fp64([r.v for r in group])
             return _stacked_sq_norms(torch.cat([new_u - u, u], dim=2), torch.cat([new_v, new_v - v], dim=1))
 
-        residual = _grouped(len(records), lambda i: _shape_key(records[i].u, records[i].v), residual_sq)
-        changed = torch.zeros_like(residual)
-        if self._changed:
-            index = torch.tensor([i for i, _ in self._changed], device=changed.device)
-            changed.index_add_(0, index, torch.stack([norm for _, norm in self._changed]).to(changed))
+        residual = update_sq.clone()  # nothing stored: the whole round is lost
+        if kept:
+            same_shape = lambda i: _shape_key(records[kept[i]].u, records[kept[i]].v, *records[kept[i]].stored)  # noqa: E731
+            residual[torch.tensor(kept, device=residual.device)] = _grouped(len(kept), same_shape, residual_sq)
+        changed = torch.tensor([float(r.changed) for r in records], dtype=residual.dtype, device=residual.device)
         return torch.stack([update_sq, residual, changed], dim=1)

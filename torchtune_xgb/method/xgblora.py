@@ -25,27 +25,23 @@ from torchtune_xgb.distributed.sharding import any_nonzero, full, linear_frozen,
 
 
 def merged_path(module: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """Output of the merged state carried beside an NF4 weight (None when there is none).
+    """Output of the merged rounds' view carried beside an NF4 weight (None when there is none).
 
-    NF4 weights are never re-quantized with merged rounds (that would destroy them); the
-    merged state is applied in the forward pass instead: x·Vᵀ·Uᵀ, or x·Lᵀ once L is dense.
-    Under FSDP2 U (or L) is row-sharded like the weight while the forward runs on the gathered
-    weight, so its rows are gathered here (in the forward and again in the backward; see
-    sharding.linear_frozen); V is replicated. The attributes are the ledger itself and the
-    path runs in fp32 (x is cast, the result cast back): exact accumulation over the ledger's rank,
-    and no second copy of it: factors stored in bf16 (exactly: see method.ledger.Ledger) are cast
-    per call and again in the backward, never saved wider (sharding.linear_frozen). Why not bf16:
-    on CPUs a bf16 matmul goes to oneDNN, which keeps compiled kernels per shape, and the ledger's
-    rank changes every round, so resident memory grew by 4-8 MiB per round (measured: +0.6 GiB
-    over 100 rounds on SmolLM2-135M); fp32 matmuls keep no such state.
+    NF4 weights are never re-quantized with merged rounds (that would destroy them); the forward
+    pass adds a view of them instead: x·Vᵀ·Uᵀ with ``merged_u`` (out×R) and ``merged_v`` (R×in),
+    the rank-≤R view of method/views.LowRankView, whose shapes never change, so a step costs the
+    same after 1,000 rounds as after one. The view is held in fp32 and computed in ``x``'s dtype
+    (bf16 in a QLoRA run: tensor cores on a GPU, where an fp32 matmul runs ~15× slower per FLOP):
+    each factor is cast per call and again in the backward, never saved cast (sharding.linear_frozen).
+    Under FSDP2 ``merged_u`` is row-sharded like the weight while the forward runs on the gathered
+    weight, so its rows are gathered here (in the forward and again in the backward); V is
+    replicated. (The per-shape kernels that oneDNN keeps on CPUs, which made a bf16 path of a
+    growing rank add memory every round, stay fixed with the view's fixed shapes.)
     """
-    dense = getattr(module, "merged_dense", None)
     u = getattr(module, "merged_u", None)
-    if dense is None and u is None:
+    if u is None:
         return None
-    h = x.float()
-    out = linear_frozen(h, dense) if dense is not None else linear_frozen(linear_frozen(h, module.merged_v), u)
-    return out.to(x.dtype)
+    return linear_frozen(linear_frozen(x, module.merged_v), u)
 
 
 def frozen_base_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,10 @@ Layout::
 
     <output_dir>/xgb_resume/step_NNNNNNNN/state.pt
     <output_dir>/xgb_resume/step_NNNNNNNN/manifest.json   sha256 and size of every file, the step,
-                                                          and the run's identity (run_identity.py)
+                                                          the run's identity (run_identity.py) and
+                                                          the ledger segments it needs
+    <output_dir>/xgb_resume/segments/                     sealed ledger segments, each written once
+                                                          and shared (ledger_segments.py)
     <output_dir>/xgb_resume/latest                        names the newest complete checkpoint
 
 A step directory is written under a temporary name (state, then manifest, each fsynced) and
@@ -40,7 +43,7 @@ import shutil
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torchtune import utils
@@ -48,6 +51,7 @@ from torchtune import utils
 from torchtune_xgb.errors import RunError
 from torchtune_xgb.run.faults import fault_point
 from torchtune_xgb.run.safe_files import create_new_file, fsync_dir, make_dir, refuse_link, write_atomically
+from torchtune_xgb.run.ledger_segments import CorruptSegment, evict_segments, load_segments, verify_segments
 
 log = utils.get_logger("INFO")
 
@@ -88,7 +92,7 @@ def step_dirs(output_dir: str) -> List[Path]:
 
 def save_resume_state(
     output_dir: str, step: int, state: Dict[str, Any], run: Optional[Dict[str, Any]] = None,
-    parent_step: Optional[int] = None,
+    parent_step: Optional[int] = None, segments: Sequence[Dict[str, Any]] = (),
 ) -> Path:
     """Write ``state`` as the checkpoint of ``step``. Returns its dir.
 
@@ -98,6 +102,9 @@ def save_resume_state(
     are kept, every other checkpoint directory is removed. Raises :class:`RunError` naming the
     path if the disk is full or not writable, or a path to write is a symbolic link; what was on
     disk before is then untouched (the half-written directory is removed).
+    ``segments``: the entries of the ledger segments the state continues, already written
+    (ledger_segments.write_segments); segments no kept checkpoint lists any more are removed after
+    the older checkpoints.
     """
     root = resume_root(output_dir)
     name = step_name(step)
@@ -119,6 +126,7 @@ def save_resume_state(
             "step": step,
             "files": {STATE_FILE: {"bytes": (tmp / STATE_FILE).stat().st_size, "sha256": file_sha256(tmp / STATE_FILE)}},
             "run": run or {},
+            "segments": list(segments),
         }
         with create_new_file(tmp / MANIFEST_FILE) as f:
             f.write(json.dumps(manifest, indent=1, sort_keys=True).encode())
@@ -144,6 +152,7 @@ def save_resume_state(
             shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)  # never follows a link (nor removes one)
+    evict_segments(root, [path / MANIFEST_FILE for path in step_dirs(output_dir)])
     return final
 
 
@@ -184,6 +193,10 @@ def verify_checkpoint(path: Path) -> Dict[str, Any]:
             raise CorruptCheckpoint(f"{file} has {size} bytes, the manifest says {expected.get('bytes')} (truncated?)")
         if file_sha256(file) != expected.get("sha256"):
             raise CorruptCheckpoint(f"{file} does not match its sha256 in {MANIFEST_FILE} (corrupted)")
+    try:
+        verify_segments(path.parent, manifest.get("segments", []))
+    except CorruptSegment as err:
+        raise CorruptCheckpoint(str(err)) from err
     return manifest
 
 
@@ -250,6 +263,11 @@ def load_resume_state(checkpoint: ResumeCheckpoint) -> Dict[str, Any]:
     """Load a verified checkpoint's state (CPU tensors). Raises :class:`RunError` naming the file
     if it holds anything but tensors and plain containers, or cannot be read."""
     return _load_state(checkpoint.path / STATE_FILE)
+
+
+def load_resume_segments(checkpoint: ResumeCheckpoint) -> List[Dict[str, Any]]:
+    """The ledger segments a verified checkpoint lists, in order (see ledger_segments.py)."""
+    return load_segments(checkpoint.path.parent, checkpoint.manifest.get("segments", []))
 
 
 def latest_resume_dir(output_dir: str) -> Optional[Path]:

@@ -9,6 +9,7 @@ full disk), at one of the phases the recipe announces with :func:`fault_point`:
 - ``after_step``: after a step (and its merge, if it ended a round);
 - ``mid_save``: a resume checkpoint's files are written, its directory is not renamed into place;
 - ``before_pointer``: the checkpoint directory is in place, ``latest`` still names the previous one;
+- ``segment_write``: before each copy of a sealed ledger segment is written (run/ledger_segments.py);
 - ``mid_export``: the export's files are written to the staging directory, not renamed into place;
 - ``export_swap``: an older ``epoch_N/`` is moved aside into the staging directory, the new one not yet in place;
 - ``export_write``: while the export's model files are being written;

@@ -21,6 +21,7 @@ def run_summary(booster, adapter: AdapterConfig, *, steps: int, wall_seconds: fl
     ran; ``extra`` (evaluation, export and resume fields the recipe collected) is added last."""
     reports = booster.reports
     kept = [r.kept_fraction for r in reports if r.merged_modules]
+    deviations = [r.view_deviation for r in reports if r.view_deviation is not None]
     summary = {
         "method": adapter.method,
         "rounds": len(reports),
@@ -31,6 +32,8 @@ def run_summary(booster, adapter: AdapterConfig, *, steps: int, wall_seconds: fl
         "merge_seconds": sum(r.merge_seconds + r.reset_seconds for r in reports),
         "min_kept_fraction": min(kept) if kept else None,
         "merged_state_bytes": booster.merged.nbytes(),
+        # NF4 bases: the largest part of the merged rounds the forward pass's rank-R view left out
+        "max_view_deviation": max(deviations) if deviations else None,
         "final_loss": final_loss,
         "lora_rank": lora_rank,
         "svd_seconds": booster.svd_seconds,

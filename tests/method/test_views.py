@@ -1,0 +1,173 @@
+"""The training views of the merged rounds (method/views.py) against exact references.
+
+bf16: the working weight stays one rounding of the exact state over hundreds of rounds, with hi + lo
+equal to S far below a bf16 step and an fp32 master's error (computed here in float64 from the
+stored factors). NF4: the
+rank-R view holds the rounds exactly while they fit, is the best rank-R approximation once they
+do not (an SVD here), and the deviation the merge reports matches ‖L − L̃‖/‖L‖ computed densely.
+"""
+
+import math
+
+import pytest
+import torch
+
+from tests.method.test_merge_measurement import lora_modules, perturb
+from tests.quant.test_nf4 import nf4_module
+from torchtune_xgb.method.merged_state import MergedState
+from torchtune_xgb.method.views import truncate
+
+
+def exact_delta(state, name):
+    """L = U·V in float64 from the stored factors."""
+    ledger = state._ledgers[name]
+    return ledger.u.double() @ ledger.v.double()
+
+
+def test_bf16_weight_stays_one_rounding_of_the_exact_state_over_300_rounds():
+    """Rounds of relative size ~1e-2 in bf16 factors: after 300 of them hi + lo equals S up to one
+    fp32 rounding per round of lo + u·v (~2⁻²⁴ of the round plus half a bf16 step, never of |W|),
+    far closer than an fp32 copy of S accumulated round by round (computed alongside), and the
+    weight is round(S) wherever S is not that close to a rounding boundary."""
+    modules, gen = lora_modules(torch.bfloat16, out_dim=512, in_dim=384)  # factored for > 300 rounds
+    module = modules["m0"]
+    w0 = module.weight.detach().double().clone()
+    fp32_master = w0.float()
+    state = MergedState(modules)
+    bound = torch.zeros_like(w0)
+    for _ in range(300):
+        perturb(module, gen, size=1e-3)
+        u, v = module.merge_factors(1.0)
+        fp32_master += u @ v
+        half_step = (module.weight.detach().float().abs() * 2**-9).double()
+        bound += 2**-24 * (half_step + (u.double() @ v.double()).abs())
+        assert state.merge_round(["m0"]).kept_fraction == 1.0
+    exact = w0 + exact_delta(state, "m0")
+    held = module.weight.detach().double() + state._compensated.lo["m0"].double()
+    assert ((held - exact).abs() <= bound).all()
+    assert (held - exact).abs().max() < (fp32_master.double() - exact).abs().max() / 8
+    mismatched = (module.weight.detach() != exact.to(torch.bfloat16)).float().mean().item()
+    assert mismatched < 1e-4, mismatched  # ties only
+    scale = w0.abs().max().item()
+    assert (exact - w0).abs().max().item() > 2**-7 * scale  # the rounds moved the weights by several bf16 steps
+    # the export in fp32 is S itself to fp32 rounding
+    exported = state.export_weight("m0", torch.float32, live=None).double()
+    assert (exported - exact).abs().max().item() <= 2**-23 * scale
+
+
+def test_bf16_resume_rebuilds_the_same_working_weight():
+    modules, gen = lora_modules(torch.bfloat16)
+    state = MergedState(modules)
+    for _ in range(30):
+        perturb(modules["m0"], gen, size=1e-3)
+        state.merge_round(["m0"])
+    again, _ = lora_modules(torch.bfloat16)  # the same seed: the same W0
+    restored = MergedState(again)
+    assert state.sealed_segments == 30 // state.segment_rounds > 0  # the resume reads segments too
+    segments = [state.segment_state(i)[1] for i in range(state.sealed_segments)]
+    restored.load_state_dict(state.state_dict(), segments=segments, rounds=30, open_from_round=state.open_from_round)
+    mismatched = (again["m0"].weight != modules["m0"].weight).float().mean().item()
+    assert mismatched < 1e-3  # one rounding of the same S (ties may fall apart)
+    lo, lo_again = state._compensated.lo["m0"], restored._compensated.lo["m0"]
+    held = modules["m0"].weight.double() + lo.double()
+    held_again = again["m0"].weight.double() + lo_again.double()
+    # the rebuild sums L in one fp32 GEMM, the run round by round: both to fp32 rounding of L
+    assert (held - held_again).abs().max().item() < 2**-20 * exact_delta(state, "m0").abs().max().item()
+
+
+def nf4_rounds(state, module, gen, count, size=1e-2):
+    for _ in range(count):
+        with torch.no_grad():
+            module.lora_b.weight.copy_(torch.randn(module.lora_b.weight.shape, generator=gen) * size)
+            module.lora_a.weight.copy_(torch.randn(module.lora_a.weight.shape, generator=gen))
+        report = state.merge_round(["m"])
+    return report
+
+
+def test_nf4_view_is_exact_while_the_rounds_fit_then_the_best_rank_r_approximation():
+    module = nf4_module(out_dim=128, in_dim=64)
+    state = MergedState({"m": module}, nf4_view_rank=6)
+    gen = torch.Generator().manual_seed(0)
+    report = nf4_rounds(state, module, gen, 6)
+    exact = exact_delta(state, "m")
+    view = module.merged_u.double() @ module.merged_v.double()
+    assert torch.allclose(view, exact, rtol=0, atol=1e-9)
+    assert report.view_deviation < 1e-6  # exact: the sketch sees fp32 noise only
+    report = nf4_rounds(state, module, gen, 1)  # the 7th round: truncated from rank 7 to 6
+    exact = exact_delta(state, "m")
+    u, s, vh = torch.linalg.svd(exact)
+    best = (u[:, :6] * s[:6]) @ vh[:6]
+    view = module.merged_u.double() @ module.merged_v.double()
+    assert torch.allclose(view, best, rtol=0, atol=1e-6 * s[0].item())
+    true = (s[6:].square().sum().sqrt() / s.square().sum().sqrt()).item()
+    assert 0.01 < true and report.view_deviation == pytest.approx(true, rel=0.5)
+
+
+def test_nf4_view_deviation_tracks_the_dense_measurement_over_many_rounds():
+    """40 random rounds into a rank-8 view: the reported deviation (a 16-column sketch) is within
+    the sketch's accuracy (±18% per σ at worst) of ‖L − L̃‖_F / ‖L‖_F computed densely, every round."""
+    module = nf4_module(out_dim=128, in_dim=64)
+    state = MergedState({"m": module}, nf4_view_rank=8)
+    gen = torch.Generator().manual_seed(1)
+    ratios = []
+    for _ in range(40):
+        report = nf4_rounds(state, module, gen, 1)
+        exact = exact_delta(state, "m")
+        view = module.merged_u.double() @ module.merged_v.double()
+        true = (torch.linalg.matrix_norm(exact - view) / torch.linalg.matrix_norm(exact)).item()
+        if true > 0.05:
+            ratios.append(report.view_deviation / true)
+    assert len(ratios) > 25
+    assert 0.6 < min(ratios) and max(ratios) < 1.4, (min(ratios), max(ratios))
+    assert module.merged_u.shape == (128, 8)  # the view never grows
+
+
+def test_nf4_view_and_its_sketch_resume_as_saved_and_an_old_checkpoint_gets_the_best_rank_r():
+    module = nf4_module(out_dim=128, in_dim=64)
+    state = MergedState({"m": module}, nf4_view_rank=4)
+    gen = torch.Generator().manual_seed(2)
+    nf4_rounds(state, module, gen, 9)
+    again = nf4_module(out_dim=128, in_dim=64)
+    restored = MergedState({"m": again}, nf4_view_rank=4)
+    restored.load_state_dict(state.state_dict(), views=state.view_state(), rounds=9)
+    assert torch.equal(again.merged_u, module.merged_u) and torch.equal(again.merged_v, module.merged_v)
+    x = torch.randn(3, 64, generator=gen).bfloat16()
+    module.active = again.active = False  # the merged rounds only, not the last round's adapter
+    assert torch.equal(again(x), module(x))
+    # and the next round continues both alike (the sketch too: the same deviation)
+    report = nf4_rounds(state, module, torch.Generator().manual_seed(99), 1)
+    report_again = nf4_rounds(restored, again, torch.Generator().manual_seed(99), 1)
+    assert torch.equal(again.merged_u, module.merged_u) and report_again.view_deviation == report.view_deviation
+    # a checkpoint written before views existed: the ledger's best rank-4 approximation
+    older = nf4_module(out_dim=128, in_dim=64)
+    rebuilt = MergedState({"m": older}, nf4_view_rank=4)
+    rebuilt.load_state_dict(state.state_dict(), rounds=10)  # no views=
+    exact = exact_delta(state, "m")
+    u, s, vh = torch.linalg.svd(exact)
+    best = (u[:, :4] * s[:4]) @ vh[:4]
+    assert torch.allclose(older.merged_u.double() @ older.merged_v.double(), best, atol=1e-6 * s[0].item())
+
+
+def test_truncate_is_the_svd_of_the_product():
+    gen = torch.Generator().manual_seed(3)
+    u, v = torch.randn(40, 9, generator=gen), torch.randn(9, 30, generator=gen)
+    a, b, lost = truncate(u, v, 5)
+    s = torch.linalg.svdvals((u @ v).double())
+    assert torch.allclose(torch.linalg.svdvals((a @ b).double())[:5], s[:5], rtol=1e-5)
+    assert lost.item() == pytest.approx(s[5:].square().sum().item(), rel=1e-5)
+    assert math.isclose(torch.linalg.matrix_norm((a @ b - u @ v).double()).item(), lost.sqrt().item(), rel_tol=1e-4)
+
+
+def test_an_unbounded_nf4_view_stays_exact_and_grows():
+    """``nf4_view_rank: null``: the view holds every round exactly, its columns doubling as the
+    rounds come (16, then 32), so its cost grows with them (the user's choice of fidelity)."""
+    module = nf4_module(out_dim=128, in_dim=64)
+    state = MergedState({"m": module}, nf4_view_rank=None)
+    gen = torch.Generator().manual_seed(4)
+    assert module.merged_u.shape == (128, 16)
+    report = nf4_rounds(state, module, gen, 20)
+    assert module.merged_u.shape == (128, 32) and report.view_deviation < 1e-6
+    exact = exact_delta(state, "m")
+    assert torch.allclose(module.merged_u.double() @ module.merged_v.double(), exact, rtol=0, atol=1e-9)
+    nf4_rounds(state, module, gen, 50)  # past min(out, in) = 64 rounds: rank 64 holds L exactly
+    assert module.merged_u.shape == (128, 64) and state.merge_round(["m"]).view_deviation < 1e-5
