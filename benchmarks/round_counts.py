@@ -70,8 +70,9 @@ def simulate_rounds(booster, rounds: int, seed: int = 0, scale: float = 1e-4) ->
     ~``scale``, stored as the module's merges store them) in every adapted module, with ``rounds``
     round reports: the state a
     resume at round ``rounds`` would load (segments sealed every ``segment_rounds`` rounds, the
-    rest open). NF4 views get random factors of their full rank (a view's cost depends on its
-    shape only). The working weights get the rounds on top of what they hold (for timing and
+    rest open). NF4 views of a fixed rank R get random factors of rank R (their cost depends on
+    their shape only; a full view is the worst case, each merge truncating); an exact view
+    (``nf4_view_rank: null``, growing) gets rank min(``rounds``, its bound), as after that many rounds. The working weights get the rounds on top of what they hold (for timing and
     counting: they need not start from W0). Replaces whatever rounds the booster held."""
     from dataclasses import replace
 
@@ -97,10 +98,11 @@ def simulate_rounds(booster, rounds: int, seed: int = 0, scale: float = 1e-4) ->
     views = {}
     for name, view in merged._views.items():
         out_dim, in_dim = view.full_out, view.v.shape[1]
-        views[name] = {"u": torch.randn(out_dim, view.rank, generator=gen) * scale,
-                       "v": torch.randn(view.rank, in_dim, generator=gen) / in_dim**0.5,
+        used = min(rounds, view.rank) if view.growing else view.rank
+        views[name] = {"u": torch.randn(out_dim, used, generator=gen) * scale,
+                       "v": torch.randn(used, in_dim, generator=gen) / in_dim**0.5,
                        "sketch": torch.randn(out_dim, SKETCH_COLUMNS, generator=gen) * scale,
-                       "used": torch.tensor(view.rank)}
+                       "used": torch.tensor(used)}
     merged.load_state_dict(state, segments=segments, views=views, rounds=rounds, open_from_round=boundary)
     template = RoundReport(round=0, step=0, blocks=[], trainable_params=0, merge_seconds=0.0, reset_seconds=0.0,
                            kept_fraction=1.0, merged_modules=len(booster.modules), update_norm=0.0)

@@ -71,6 +71,7 @@ def our_config(args, base: str, out: Path) -> Dict[str, Any]:
         cfg = OmegaConf.to_container(built, resolve=True)
         cfg.update(max_steps_per_epoch=None, save_every_n_steps=None)
     cfg["boost"] = dict(cfg.get("boost") or {}, steps_per_round=10**9, rewarmup_steps=0)
+    cfg["overwrite_output_dir"] = True  # a rerun replaces what the last one recorded writing there
     if args.nf4_view_rank is not None:  # the alternative: an exact view whose rank grows with the rounds
         cfg["boost"]["nf4_view_rank"] = None if args.nf4_view_rank == "none" else int(args.nf4_view_rank)
     cfg["metric_logger"] = {"_component_": "torchtune.training.metric_logging.DiskLogger", "log_dir": str(out / "logs")}
@@ -80,7 +81,7 @@ def our_config(args, base: str, out: Path) -> Dict[str, Any]:
 def torchtune_config(args, base: str, out: Path) -> Dict[str, Any]:
     """torchtune's LoRA recipe (QLoRA with an NF4 base), rank 8, on the same model and data."""
     cfg = our_config(args, base, out)
-    for key in ("boost", "eval", "adapter", "save_every_n_steps"):
+    for key in ("boost", "eval", "adapter", "save_every_n_steps", "overwrite_output_dir"):
         cfg.pop(key, None)
     cfg["model"] = dict(cfg["model"], lora_rank=8, lora_alpha=16)
     return cfg
