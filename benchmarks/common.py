@@ -343,6 +343,15 @@ def today() -> str:
     return datetime.date.today().isoformat()
 
 
+def write_report(out: Path, text: str, data: Dict[str, Any]) -> None:
+    """A benchmark's report: ``text`` to ``out`` (.md) and ``data`` beside it as ``out``.json."""
+    import json
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    out.with_suffix(".json").write_text(json.dumps(data, indent=2))
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub markdown table; cells are str()-ed, None becomes an en dash."""
     cells = [[("–" if c is None else str(c)) for c in row] for row in rows]

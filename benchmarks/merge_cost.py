@@ -15,7 +15,7 @@ too. Blocks are identical, so a merge over all blocks costs ``num_layers`` times
 
 Modelling (the numbers a GPU would give, to be checked by ``--time`` on one): with the merged
 state on the CPU, every merged weight's lo (what the bf16 weight's rounding leaves out of the exact
-state, fp32; method/views.py) crosses PCIe to the GPU and back (4 bytes/parameter each way, the
+state, as int16 codes; method/views.py) crosses PCIe to the GPU and back (2 bytes/parameter each way, the
 two directions at once); the counted bytes move
 through HBM; the counted matrix products run at the fp32 rate (merges use full fp32 precision,
 no TF32); each kernel costs the host a fixed time to issue (small kernels are bound by it); each
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -42,7 +41,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from benchmarks.common import fmt, hardware, markdown_table, today
+from benchmarks.common import fmt, hardware, markdown_table, today, write_report
 
 # (num_layers, dim, kv_dim, ffn_dim, vocab); torchtune's llama3_2_1b and llama3_8b
 SHAPES = {
@@ -272,7 +271,7 @@ def model_rows(args, hw: Hardware) -> List[Dict[str, Any]]:
     rows = []
     for shape_name, shape in shapes.items():
         layers, dim, kv_dim, ffn_dim, _ = shape
-        host_bytes = 4 * sum(o * i for o, i in block_projections(dim, kv_dim, ffn_dim).values())  # lo, one way
+        host_bytes = 2 * sum(o * i for o, i in block_projections(dim, kv_dim, ffn_dim).values())  # lo's int16 codes, one way
         for rounds in args.rounds:
             counts = count_block_merge(shape, rounds, args.implementation)
             # kernels are not per block: modules of one shape are measured together across blocks,
@@ -359,9 +358,9 @@ def time_merges(shape_name: str, bases: List[str], device: str, repeats: int = 2
             print(f"  lo {base}: skipped ({deadline - began:.0f} s left)", flush=True)
             continue
         state = state_cls(modules, base_device=device if base == "gpu" else "cpu")
-        lo = state._compensated.lo
-        if base == "pageable":  # the same lo without page-locking
-            state._compensated.lo = lo = {n: torch.empty(t.shape, dtype=t.dtype).copy_(t) for n, t in lo.items()}
+        lo = state._compensated.codes
+        if base == "pageable":  # the same codes without page-locking
+            state._compensated.codes = lo = {n: torch.empty(t.shape, dtype=t.dtype).copy_(t) for n, t in lo.items()}
         pinned = cuda and base != "gpu" and all(t.is_pinned() for t in lo.values())
         seconds, reset_seconds = [], []
         for r in range(repeats + 1):
@@ -415,9 +414,7 @@ def main(argv=None) -> int:
         timed = time_merges("tiny" if args.dry_run else "llama3-8b", ["pageable", "pinned", "gpu"], args.device)
     print(text)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-        args.out.with_suffix(".json").write_text(json.dumps({"rows": rows, "timed": timed}, indent=2))
+        write_report(args.out, text, {"rows": rows, "timed": timed})
     return 0
 
 

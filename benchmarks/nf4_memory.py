@@ -56,6 +56,7 @@ from benchmarks.common import (
     today,
     tune_command,
     write_config,
+    write_report,
 )
 
 NF4_CONFIG = "smollm2_135m_xgblora_nf4"
@@ -191,9 +192,7 @@ def main(argv=None) -> int:
     text = report(header, rows)
     print(text)
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-        args.out.with_suffix(".json").write_text(json.dumps({"header": header, "rows": rows}, indent=2))
+        write_report(args.out, text, {"header": header, "rows": rows})
     return 0 if all(not r["failed"] for r in rows) else 1
 
 

@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List
 
-from benchmarks.common import REPO, fmt, hardware, markdown_table, today
+from benchmarks.common import REPO, fmt, hardware, markdown_table, today, write_report
 
 BASES = ("fp32", "bf16", "nf4")
 GOAL_STEP, GOAL_MEMORY, GOAL_MERGE_SHARE = 1.05, 1.05, 0.005
@@ -318,9 +318,7 @@ def main(argv=None) -> int:
     text = render(rows, header)
     print(text)
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-        args.out.with_suffix(".json").write_text(json.dumps({"header": header, "rows": rows}, indent=2))
+        write_report(args.out, text, {"header": header, "rows": rows})
     return 0 if not any(r.get("failed") for r in rows) else 1
 
 

@@ -18,18 +18,21 @@ def test_step_time_scales_with_matmul_flops():
     assert merge_cost.scale_step_seconds(1.0, 1000, "llama3.2-1b", "llama3-8b", 2000) == pytest.approx(2 * one)
 
 
-def test_a_merge_reads_back_twice_and_makes_six_full_size_passes_per_module_whatever_the_rounds():
+def test_a_merge_reads_back_twice_and_makes_a_fixed_number_of_full_size_passes_per_module_whatever_the_rounds():
     """Host reads do not grow with the number of blocks; per module the only out×in-sized work is
-    the compensated update of the bf16 weight: lo + u·v, the upcast of hi, hi + t, its rounding
-    into the weight, hi − hi', and + t into lo. Nothing depends on the rounds already merged."""
+    the compensated update of the bf16 weight: lo decoded (+ u·v), the upcast of hi, hi + t, its
+    rounding into the weight, hi − hi', + t into lo, lo coded again (scaled, rounded, clamped, cast,
+    what it left out) and copied back; ≤ 17 (on these tiny shapes the 2×out×16 sketches count as
+    full-size too). Nothing depends on the rounds already merged."""
     assert merge_cost.host_reads(None, layers=1) == merge_cost.host_reads(None, layers=32) == 2
     shape = merge_cost.TINY_SHAPE["tiny"]
     counts = merge_cost.count_block_merge(shape, rounds=3)
     projections = merge_cost.block_projections(*shape[1:4])
-    assert counts.full_passes == 6 * len(projections)
+    assert 12 * len(projections) <= counts.full_passes <= 17 * len(projections)
     entries = sum(o * i for o, i in projections.values())
-    assert counts.flops >= 2 * entries  # the rank-1 update of lo
-    assert counts.flops < 2 * entries * 1.5  # Gram matrices add little
+    # the rank-1 update of lo, and the 16-column sketch of what its coding left out
+    assert counts.flops >= 2 * entries * (1 + 16)
+    assert counts.flops < 2 * entries * (1 + 16) * 1.1  # Gram matrices and the round's sketch add little
     later = merge_cost.count_block_merge(shape, rounds=12)  # (still factored: more would turn k_proj dense)
     assert (later.flops, later.full_passes, later.kernels) == (counts.flops, counts.full_passes, counts.kernels)
 
@@ -37,9 +40,9 @@ def test_a_merge_reads_back_twice_and_makes_six_full_size_passes_per_module_what
 def test_kernels_of_a_merge_over_many_blocks_follow_from_one_and_two():
     """The model extrapolates the kernels of an all-layer merge from merges over 1 and 2 blocks
     (modules of one shape are measured together across blocks): a merge over 4 blocks, counted
-    directly, is that line; and each further block costs a handful of kernels per module (its
-    ledger append and view update), not the ~30 of one measured alone."""
+    directly, is that line; and each further block costs a fixed number of kernels per module (its
+    ledger append and view update)."""
     shape = merge_cost.TINY_SHAPE["tiny"]
     one, two, four = (merge_cost.count_block_merge(shape, rounds=3, blocks=b).kernels for b in (1, 2, 4))
     assert four == one + 3 * (two - one)
-    assert (two - one) / 7 <= 14
+    assert (two - one) / 7 <= 28  # the append and its measurement, the bf16 view with its codes and sketches

@@ -48,8 +48,8 @@ def test_bf16_merges_on_cuda_are_one_rounding_of_the_exact_sum(base_device):
     w0 = {n: m.weight.detach().double().cpu() for n, m in booster.modules.items()}
     exact = {n: w.clone() for n, w in w0.items()}
     for name in booster.modules:
-        # lo (what the bf16 weight's rounding leaves out) and the ledger live on base_device
-        stored = booster.merged._compensated.lo[name]
+        # lo's codes (what the bf16 weight's rounding leaves out) and the ledger live on base_device
+        stored = booster.merged._compensated.codes[name]
         assert stored.device.type == booster.merged._ledgers[name].device.type == base_device
         if base_device == "cpu" and DEVICE == "cuda":
             assert stored.is_pinned()  # asynchronous copies to the GPU and back

@@ -188,18 +188,21 @@ def test_twenty_small_rounds_on_bf16_lose_nothing():
     naive_error = torch.linalg.matrix_norm(naive.float() - exact) / total
     assert export_error < 0.01
     assert naive_error > 0.3, naive_error  # the failure the merged state exists to prevent
-    # the forward weight is one rounding of the exact state: no accumulation over 20 rounds
-    assert torch.equal(module.weight, exact.bfloat16())
-    # memory held: lo (what the bf16 weight's rounding leaves out of S, fp32) plus 20 rank-1 factor
+    # the forward weight is one rounding of the exact state but where S lies within the codes'
+    # precision (2⁻²² of the row's largest |W0| per round) of a rounding boundary: no accumulation
+    assert (module.weight != exact.bfloat16()).float().mean().item() < 1e-3
+    # memory held: lo (what the bf16 weight's rounding leaves out of S: int16 codes, a unit per
+    # row, two out×16 deviation sketches) plus 20 rank-1 factor
     # pairs, stored in bf16: they are the bf16 adapter's own values (α/r = 1, η = 1), so bf16 holds
     # them exactly (the export above is exact), at 2 bytes per value instead of 4; the ledger's
     # chunks hold 8, 8 and 16 rounds (each as many as the rounds before it, from 8)
     out_dim, in_dim = module.out_dim, module.in_dim
     assert 20 * (out_dim + in_dim) < out_dim * in_dim  # still stored as factors
-    assert booster.merged.nbytes() == 4 * out_dim * in_dim + 2 * (8 + 8 + 16) * (out_dim + in_dim)
+    assert booster.merged.nbytes() == (2 * out_dim * in_dim + 4 * out_dim + 2 * 4 * out_dim * 16
+                                       + 2 * (8 + 8 + 16) * (out_dim + in_dim))
     # and so is the streamed bf16 export, which reuses that weight instead of a second copy
     streamed = dict(booster.export_weights(torch.bfloat16))["layers.0.attn.q_proj"]
-    assert torch.equal(streamed, exact.bfloat16())
+    assert streamed.data_ptr() == module.weight.data_ptr()
 
 
 def test_finish_folds_partial_round_and_export_includes_live_adapter():

@@ -53,9 +53,10 @@ def test_bf16_rounds_are_stored_bit_for_bit_at_half_the_bytes():
     assert ledger.u.dtype == ledger.v.dtype == BF16
     assert torch.equal(ledger.u.float(), torch.cat([u for u, _ in rounds], dim=1))
     assert torch.equal(ledger.v.float(), torch.cat([v for _, v in rounds], dim=0))
-    # lo, what the bf16 weight's rounding leaves out of S (fp32, 48×32), plus the ledger's first
-    # chunk, room for eight bf16 rank-1 pairs: 4·48·32 + 2·8·(48+32) bytes
-    assert state.nbytes() == 4 * 48 * 32 + 2 * 8 * (48 + 32)
+    # lo, what the bf16 weight's rounding leaves out of S (int16 codes, 48×32), the rows' code
+    # units (fp32, 48), its two sketches (fp32, 48×16 each), plus the ledger's first chunk, room for
+    # eight bf16 rank-1 pairs
+    assert state.nbytes() == 2 * 48 * 32 + 4 * 48 + 2 * 4 * 48 * 16 + 2 * 8 * (48 + 32)
     # S = W0 + Σ u·v, summed here in fp64 from the captured fp32 factors
     w0 = state.base_weight("m0").double()
     exact = w0 + sum(u.double() @ v.double() for u, v in rounds)

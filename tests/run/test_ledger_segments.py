@@ -100,7 +100,9 @@ def test_a_resume_from_segments_restores_every_round(tmp_path):
         again = booster.merged._ledgers[name]
         assert torch.equal(again.u, ledger.u) and torch.equal(again.v, ledger.v), name
         weight, weight_again = run.booster.modules[name].weight, booster.modules[name].weight
-        assert (weight != weight_again).float().mean() < 1e-3, name  # one rounding of the same S
+        # one rounding of S̃ each, S̃ within the remainder codes' precision of S: entries that close
+        # to a rounding tie may differ
+        assert (weight != weight_again).float().mean() < 3e-3, name
     # both continue alike, and the next checkpoint lists the same segments plus the new one
     for b in (run.booster, booster):
         perturb_adapters(b, seed=99)

@@ -164,8 +164,8 @@ class Ledger:
         """L in fp32, formed on ``device`` (default: the ledger's): a product over every round, for
         export and resume only."""
         device = self.device if device is None else device
-        if self.dense is not None:
-            return self.dense.to(device)
+        if self.dense is not None:  # a copy: callers may change it (a resume's bf16 split does)
+            return self.dense.to(device, copy=True)
         return self.u.to(device).float() @ self.v.to(device).float()
 
     def add(self, u: torch.Tensor, v: torch.Tensor, dtype: torch.dtype = torch.float32) -> None:

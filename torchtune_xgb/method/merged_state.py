@@ -19,10 +19,11 @@ The forward pass uses a training view of S per base (method/views.py), updated f
 ledger stored, in O(out·in) (fp32, bf16) or O((out+in)·R²) (NF4) per module and merge:
 
 - fp32 weights: the weight is S (merged in place);
-- bf16 (any non-fp32) weights: the weight is round(S̃) and lo = S̃ − weight (fp32, on
-  ``base_device``) carries what the rounding left out; S̃ equals S up to one fp32 rounding per
-  round of lo + u·v (never of |W|), so the weight is one rounding of the exact state and bf16
-  rounding never accumulates across rounds;
+- bf16 (any non-fp32) weights: the weight is round(S̃) and lo = S̃ − weight (held as int16 codes
+  of 2⁻¹⁶ of the weight's step, on ``base_device``) carries what the rounding left out; S̃ equals S
+  up to one coding per round (≤ 2⁻²⁴·|W|, an fp32 master weight's precision, never accumulated by
+  rounding the weight itself), so the weight is one rounding of S̃ and bf16 rounding never
+  accumulates across rounds; what S̃ leaves out of S is measured every merge (``view_deviation``);
 - NF4 weights: re-quantizing after a merge destroys small updates (kept fraction −0.10 at relative
   size 1e-2, design.md §2), so rounds are never folded into the NF4 tensor; the forward adds a
   view of rank ≤ ``nf4_view_rank`` beside it (``merged_u``/``merged_v``; see xgblora.merged_path),
@@ -40,10 +41,10 @@ previous boundary form a sealed segment, written once to its own file by the nex
 (run/ledger_segments.py); each checkpoint holds only the rounds since the last boundary.
 
 Memory cost (docs/how-it-works.md): ``base_device`` holds the ledgers (2·k·(out+in) bytes per module after k
-merged rank-1 updates of bf16 adapters, 4·k·(out+in) in fp32, capped at 4·out·in), lo of every
-bf16 module (4 bytes/parameter), NF4 ``merge_base="original"`` copies (2 bytes/parameter in
+merged rank-1 updates of bf16 adapters, 4·k·(out+in) in fp32, capped at 4·out·in), lo's codes of every
+bf16 module (2 bytes/parameter), NF4 ``merge_base="original"`` copies (2 bytes/parameter in
 bf16); the accelerator holds only the NF4 views (4·R·(out+in) bytes per module plus a 4·out·16
-sketch), whatever k.
+sketch) and two 4·out·16 sketches per bf16 module, whatever k.
 """
 
 import math
@@ -80,9 +81,10 @@ class MergeReport:
     seconds: wall time of the merge, including updating the training views.
     modules: number of modules whose non-zero update was merged.
     update_norm: Frobenius norm of all merged updates together.
-    view_deviation: NF4 bases: max over the merged modules of ‖L − L̃‖_F / ‖L‖_F, the part of
-        the exact merged rounds L that the forward pass's rank-R view L̃ leaves out (estimated by
-        a 16-column Gaussian sketch, see views.LowRankView); None where every view is exact.
+    view_deviation: max over the merged modules of ‖L − L̃‖_F / ‖L‖_F, the part of the exact
+        merged rounds L that the forward pass's view L̃ leaves out: NF4 bases' rank-R view, bf16
+        bases' coded remainder (estimated by 16-column Gaussian sketches, see views.py); None
+        where every view is exact (fp32 bases).
     """
 
     kept_fraction: float
@@ -96,12 +98,12 @@ class MergedState(MergedStateCheckpoint):
     """Exact merged state S = W0 + L for every adapted module, and the views the forward pass uses.
 
     fp32 weights: S is the weight itself (merged in place); bf16 (any non-fp32) weights:
-    weight = round(S̃) with lo on ``base_device``; NF4 weights: a rank-≤R view beside them (see
+    weight = round(S̃) with lo's codes on ``base_device``; NF4 weights: a rank-≤R view beside them (see
     the module docstring). The ledgers record L exactly in every case.
 
     Args:
         modules: the adapted modules by name (their weights must already hold the loaded base).
-        base_device: where the ledgers and lo live ("cpu" keeps them off the accelerator).
+        base_device: where the ledgers and lo's codes live ("cpu" keeps them off the accelerator).
         originals: full-precision weights by module name, used as W0 of NF4 modules
             (``merge_base="original"``); without one, an NF4 module's W0 is its dequantized weight.
         nf4_view_rank: R, the rank of the view beside an NF4 weight (None: unbounded, exact).
@@ -240,14 +242,15 @@ class MergedState(MergedStateCheckpoint):
         update; the report), not once per module. Nothing depends on how many rounds came
         before: the ledger appends the round's factors only, ‖ΔW‖ and the residual come from r×r
         Gram matrices of the round's factors, and each view's update is O(out·in) (fp32: W += u·v;
-        bf16: hi/lo, lo copied from pinned memory and back asynchronously) or O((out+in)·R²) (NF4).
+        bf16: hi/lo, lo's int16 codes copied from pinned memory and back asynchronously) or
+        O((out+in)·R²) (NF4).
         """
         start = time.perf_counter()
         with exact_fp32_matmuls():
             factors = {name: self.modules[name].merge_factors(merge_rate) for name in names}
             todo = self._with_update(factors)
             device = self._weight(todo[0]).device if todo else None
-            prefetch = Prefetch(self._compensated.lo, [n for n in todo if n in self._compensated.lo], device)
+            prefetch = Prefetch(self._compensated.codes, [n for n in todo if n in self._compensated.codes], device)
             measured: Dict[str, torch.Tensor] = {}  # full-matrix stats (dense or in-place states)
             appended, appended_names = AppendedRounds(), []  # factored ledgers, measured together
             view_parts: Dict[str, torch.Tensor] = {}
@@ -328,7 +331,7 @@ class MergedState(MergedStateCheckpoint):
         return all_sum(stacked, first) if is_sharded(first) else stacked
 
     def _merge_module(self, name: str, u: torch.Tensor, v: torch.Tensor, appended: AppendedRounds,
-                      lo: Optional[torch.Tensor], merge_rate: float) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+                      code: Optional[torch.Tensor], merge_rate: float) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """Add u·v to one module's ledger and its view from what the ledger stored. Returns (its
         (‖u·v‖², ‖residual‖², changed) on a device, or None for a round appended to a factored
         ledger (handed to ``appended``, measured later); the view's deviation parts or None).
@@ -354,7 +357,7 @@ class MergedState(MergedStateCheckpoint):
             if name in self._views:
                 parts = self._views[name].add(*stored)
             else:
-                self._compensated.add(name, weight, *stored, lo_on_device=lo)
+                parts = self._compensated.add(name, weight, *stored, code_on_device=code)
         if ledger.dense is not None:
             before = before if torch.is_tensor(before) else product_of(before, ledger.device)  # O(k) once, at the switch
             return full_stats(ledger.dense - before, u.to(ledger.device), v.to(ledger.device)), parts

@@ -8,13 +8,16 @@ so it never holds anything the exact state does not.
 - fp32 weights (:func:`add_in_place`): the weight is S itself, W += u·v (a 24-bit mantissa keeps
   even a 1e-4 round), as before.
 - bf16 (any non-fp32 dense) weights (:class:`CompensatedView`): the working weight is
-  hi = round(S̃) and ``lo`` = S̃ − hi is kept in fp32 on ``base_device``. Each merge rounds once,
-  in fp32, the small sum lo + u·v (at most half a bf16 step plus the round), never anything of
-  the size of W: S̃ stays within ~2⁻²⁴ of the rounds' own size (+ 2⁻³³·|W| each) of S, and the
-  working weight is one rounding of the exact state, as when it was re-derived as round(W0 + U·V)
-  from the whole ledger (a GEMM of rank k per merge). A merge now costs O(out·in) per module
-  whatever k: lo travels to the GPU and back (4 bytes per parameter each way, asynchronously from
-  pinned memory), hi is the weight.
+  hi = round(S̃) and lo = S̃ − hi is kept on ``base_device`` as int16 codes in units of 2⁻¹⁶ of
+  hi's step. Each merge rounds once, in fp32, the small sum lo + u·v (at most half a bf16 step
+  plus the round), never anything of the size of W, then codes the new lo (an error of ≤ 2⁻¹⁷ of
+  a step, ≤ 2⁻²⁴·|W|: an fp32 master weight's precision). So the working weight is one rounding of
+  S̃, bf16 rounding never accumulates, and what S̃ leaves out of S is measured at every merge
+  (``view_deviation``, sketched as for NF4). A merge costs O(out·in) per module whatever k: the
+  codes travel to the GPU and back (2 bytes per parameter each way, asynchronously from pinned
+  memory, the bytes W0 took one way when the weight was re-derived as round(W0 + U·V) from the
+  whole ledger, a GEMM of rank k per merge); hi is the weight. An fp32 lo (4 bytes each way, a
+  few 2⁻²⁴ of the rounds' own size) modelled at twice the merge time of an 8B model on an H200.
 - NF4 weights (:class:`LowRankView`): the 4-bit weight cannot take the rounds (re-quantizing
   destroys them, design.md §2) and an exact view beside it grows with k, so the forward pass adds
   a view of rank at most R (``boost.nf4_view_rank``): exact while the rounds fit (k·r ≤ R), then
@@ -50,59 +53,130 @@ def add_in_place(weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> None
     weight.addmm_(u.float(), v.float())
 
 
-@torch.no_grad()
-def compensated_add(weight: torch.Tensor, lo: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """hi + lo += u·v for a bf16 ``weight`` (hi, changed in place) and its fp32 ``lo`` (on the
-    weight's device, overwritten); returns the new lo.
+# lo is held as int16 codes in a fixed unit per row: 2⁻¹⁵ of the bf16 step at twice the row's
+# largest |W0| (rows are this rank's under FSDP2). |lo| ≤ half the step at its own entry (+ 2⁻¹⁶
+# of one, fp32 rounding), so |code| ≤ 2¹⁴ while the row's weights stay below twice their largest
+# start (2¹⁵ − 1 clamps beyond 4×; a clamp shows in the deviation). A code rounds lo to half a unit,
+# ≤ 2⁻²²·max|W0 row| per round: every entry's error is of the size of an fp32 master weight's
+# rounding of the row's largest entries, never relative to the entry's own size.
+CODE_UNIT_BITS = 15
+_CODE_LIMIT = 2**15 - 1
 
-    t = lo + u·v is small (≤ half a bf16 step of hi plus the round), so its fp32 rounding is
-    ~2⁻²⁴·|t|; hi' = round(hi + t); hi − hi' is exact in fp32 (two nearby bf16 values); lo' =
-    (hi − hi') + t rounds relative to |lo'| again. Nothing is ever rounded relative to |W| in fp32.
+
+def code_units(weight: torch.Tensor) -> torch.Tensor:
+    """Per row of ``weight`` (a bf16 or other non-fp32 dense weight holding W0), the fp32 value of
+    one code unit: 2⁻¹⁵ of the dtype's step at 2·max|row| (a power of two; one kernel per reduction,
+    no out×in temporary). A row far smaller than the matrix (all zeros, say) counts as 2⁻⁸ of the
+    matrix's largest |W0|, so its rounds stay codable."""
+    mantissa_bits = round(-math.log2(torch.finfo(weight.dtype).eps))  # bf16: 7, fp16: 10
+    largest = torch.linalg.vector_norm(weight, ord=math.inf, dim=1, dtype=torch.float32)
+    floor = (largest.max() if largest.numel() else largest.new_zeros(())) * 2**-8
+    largest = torch.maximum(largest, floor.clamp(min=2**-100))  # an all-zero matrix: finite units
+    exponent = torch.frexp(2 * largest).exponent  # 2·max in [2^(x−1), 2^x)
+    return torch.ldexp(torch.ones_like(largest), exponent - (1 + mantissa_bits + CODE_UNIT_BITS)).unsqueeze(1)
+
+
+@torch.no_grad()
+def compensated_add(weight: torch.Tensor, code: torch.Tensor, unit: torch.Tensor, u: torch.Tensor,
+                    v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """hi + lo += u·v for a bf16 (any non-fp32) ``weight`` (hi, changed in place) and its
+    remainder's ``code`` (int16, on the weight's device; ``unit``: :func:`code_units`). Returns (the
+    new code, what coding the new lo left out in units: out×in fp32, for the deviation sketch).
+
+    t = lo + u·v is small (≤ half a step of hi plus the round), so its fp32 rounding is ~2⁻²⁴·|t|;
+    hi' = round(hi + t); hi − hi' is exact in fp32 (two nearby values of the weight's dtype); lo' =
+    (hi − hi') + t rounds relative to |lo'| again; its code rounds to half a unit. Nothing is ever
+    rounded relative to |W| in fp32. Twelve out×in passes, O(out·in) whatever the rounds.
     """
-    t = lo.addmm_(u, v)
+    t = torch.mul(code, unit).addmm_(u, v)
     hi = weight.float()
     weight.copy_(hi + t)
-    return t.add_(hi.sub_(weight))
+    return _coded(t.add_(hi.sub_(weight)), unit)
+
+
+def _coded(lo: torch.Tensor, unit: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(int16 code of fp32 ``lo``, what it leaves out in units), ``lo`` consumed."""
+    scaled = lo.div_(unit)  # a power of two: exact
+    rounded = scaled.round().clamp_(-_CODE_LIMIT, _CODE_LIMIT)
+    return rounded.to(torch.int16), scaled.sub_(rounded)
 
 
 @torch.no_grad()
-def compensated_split(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """Make bf16 ``weight`` (holding W0) hi = round(W0 + delta); return lo = (W0 − hi) + delta."""
+def compensated_split(weight: torch.Tensor, delta: torch.Tensor, unit: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Make ``weight`` (holding W0) hi = round(W0 + delta); return the code of lo = (W0 − hi) +
+    delta and what it leaves out in units (``delta`` consumed)."""
     hi = weight.float()
     weight.copy_(hi + delta)
-    return delta.add_(hi.sub_(weight))
+    return _coded(delta.add_(hi.sub_(weight)), unit)
 
 
 class CompensatedView:
-    """hi/lo views of bf16 modules: ``lo[name]`` (fp32, this rank's rows, on ``base_device``:
-    pinned when the weights are on a GPU). lo starts at 0 (the loaded weight is W0 exactly)."""
+    """hi/lo views of bf16 (any non-fp32 dense) modules, and what they leave out.
+
+    ``codes[name]``: lo as int16 codes (this rank's rows, on ``base_device``: pinned when the
+    weights are on a GPU, so a merge moves 2 bytes per parameter each way, asynchronously);
+    ``units[name]``: each row's code unit, fixed from W0 when the view is made (a resume makes the
+    same ones from the same W0). lo starts at 0 (the loaded weight is W0 exactly).
+
+    Deviation: S̃ = hi + lo differs from the exact S by the sum D of what each coding left out.
+    Two sketches on the weight's device, D·Ω and L·Ω (Ω: the fixed in×16 Gaussian of
+    :func:`_sketch_matrix`), are updated at every merge, and ‖D·Ω‖ / ‖L·Ω‖ estimates ‖S̃ − S‖_F /
+    ‖L‖_F, the relative part of the merged rounds the forward pass does not see, as for the NF4
+    view: 2·out·in·16 FLOPs per module and merge, whatever the number of rounds.
+    """
 
     def __init__(self, weights: Dict[str, torch.Tensor], base_device: str):
         from torchtune_xgb.method.base_weights import host_empty
 
         pin = lambda w: torch.device(base_device).type == "cpu" and w.device.type == "cuda"  # noqa: E731
-        self.lo = {name: host_empty(w.shape, torch.float32, base_device, pin(w)).zero_() for name, w in weights.items()}
+        self.codes = {name: host_empty(w.shape, torch.int16, base_device, pin(w)).zero_() for name, w in weights.items()}
+        self.units = {name: code_units(w) for name, w in weights.items()}
+        self.left_out = {name: torch.zeros(w.shape[0], SKETCH_COLUMNS, device=w.device) for name, w in weights.items()}
+        self.merged = {name: torch.zeros(w.shape[0], SKETCH_COLUMNS, device=w.device) for name, w in weights.items()}
+        self._omegas: Dict[Tuple[int, str], torch.Tensor] = {}
+
+    def _omega(self, in_dim: int, device: torch.device) -> torch.Tensor:
+        key = (in_dim, str(device))
+        if key not in self._omegas:
+            self._omegas[key] = _sketch_matrix(in_dim, device)
+        return self._omegas[key]
 
     def add(self, name: str, weight: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
-            lo_on_device: Optional[torch.Tensor] = None) -> None:
-        """hi + lo += u·v (u, v fp32 on the weight's device); ``lo_on_device``: lo already copied
-        there (prefetched)."""
-        held = self.lo[name]
-        lo = lo_on_device if lo_on_device is not None else held.to(weight.device, non_blocking=True)
-        new_lo = compensated_add(weight, lo, u, v)
-        if new_lo is not held:
-            held.copy_(new_lo, non_blocking=True)  # back to pinned host memory, asynchronously
+            code_on_device: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """hi + lo += u·v (u, v fp32 on the weight's device); ``code_on_device``: the code already
+        copied there (prefetched). Returns this rank's (‖D·Ω‖², ‖L·Ω‖²) after the round."""
+        held, unit = self.codes[name], self.units[name]
+        code = code_on_device if code_on_device is not None else held.to(weight.device, non_blocking=True)
+        new_code, left_out = compensated_add(weight, code, unit, u, v)
+        held.copy_(new_code, non_blocking=True)  # back to pinned host memory, asynchronously
+        omega = self._omega(weight.shape[1], weight.device)
+        self.left_out[name].add_((left_out @ omega).mul_(unit))
+        self.merged[name].addmm_(u, v @ omega)
+        return self.deviation_parts(name)
+
+    def deviation_parts(self, name: str) -> torch.Tensor:
+        return torch.stack([self.left_out[name], self.merged[name]]).double().square().sum(dim=(1, 2))
 
     def rebuild(self, name: str, weight: torch.Tensor, delta: torch.Tensor) -> None:
-        """After a resume: ``weight`` holds W0, ``delta`` = L (fp32, on the weight's device)."""
-        self.lo[name].copy_(compensated_split(weight, delta))
+        """After a resume: ``weight`` holds W0, ``delta`` = L (fp32, on the weight's device,
+        consumed). What the resumed view leaves out is the rebuild's one coding."""
+        omega, unit = self._omega(weight.shape[1], weight.device), self.units[name]
+        self.merged[name] = delta @ omega
+        code, left_out = compensated_split(weight, delta, unit)
+        self.codes[name].copy_(code)
+        self.left_out[name] = (left_out @ omega).mul_(unit)
+
+    def remainder(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """lo (fp32, on the weight's device) as the codes hold it."""
+        return torch.mul(self.codes[name].to(weight.device), self.units[name])
 
     def merged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         """S̃ = hi + lo, rounded once to fp32 (summed in fp64)."""
-        return (weight.double() + self.lo[name].to(weight.device).double()).float()
+        return (weight.double() + self.remainder(name, weight).double()).float()
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.lo.values())
+        tensors = [*self.codes.values(), *self.units.values(), *self.left_out.values(), *self.merged.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def truncate(u: torch.Tensor, v: torch.Tensor, rank: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
