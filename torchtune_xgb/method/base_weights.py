@@ -23,8 +23,8 @@ def host_empty(shape, dtype: torch.dtype, base_device: str, pin: bool) -> torch.
 class Prefetch:
     """Copies the host tensor of the next module to the GPU on a side stream while this one is used.
 
-    A merge with its state in pinned CPU memory is bound by PCIe (4 bytes per parameter against
-    tens of bytes of HBM traffic at ~100× the bandwidth), so the copy engine should never wait for
+    A merge with its state in pinned CPU memory is bound by PCIe (a bf16 module's remainder codes:
+    2 bytes per parameter each way, against tens of bytes of HBM traffic at ~100× the bandwidth), so the copy engine should never wait for
     the compute: module i+1's tensor is in flight while module i's update runs. A no-op (``take``
     returns None) unless the tensors are pinned on the CPU and ``device`` is a GPU.
     """

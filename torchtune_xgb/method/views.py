@@ -119,7 +119,7 @@ class CompensatedView:
     same ones from the same W0). lo starts at 0 (the loaded weight is W0 exactly).
 
     Deviation: S̃ = hi + lo differs from the exact S by the sum D of what each coding left out.
-    Two sketches on the weight's device, D·Ω and L·Ω (Ω: the fixed in×16 Gaussian of
+    Two sketches on the weight's device, D·Ω (``left_out_sketch``) and L·Ω (``rounds_sketch``) (Ω: the fixed in×16 Gaussian of
     :func:`_sketch_matrix`), are updated at every merge, and ‖D·Ω‖ / ‖L·Ω‖ estimates ‖S̃ − S‖_F /
     ‖L‖_F, the relative part of the merged rounds the forward pass does not see, as for the NF4
     view: 2·out·in·16 FLOPs per module and merge, whatever the number of rounds.
@@ -131,8 +131,8 @@ class CompensatedView:
         pin = lambda w: torch.device(base_device).type == "cpu" and w.device.type == "cuda"  # noqa: E731
         self.codes = {name: host_empty(w.shape, torch.int16, base_device, pin(w)).zero_() for name, w in weights.items()}
         self.units = {name: code_units(w) for name, w in weights.items()}
-        self.left_out = {name: torch.zeros(w.shape[0], SKETCH_COLUMNS, device=w.device) for name, w in weights.items()}
-        self.merged = {name: torch.zeros(w.shape[0], SKETCH_COLUMNS, device=w.device) for name, w in weights.items()}
+        self.left_out_sketch = {name: torch.zeros(w.shape[0], SKETCH_COLUMNS, device=w.device) for name, w in weights.items()}
+        self.rounds_sketch = {name: torch.zeros(w.shape[0], SKETCH_COLUMNS, device=w.device) for name, w in weights.items()}
         self._omegas: Dict[Tuple[int, str], torch.Tensor] = {}
 
     def _omega(self, in_dim: int, device: torch.device) -> torch.Tensor:
@@ -150,21 +150,21 @@ class CompensatedView:
         new_code, left_out = compensated_add(weight, code, unit, u, v)
         held.copy_(new_code, non_blocking=True)  # back to pinned host memory, asynchronously
         omega = self._omega(weight.shape[1], weight.device)
-        self.left_out[name].add_((left_out @ omega).mul_(unit))
-        self.merged[name].addmm_(u, v @ omega)
+        self.left_out_sketch[name].add_((left_out @ omega).mul_(unit))
+        self.rounds_sketch[name].addmm_(u, v @ omega)
         return self.deviation_parts(name)
 
     def deviation_parts(self, name: str) -> torch.Tensor:
-        return torch.stack([self.left_out[name], self.merged[name]]).double().square().sum(dim=(1, 2))
+        return torch.stack([self.left_out_sketch[name], self.rounds_sketch[name]]).double().square().sum(dim=(1, 2))
 
     def rebuild(self, name: str, weight: torch.Tensor, delta: torch.Tensor) -> None:
         """After a resume: ``weight`` holds W0, ``delta`` = L (fp32, on the weight's device,
         consumed). What the resumed view leaves out is the rebuild's one coding."""
         omega, unit = self._omega(weight.shape[1], weight.device), self.units[name]
-        self.merged[name] = delta @ omega
+        self.rounds_sketch[name] = delta @ omega
         code, left_out = compensated_split(weight, delta, unit)
         self.codes[name].copy_(code)
-        self.left_out[name] = (left_out @ omega).mul_(unit)
+        self.left_out_sketch[name] = (left_out @ omega).mul_(unit)
 
     def remainder(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         """lo (fp32, on the weight's device) as the codes hold it."""
@@ -175,7 +175,7 @@ class CompensatedView:
         return (weight.double() + self.remainder(name, weight).double()).float()
 
     def nbytes(self) -> int:
-        tensors = [*self.codes.values(), *self.units.values(), *self.left_out.values(), *self.merged.values()]
+        tensors = [*self.codes.values(), *self.units.values(), *self.left_out_sketch.values(), *self.rounds_sketch.values()]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
