@@ -70,7 +70,8 @@ def simulate_rounds(booster, rounds: int, seed: int = 0, scale: float = 1e-4) ->
     ~``scale``, stored as the module's merges store them) in every adapted module, with ``rounds``
     round reports: the state a
     resume at round ``rounds`` would load (segments sealed every ``segment_rounds`` rounds, the
-    rest open). NF4 views of a fixed rank R get random factors of rank R (their cost depends on
+    rest open; a ledger that turns dense at a boundary has its matrix there, the rounds after it
+    folded at each boundary). NF4 views of a fixed rank R get random factors of rank R (their cost depends on
     their shape only; a full view is the worst case, each merge truncating); an exact view
     (``nf4_view_rank: null``, growing) gets rank min(``rounds``, its bound), as after that many rounds. The working weights get the rounds on top of what they hold (for timing and
     counting: they need not start from W0). Replaces whatever rounds the booster held."""
@@ -90,10 +91,19 @@ def simulate_rounds(booster, rounds: int, seed: int = 0, scale: float = 1e-4) ->
         u = torch.randn(out_dim, rounds, generator=gen) * scale
         v = torch.randn(rounds, in_dim, generator=gen) / in_dim**0.5
         factors[name] = (u.to(dtype), v.to(dtype))
-    segments: List[Dict[str, Dict[str, torch.Tensor]]] = []
-    for first in range(0, boundary, merged.segment_rounds):
-        stop = first + merged.segment_rounds
-        segments.append({n: {"u": u[:, first:stop], "v": v[first:stop]} for n, (u, v) in factors.items()})
+    segments: List[Dict[str, Dict[str, torch.Tensor]]] = [{} for _ in range(0, boundary, merged.segment_rounds)]
+    for name, (u, v) in factors.items():
+        # what a run writes: factors, until the boundary where the ledger turns dense writes the
+        # matrix (its base, formed as the ledger forms it); the rounds after it as factors again
+        ledger = merged._ledgers[name]
+        turned = next((b for b in range(merged.segment_rounds, boundary + 1, merged.segment_rounds)
+                       if ledger.dense_at(b, u.dtype)), None)
+        for index, first in enumerate(range(0, boundary, merged.segment_rounds)):
+            stop = first + merged.segment_rounds
+            if stop == turned:
+                segments[index][name] = {"dense": u[:, :stop].to(ledger.device).float() @ v[:stop].to(ledger.device).float()}
+            else:
+                segments[index][name] = {"u": u[:, first:stop], "v": v[first:stop]}
     state = {n: {"u": u[:, boundary:], "v": v[boundary:]} for n, (u, v) in factors.items() if rounds > boundary}
     views = {}
     for name, view in merged._views.items():

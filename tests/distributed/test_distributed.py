@@ -529,6 +529,97 @@ def test_shard_local_merge_and_optimizer_reset_equal_one_device(tmp_path):
             assert torch.equal(got["lora_a"][name], reference["lora_a"][name]), name  # re-init: same draw
 
 
+# --- in process: dense ledgers folded, checkpointed and resumed on 2 ranks vs one device -----------
+
+def _fsdp_dense_ledger_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        def shard(model):
+            for layer in model.layers:
+                fully_shard(layer)
+            fully_shard(model)
+
+        torch.save(_dense_ledger_scenario(shard), f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _dense_ledger_scenario(shard) -> dict:
+    """90 rounds on an fp32 base (every ledger turns dense), segments every 4 rounds; checkpoint
+    payloads taken at round 40 and, after 50 rounds without one (tails outgrow a quarter of their
+    matrix: the matrix is written instead), at round 90; then a resume from them."""
+    from tests.tiny_model import tiny_lora
+    from torchtune_xgb.config.boost_config import BoostConfig
+    from torchtune_xgb.distributed.sharding import local, local_rows
+    from torchtune_xgb.method.boosting import Booster
+
+    def booster_of(model):
+        shard(model)
+        booster = Booster(model, BoostConfig(steps_per_round=1, blocks_per_round=1, seed=3)).start()
+        booster.merged.segment_rounds = 4
+        return booster
+
+    booster = booster_of(tiny_lora(rank=1, alpha=2.0, targets=("q_proj", "v_proj"), mlp=True))
+    gen = torch.Generator().manual_seed(0)
+    payloads, kept, outgrown = [], [], []
+    for index in range(90):
+        with torch.no_grad():  # the same draws on any layout: full shapes, this rank's rows
+            for module in booster.modules.values():
+                b = torch.randn(module.lora_b.weight.shape, generator=gen) * 0.05
+                if module.active:
+                    local(module.lora_b.weight).copy_(local_rows(b, module.lora_b.weight))
+        booster.step += 1
+        kept.append(booster.end_round().kept_fraction)
+        if index in (39, 89):
+            outgrown.append(sorted(booster.merged._needs_base))
+            payloads += booster.segment_payloads(len(payloads))
+    state = booster.state_dict()
+    again = booster_of(tiny_lora(rank=1, alpha=2.0, targets=("q_proj", "v_proj"), mlp=True))
+    again.load_state_dict(state, payloads)
+    merged, resumed = booster.merged, again.merged
+    return {
+        "kept": kept, "outgrown": outgrown, "payloads": [p["merged"] for p in payloads], "state": state["merged"],
+        "dense": {n: merged._gathered(n, led.dense) for n, led in merged._ledgers.items()},
+        "resumed_dense": {n: resumed._gathered(n, led.dense) for n, led in resumed._ledgers.items()},
+        "delta": {n: merged._gathered(n, merged.delta(n)) for n in merged._ledgers},
+    }
+
+
+def test_dense_ledgers_fold_save_and_resume_under_fsdp_as_on_one_device(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_fsdp_dense_ledger_worker, args=(2, port, str(tmp_path)), nprocs=2, start_method="spawn")
+    reference = _dense_ledger_scenario(lambda m: None)
+    assert all(d is not None for d in reference["dense"].values())  # every ledger dense
+    assert reference["outgrown"][1]  # some tails outgrew the bound: matrices written at round 90
+    assert any("dense" in part for p in reference["payloads"] for part in p.values())
+    close = lambda a, b: torch.allclose(a, b, rtol=0, atol=1e-6)  # noqa: E731
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert got["outgrown"] == reference["outgrown"]  # the same decisions on every rank
+        assert got["kept"] == pytest.approx(reference["kept"], abs=1e-6)
+        assert len(got["payloads"]) == len(reference["payloads"])
+        for mine, theirs in zip(got["payloads"] + [got["state"]], reference["payloads"] + [reference["state"]]):
+            assert mine.keys() == theirs.keys()
+            for name in theirs:  # gathered: all rows, the single-device layout
+                assert mine[name].keys() == theirs[name].keys(), name
+                assert all(close(mine[name][k], theirs[name][k]) for k in theirs[name]), name
+        for name, matrix in reference["dense"].items():
+            assert close(got["dense"][name], matrix) and close(got["delta"][name], reference["delta"][name]), name
+            assert torch.equal(got["resumed_dense"][name], got["dense"][name]), name  # bit for bit on the same layout
+            assert torch.equal(reference["resumed_dense"][name], matrix), name
+
+
 def _returns(cfg):
     return None
 

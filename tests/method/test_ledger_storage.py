@@ -143,9 +143,10 @@ def test_the_nf4_view_is_computed_in_the_activation_dtype_and_keeps_no_cast_copy
 def test_bf16_factors_turn_dense_when_they_take_as_many_bytes_as_a_dense_fp32_matrix():
     """48×32 module: a dense fp32 L is 4·48·32 = 6144 bytes; k bf16 rank-1 pairs take 2·k·80
     bytes, so the ledger stays factored through k = 38 (6080 bytes) and turns dense at k = 39
-    (6240): twice as many rounds as fp32 factors (4·k·80 ≥ 6144 at k = 20)."""
+    (6240): twice as many rounds as fp32 factors (4·k·80 ≥ 6144 at k = 20). A ledger changes form
+    at segment boundaries only: here one after every round."""
     modules, gen = lora_modules(BF16)
-    state = MergedState(modules)
+    state = MergedState(modules, segment_rounds=1)
     ledger = state._ledgers["m0"]
     for k in range(1, 40):
         perturb(modules["m0"], gen)

@@ -65,12 +65,14 @@ def ledger_that(keep):
     [
         (torch.bfloat16, 3, "factors"),  # bf16 base, factored ledger: kept from Gram matrices
         (torch.float32, 3, "in place"),  # fp32: the weight is the state, full-matrix measurement
-        (torch.bfloat16, 40, "dense"),   # bf16 factors: 2·40·(48+32) ≥ 4·48·32 bytes: the ledger has turned dense
+        # bf16 factors: 2·40·(48+32) ≥ 4·48·32 bytes: the ledger has turned dense (at a segment
+        # boundary: one after every round here, so each merge below also folds into the matrix)
+        (torch.bfloat16, 40, "dense"),
     ],
 )
 def test_kept_fraction_equals_full_matrix_measurement(monkeypatch, dtype, earlier_rounds, form):
     modules, gen = lora_modules(dtype)
-    state = MergedState(modules)
+    state = MergedState(modules, segment_rounds=1)
     name, module = "m0", modules["m0"]
     for _ in range(earlier_rounds):  # a state that is not W0: earlier rounds in the ledger
         perturb(module, gen)
@@ -95,6 +97,34 @@ def test_kept_fraction_equals_full_matrix_measurement(monkeypatch, dtype, earlie
     report, reference = full_matrix_kept(state, name, lambda: state.merge_round([name], merge_rate=0.5))
     assert reference < 0.9  # clearly lossy
     assert report.kept_fraction == pytest.approx(reference, abs=1e-4)
+
+
+def test_a_fold_into_a_dense_matrix_is_measured_and_a_lossy_one_reported(monkeypatch):
+    """At a segment boundary a dense ledger adds the rounds since the last one to its matrix in
+    fp32. Where the matrix dwarfs them (entries ~1e4, a round ~1e-5) most of them round away: the
+    boundary's report says so, equal to the full-matrix measurement of S_after − S_before − ΔW."""
+    modules, gen = lora_modules(torch.bfloat16)
+    state = MergedState(modules, segment_rounds=4)
+    name, module = "m0", modules["m0"]
+    for _ in range(40):  # dense at the boundary of round 40
+        perturb(module, gen)
+        state.merge_round([name])
+    ledger = state._ledgers[name]
+    assert ledger.dense is not None and ledger.columns == 0
+    ledger.dense += 1e4  # a matrix whose fp32 spacing (~1e-3) dwarfs the next rounds
+    for k in range(1, 4):  # rounds 41-43: appended exactly, nothing folded
+        perturb(module, gen, size=1e-5)
+        assert state.merge_round([name]).kept_fraction == pytest.approx(1.0, abs=1e-6)
+        assert ledger.columns == k
+    perturb(module, gen, size=1e-5)
+    waiting, latest = ledger.factors(), module.merge_factors(1.0)
+    folded = (waiting[0].double() @ waiting[1].double() + latest[0].double() @ latest[1].double()).float()
+    matrix_before = ledger.dense.clone()
+    report = state.merge_round([name])  # round 44: appended, then the four rounds folded
+    assert ledger.columns == 0
+    fold_kept = 1.0 - (torch.linalg.matrix_norm(ledger.dense - matrix_before - folded) / torch.linalg.matrix_norm(folded)).item()
+    assert fold_kept < 0.5  # clearly lossy
+    assert report.kept_fraction == pytest.approx(fold_kept, abs=1e-4)
 
 
 def test_dropped_rows_of_the_update_are_reported_lost(monkeypatch):

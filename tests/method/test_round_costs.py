@@ -55,10 +55,15 @@ def test_a_merge_costs_no_more_at_round_200_than_at_round_1_or_past_the_view_ran
 def test_merges_into_dense_ledgers_cost_the_same_at_any_round_count(base):
     """Once k rounds of factors would take more bytes than a dense fp32 matrix, a module's ledger is
     dense (the tiny model's 64-wide projections: after at most 85 rounds): a merge then adds to
-    that matrix, at the same cost at round 100 as at round 400."""
+    that matrix, at the same cost at round 100 as at round 400; a merge at a segment boundary also
+    folds the rounds since the last one into the matrix, at the same cost at round 112 as at 400
+    (the merges after k = 111 and k = 399 simulated rounds)."""
     booster = tiny_booster(base)
     counts = {}
-    for k in (100, 400):
+    for k in (100, 400, 111, 399):
         counts[k] = counts_at(booster, k)
         assert all(ledger.dense is not None for ledger in booster.merged._ledgers.values())
     assert counts[100] == counts[400]
+    assert counts[111] == counts[399]
+    assert booster.merged.segment_rounds == 16
+    assert counts[111]["merge"]["flops"] > counts[100]["merge"]["flops"]  # the fold: 16 rounds into each matrix

@@ -70,7 +70,7 @@ def test_bf16_resume_rebuilds_the_same_working_weight():
     again, _ = lora_modules(torch.bfloat16)  # the same seed: the same W0
     restored = MergedState(again)
     assert state.sealed_segments == 30 // state.segment_rounds > 0  # the resume reads segments too
-    segments = [state.segment_state(i)[1] for i in range(state.sealed_segments)]
+    segments = [factors for _, factors in state.segment_states(0)]
     restored.load_state_dict(state.state_dict(), segments=segments, rounds=30, open_from_round=state.open_from_round)
     mismatched = (again["m0"].weight != modules["m0"].weight).float().mean().item()
     assert mismatched < 3e-3  # one rounding of S̃ each: entries within the codes' precision of a tie may differ
@@ -184,16 +184,18 @@ def test_an_unbounded_nf4_view_stays_exact_and_grows():
 def test_a_resume_with_a_dense_bf16_ledger_leaves_the_ledger_as_saved():
     """Rebuilding the bf16 view consumes L in place: it must get a copy, never the dense ledger."""
     modules, gen = lora_modules(torch.bfloat16)
-    state = MergedState(modules, segment_rounds=1000)
-    for _ in range(40):  # bf16 factors: 2·40·(48+32) ≥ 4·48·32 bytes, so the ledger turns dense
+    state = MergedState(modules, segment_rounds=8)
+    for _ in range(43):  # bf16 factors: 2·40·(48+32) ≥ 4·48·32 bytes, so the ledger turns dense at round 40
         perturb(modules["m0"], gen, size=1e-3)
         state.merge_round(["m0"])
-    assert state._ledgers["m0"].dense is not None
-    saved = state.state_dict()
+    ledger = state._ledgers["m0"]
+    assert ledger.dense is not None and ledger.columns == 3  # the matrix and three rounds since
+    saved, segments = state.state_dict(), [factors for _, factors in state.segment_states(0)]
     again, _ = lora_modules(torch.bfloat16)
-    restored = MergedState(again, segment_rounds=1000)
-    restored.load_state_dict(saved, rounds=40)
-    assert torch.equal(restored._ledgers["m0"].dense, saved["m0"]["dense"])
+    restored = MergedState(again, segment_rounds=8)
+    restored.load_state_dict(saved, segments=segments, rounds=43, open_from_round=40)
+    assert torch.equal(restored._ledgers["m0"].dense, ledger.dense)
+    assert torch.equal(restored._ledgers["m0"].u, ledger.u) and torch.equal(restored._ledgers["m0"].v, ledger.v)
     held = modules["m0"].weight.double() + state._compensated.remainder("m0", modules["m0"].weight).double()
     held_again = again["m0"].weight.double() + restored._compensated.remainder("m0", again["m0"].weight).double()
     # 40 codings (≤ 2⁻²²·max|W0| each) of S against one

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.round_counts import perturb_adapters, tiny_booster
+from benchmarks.round_counts import perturb_adapters
+from tests.run.segment_runs import Run, resumed, segment_files
 from torchtune_xgb.errors import RunError
 from torchtune_xgb.method import merged_state
 from torchtune_xgb.run import checkpointing, ledger_segments
@@ -31,61 +32,33 @@ def short_segments(monkeypatch):
     monkeypatch.setattr(merged_state, "SEGMENT_ROUNDS", SEGMENT)
 
 
-class Run:
-    """A booster and its checkpoints, saved the way the recipe saves them."""
-
-    def __init__(self, out: Path, base: str = "bf16"):
-        self.out, self.booster, self.entries = out, tiny_booster(base), []
-
-    def merge(self, rounds: int = 1) -> None:
-        for _ in range(rounds):
-            perturb_adapters(self.booster, seed=len(self.booster.reports))
-            self.booster.step += 1
-            self.booster.end_round()
-
-    def save(self) -> int:
-        """Save a checkpoint; return the bytes of the files it created or changed."""
-        root = checkpointing.resume_root(str(self.out))
-        before = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} if root.exists() else {}
-        payloads = self.booster.segment_payloads(len(self.entries))
-        self.entries = self.entries + ledger_segments.write_segments(root, payloads)
-        checkpointing.save_resume_state(str(self.out), self.booster.step, {"booster": self.booster.state_dict()},
-                                        segments=self.entries)
-        return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and before.get(p) != p.stat().st_mtime_ns)
-
-
-def resumed(out: Path, base: str = "bf16"):
-    """A fresh booster resumed from ``out``'s newest intact checkpoint."""
-    chosen = checkpointing.select_resume_checkpoint(str(out))
-    state = checkpointing.load_resume_state(chosen)
-    booster = tiny_booster(base)
-    booster.load_state_dict(state["booster"], checkpointing.load_resume_segments(chosen))
-    return booster, chosen
-
-
-def segment_files(out: Path):
-    return sorted(p.name for p in (checkpointing.resume_root(str(out)) / "segments").iterdir())
-
-
 def test_the_bytes_a_checkpoint_writes_do_not_grow_with_the_rounds(tmp_path):
-    run = Run(tmp_path)
+    """fp32 factors: every ledger of the test model turns dense by round 92 (32×64 after 22
+    rounds of its own, 128×64 after 43); a dense ledger's matrix is written once, in the segment
+    of the boundary where it turned dense, and checkpoints after that write its tail only."""
+    run = Run(tmp_path, base="fp32")
     written = []
-    for _ in range(80):
+    for _ in range(120):
         run.merge()
         written.append(run.save())
+    assert all(led.dense is not None for led in run.booster.merged._ledgers.values())
     manifest = json.loads((checkpointing.latest_resume_dir(str(tmp_path)) / "manifest.json").read_text())
-    assert len(manifest["segments"]) == 80 // SEGMENT
+    assert len(manifest["segments"]) == 120 // SEGMENT
     entry_bytes = len(json.dumps(manifest["segments"][0], indent=1)) + 8  # one more segment listed
-    early, late = max(written[:8]), max(written[60:])
-    # only the manifest's list grows, and the small modules whose ledgers turned dense (more
-    # bytes in factors than a dense fp32 matrix: 32×64 after 43 rounds) write that matrix instead
-    dense = sum(led.dense.numel() * 4 for led in run.booster.merged._ledgers.values() if led.dense is not None)
-    assert late <= early + dense + entry_bytes * (80 // SEGMENT)
+    early, late = max(written[:8]), max(written[96:])
+    # only the manifest's list grows (each entry, indented in the list, within twice its own length)
+    assert late <= early + 2 * entry_bytes * (120 // SEGMENT)
+    assert late < 1.2 * early
     # while the rounds merged so far, each written once (one copy of every segment), are several
     # times that: a checkpoint does not rewrite them
     directory = checkpointing.resume_root(str(tmp_path)) / "segments"
-    once = sum(p.stat().st_size for p in directory.iterdir() if not p.name.endswith(ledger_segments.REPLICA))
-    assert once > 3 * late
+    once = sorted(p for p in directory.iterdir() if not p.name.endswith(ledger_segments.REPLICA))
+    assert sum(p.stat().st_size for p in once) > 3 * late
+    # each matrix once, in one segment (and its replica), never in a checkpoint's own state
+    bases = [name for p in once for name, part in torch.load(p, weights_only=True)["merged"].items() if "dense" in part]
+    assert sorted(bases) == sorted(run.booster.merged._ledgers)
+    state = checkpointing.load_resume_state(checkpointing.select_resume_checkpoint(str(tmp_path)))
+    assert not any("dense" in part for part in state["booster"]["merged"].values())
 
 
 def test_a_resume_from_segments_restores_every_round(tmp_path):

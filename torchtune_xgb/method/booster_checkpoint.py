@@ -40,10 +40,10 @@ class BoosterCheckpoint:
     def segment_payloads(self, first: int) -> List[dict]:
         """Sealed ledger segments ``first``… as plain dicts (``rounds``: [first, end) round,
         ``merged``: the factors merged in them, ``reports``: their round reports), for the resume
-        checkpoint that writes them once. FSDP2: rows gathered, a collective on every rank."""
+        checkpoint that writes them once (asking again from an earlier ``first``: that save never
+        landed). FSDP2: rows gathered, a collective on every rank."""
         payloads = []
-        for index in range(first, self.merged.sealed_segments):
-            (begin, end), factors = self.merged.segment_state(index)
+        for index, ((begin, end), factors) in enumerate(self.merged.segment_states(first), start=first):
             payloads.append({"index": index, "rounds": [begin, end], "merged": factors,
                              "reports": [asdict(r) for r in self.reports[begin:end]]})
         return payloads

@@ -102,11 +102,19 @@ class Ledger:
     (``float()``), never in the storage dtype; the kept fraction of every merge measures the stored
     factors, so a storage that lost anything would show there.
 
+    Two forms. Factored: every round's factors. Dense, once the factors would take as many bytes
+    as a dense fp32 matrix: L as of the last segment boundary (``dense``, fp32) plus the rounds
+    since then as factors (the *tail*). Both change only at :meth:`fold`, called at each segment
+    boundary (merged_state.SEGMENT_ROUNDS): a factored ledger turns dense there, a dense one adds
+    its tail to the matrix (one rank-k update) and drops it. A merge only ever appends, so it
+    costs the same whatever the form, and what a resume checkpoint must hold of a dense ledger is
+    its tail, not the matrix (method/merged_checkpoint.py).
+
     Storage: on ``device`` (the merged state's ``base_device``, the CPU by default: nothing of it
     grows on the accelerator), append-only (an append writes only the new round's rows, see
     ``CHUNK_ROWS``), in pinned memory when the rounds come from a GPU (``pin``), so a merge copies
     them off asynchronously. U is held transposed (rows are rounds). Earlier rounds change only by
-    assigning ``u`` or ``v`` (each assignment counts in ``generation``; a merge that sees it change
+    assigning ``u`` or ``v`` or by a fold (each counts in ``generation``; a merge that sees it change
     while appending reports an internal error), never by an append.
 
     ``last_added``: the (u, v) the last :meth:`add` stored, as stored (storage dtype, on the
@@ -118,7 +126,7 @@ class Ledger:
                  pin: bool = False):
         self._u = _Rows(out_dim, torch.device(device), pin)  # Uᵀ: one row per factor
         self._v = _Rows(in_dim, torch.device(device), pin)
-        self.dense: Optional[torch.Tensor] = None
+        self.dense: Optional[torch.Tensor] = None  # L as of the last fold, once dense
         self.full_out = out_dim if full_out is None else full_out  # all ranks' rows (FSDP2)
         self.generation = 0
         self.last_added: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
@@ -129,7 +137,7 @@ class Ledger:
 
     @property
     def columns(self) -> int:
-        """Stored factor pairs (columns of U); 0 once dense."""
+        """Stored factor pairs (columns of U): every round while factored, the tail once dense."""
         return self._u.count
 
     @property
@@ -156,63 +164,73 @@ class Ledger:
         return self.columns if self.dense is None else min(self.full_out, self.dense.shape[1])
 
     def factors(self, start: int = 0, stop: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(U[:, start:stop], V[start:stop]) as stored."""
+        """(U[:, start:stop], V[start:stop]) as stored (once dense: of the tail)."""
         stop = self.columns if stop is None else stop
         return self._u.slice(start, stop).T, self._v.slice(start, stop)
 
     def matrix(self, device: Optional[torch.device] = None) -> torch.Tensor:
-        """L in fp32, formed on ``device`` (default: the ledger's): a product over every round, for
-        export and resume only."""
+        """L in fp32, formed on ``device`` (default: the ledger's), a new tensor callers may change
+        (a resume's bf16 split does): a product over every round (once dense: over the tail), for
+        export and resume only. Once dense it is the matrix plus the tail exactly as :meth:`fold`
+        adds them."""
         device = self.device if device is None else device
-        if self.dense is not None:  # a copy: callers may change it (a resume's bf16 split does)
-            return self.dense.to(device, copy=True)
-        return self.u.to(device).float() @ self.v.to(device).float()
+        if self.dense is None:
+            return self.u.to(device).float() @ self.v.to(device).float()
+        out = self.dense.to(device, copy=True)
+        if self.columns:
+            out.addmm_(self.u.to(device).float(), self.v.to(device).float())
+        return out
 
     def add(self, u: torch.Tensor, v: torch.Tensor, dtype: torch.dtype = torch.float32) -> None:
         """Append u·v (fp32 factors); ``dtype``: what they are stored in, one that holds them exactly."""
-        if self.dense is None and self.columns and dtype != self._u.dtype:
+        if self.columns and dtype != self._u.dtype:
             if dtype == torch.float32:  # mixed rounds: widen to fp32 (exact), never narrow
                 self._u.widen()
                 self._v.widen()
             dtype = self._u.dtype
-        if self.dense is not None:
-            stored = u.to(self.device, dtype), v.to(self.device, dtype)
-            self.dense.addmm_(stored[0].float(), stored[1].float())
-            self.last_added = stored
-            return
-        if not self.columns:  # an empty ledger takes the round's storage dtype
+        if not self.columns:  # an empty ledger (or tail) takes the round's storage dtype
             self._u.dtype = self._v.dtype = dtype
         # converted into the chunks as they are copied
         self.last_added = self._u.append(u.T).T, self._v.append(v)
-        self._densify_if_larger()
 
-    def _densify_if_larger(self) -> None:
-        if self._dense_at(self.columns, self._u.dtype):
-            self.dense = self.matrix()
-            self._u.replace(self._u.whole()[:0])
-            self._v.replace(self._v.whole()[:0])
+    def fold(self, densify: bool = True) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """A segment boundary. Dense: add the tail to the matrix (fp32, one rank-k update) and drop
+        it; return the tail (as stored) for the caller to measure and to checkpoint. Factored:
+        turn dense if ``densify`` and the factors take as many bytes as a dense fp32 matrix
+        (``dense_at``; L = U·V formed once, the factors dropped); return None."""
+        if self.dense is None:
+            if densify and self.columns and self.dense_at(self.columns, self._u.dtype):
+                self.dense = self.matrix()
+                self._drop_factors()
+            return None
+        if not self.columns:
+            return None
+        tail = self.factors()
+        self.dense.addmm_(tail[0].float(), tail[1].float())
+        self._drop_factors()
+        return tail
 
-    def _dense_at(self, columns: int, dtype: torch.dtype) -> bool:
-        """Dense once the factors hold as many bytes as a dense fp32 matrix would: bf16 factors stay
-        factored twice as many rounds as fp32 ones (switching earlier would double memory). The
-        same decision on every rank (all ranks' rows count)."""
+    def _drop_factors(self) -> None:
+        self._u.replace(self._u.whole()[:0])
+        self._v.replace(self._v.whole()[:0])
+        self.generation += 1
+
+    def dense_at(self, columns: int, dtype: torch.dtype) -> bool:
+        """Whether ``columns`` factor pairs stored in ``dtype`` take as many bytes as a dense fp32
+        matrix: bf16 factors stay factored twice as many rounds as fp32 ones (switching earlier
+        would double memory). The same decision on every rank (all ranks' rows count)."""
         out_dim, in_dim = self.full_out, self._v.width
         return (torch.finfo(dtype).bits // 8) * columns * (out_dim + in_dim) >= 4 * out_dim * in_dim
 
-    def snapshot(self) -> Tuple[List[torch.Tensor], List[torch.Tensor], int, int, int]:
-        """The factor chunks as they are now (references: appends never change the rows held, a
-        widening or a dense switch replaces the chunks), their count and U's and V's widths, for
-        :func:`product_of`."""
-        return list(self._u.chunks), list(self._v.chunks), self.columns, self._u.width, self._v.width
-
     def nbytes(self) -> int:
-        """Bytes held (chunks as allocated, or the dense matrix)."""
+        """Bytes held (chunks as allocated, and the dense matrix)."""
         dense = self.dense.numel() * self.dense.element_size() if self.dense is not None else 0
         return self._u.nbytes() + self._v.nbytes() + dense
 
     def load(self, state: Dict[str, torch.Tensor]) -> None:
-        """Hold exactly ``{"u", "v"}`` (every round, as a checkpoint stored them) or ``{"dense"}``:
-        bf16 factors stay bf16 (exact), anything else becomes fp32."""
+        """Hold exactly ``{"u", "v"}`` (factors as a checkpoint stored them: bf16 ones stay bf16,
+        exact, anything else becomes fp32) or ``{"dense"}`` (a matrix, no tail). Never turns dense
+        by itself: a resume replays the folds (merged_checkpoint.py)."""
         if "dense" in state:
             self.dense = state["dense"].to(device=self.device, dtype=torch.float32, copy=True)
             self._u.replace(torch.zeros(0, self._u.width))
@@ -222,8 +240,17 @@ class Ledger:
             self._u.replace(state["u"].T.to(dtype))
             self._v.replace(state["v"].to(dtype))
             self.dense = None
-            self._densify_if_larger()
         self.generation += 1
+
+    def clear(self) -> None:
+        """Hold no round."""
+        self.dense = None
+        self._drop_factors()
+
+    def extend(self, u: torch.Tensor, v: torch.Tensor) -> None:
+        """Append factors as a checkpoint stored them (bf16 stays bf16 if the ledger's are, else fp32)."""
+        self.add(u, v, torch.bfloat16 if u.dtype == v.dtype == torch.bfloat16 else torch.float32)
+        self.last_added = None
 
 
 def storage_dtype(module: nn.Module, merge_rate: float) -> torch.dtype:
@@ -231,12 +258,3 @@ def storage_dtype(module: nn.Module, merge_rate: float) -> torch.dtype:
     the adapter defines it (a dtype that holds ``merge_factors(merge_rate)`` exactly), else fp32."""
     exact = getattr(module, "factor_dtype", None)
     return exact(merge_rate) if exact is not None else torch.float32
-
-
-def product_of(snapshot: Tuple[List[torch.Tensor], List[torch.Tensor], int, int, int],
-               device: torch.device) -> torch.Tensor:
-    """U·V (fp32, on ``device``) of a :meth:`Ledger.snapshot`."""
-    u_chunks, v_chunks, count, out_dim, in_dim = snapshot
-    if not count:
-        return torch.zeros(out_dim, in_dim, device=device)
-    return torch.cat(u_chunks)[:count].float().T @ torch.cat(v_chunks)[:count].float()

@@ -12,7 +12,8 @@ The ledgers live on ``base_device`` (the CPU by default), append-only: a merge c
 round's factors there (asynchronously from a GPU) and never touches the earlier ones, so nothing
 of them grows on the accelerator and a merge costs the same at round 1,000 as at round 1. Once a
 module's factors would take more memory than a dense matrix (k·(out+in) ≥ out·in), L is stored
-as a dense fp32 matrix instead; both forms are exact up to fp32 arithmetic. The ledgers are what
+as a dense fp32 matrix plus the rounds since the last segment boundary as factors, folded into
+the matrix at each boundary; both forms are exact up to fp32 arithmetic. The ledgers are what
 the export folds and what a resume reloads.
 
 The forward pass uses a training view of S per base (method/views.py), updated from what the
@@ -58,7 +59,7 @@ from torch import nn
 from torchtune_xgb.config.boost_config import BoostConfig
 from torchtune_xgb.distributed.sharding import all_sum, gather_rows, is_sharded, local, local_rows
 from torchtune_xgb.method.base_weights import Prefetch
-from torchtune_xgb.method.ledger import Ledger, product_of, storage_dtype
+from torchtune_xgb.method.ledger import Ledger, storage_dtype
 from torchtune_xgb.method.merge_stats import AppendedRounds, exact_fp32_matmuls, full_stats
 from torchtune_xgb.method.merged_checkpoint import MergedStateCheckpoint
 from torchtune_xgb.method.views import CompensatedView, LowRankView, add_in_place, deviation
@@ -77,7 +78,8 @@ class MergeReport:
 
     kept_fraction: min over merged modules of 1 − ‖S_after − S_before − ΔW‖ / ‖ΔW‖, measured on
         the stored state S (1.0 = the whole update arrived). Modules whose update is exactly zero
-        are skipped (nothing to keep); 1.0 if all were zero.
+        are skipped (nothing to keep); 1.0 if all were zero. At a segment boundary also over the
+        dense ledgers' folds: what adding the rounds since the last boundary to the matrix kept.
     seconds: wall time of the merge, including updating the training views.
     modules: number of modules whose non-zero update was merged.
     update_norm: Frobenius norm of all merged updates together.
@@ -146,11 +148,7 @@ class MergedState(MergedStateCheckpoint):
                               .double().square().sum() for name in modules}
         self.rounds = 0  # merge_round calls so far
         self.segment_rounds = SEGMENT_ROUNDS if segment_rounds is None else segment_rounds
-        # sealed segments: (first round, end round, {module: (first, end) column}), None for those
-        # a resume loaded; the first round and each module's first column not sealed yet
-        self._segments: List[Optional[Tuple[int, int, Dict[str, Tuple[int, int]]]]] = []
-        self.open_from_round = 0
-        self._open_start = {name: 0 for name in modules}
+        self._init_segments()
 
     # --- reading the state -------------------------------------------------------------
     def _weight(self, name: str) -> torch.Tensor:
@@ -200,8 +198,9 @@ class MergedState(MergedStateCheckpoint):
         return self._ledgers[name].rank_bound
 
     def nbytes(self) -> int:
-        """Memory the merged state holds (this rank): ledgers, lo, copies of W0 and NF4 views."""
-        held = sum(t.numel() * t.element_size() for t in self._base.values())
+        """Memory the merged state holds (this rank): ledgers, lo, copies of W0, NF4 views, and dense
+        ledgers' folded tails waiting for a checkpoint (merged_checkpoint.py)."""
+        held = sum(t.numel() * t.element_size() for t in self._base.values()) + self.held_tail_bytes()
         return (held + sum(led.nbytes() for led in self._ledgers.values()) + self._compensated.nbytes()
                 + sum(view.nbytes() for view in self._views.values()))
 
@@ -243,7 +242,8 @@ class MergedState(MergedStateCheckpoint):
         before: the ledger appends the round's factors only, ‖ΔW‖ and the residual come from r×r
         Gram matrices of the round's factors, and each view's update is O(out·in) (fp32: W += u·v;
         bf16: hi/lo, lo's int16 codes copied from pinned memory and back asynchronously) or
-        O((out+in)·R²) (NF4).
+        O((out+in)·R²) (NF4). Every ``segment_rounds`` rounds a dense ledger also folds the rounds
+        since the last boundary into its matrix (O(out·in·segment_rounds), on ``base_device``).
         """
         start = time.perf_counter()
         with exact_fp32_matmuls():
@@ -262,12 +262,21 @@ class MergedState(MergedStateCheckpoint):
                     measured[name] = stats
                 if parts is not None:
                     view_parts[name] = parts
+            self.rounds += 1
+            # a segment boundary: dense ledgers fold their tail, measured like a merge (same read-back)
+            folds = self._seal_segment() if self.rounds % self.segment_rounds == 0 else {}
             # one read-back for the whole round (waits for every queued view update too)
-            numbers = self._round_stats(todo, measured, appended_names, appended, view_parts).tolist() if todo else []
-        self.rounds += 1
-        if self.rounds % self.segment_rounds == 0:
-            self._seal_segment()
+            numbers = (self._round_stats(todo, measured, appended_names, appended, view_parts, folds).tolist()
+                       if todo or folds else [])
         kept, merged, sq_norm, worst_view = 1.0, 0, 0.0, None
+        for update_sq, lost_sq, *_ in numbers[len(todo):]:  # the folds: what they kept of their tails
+            if update_sq == 0:
+                continue
+            if not math.isfinite(update_sq) or not math.isfinite(lost_sq):
+                kept = math.nan
+            elif not math.isnan(kept):
+                kept = min(kept, 1.0 - math.sqrt(lost_sq) / math.sqrt(update_sq))
+        numbers = numbers[: len(todo)]
         for name, (update_sq, lost_sq, changed, gap_sq, view_sq) in zip(todo, numbers):
             if changed:
                 raise RuntimeError(
@@ -305,12 +314,18 @@ class MergedState(MergedStateCheckpoint):
         return [n for n, flag in zip(names, flags.tolist()) if flag]
 
     def _round_stats(self, todo: List[str], measured: Dict[str, torch.Tensor], appended_names: List[str],
-                     appended: AppendedRounds, view_parts: Dict[str, torch.Tensor]) -> torch.Tensor:
+                     appended: AppendedRounds, view_parts: Dict[str, torch.Tensor],
+                     folds: Dict[str, torch.Tensor]) -> torch.Tensor:
         """(len(todo) × 5) per-module (‖ΔW‖², ‖residual‖², changed, ‖Y − L̃Ω‖², ‖Y‖²) in ``todo``'s
-        order, summed over shards under FSDP2 (the squares are sums over rows of u; v is
-        replicated; the last two are 0 for modules without a low-rank view)."""
-        first = self.modules[todo[0]].weight
+        order, then a row (‖U·V‖², ‖residual‖², 0, 0, 0) per fold of a dense ledger's tail, summed
+        over shards under FSDP2 (the squares are sums over rows of u; v is replicated; the last two
+        are 0 for modules without a low-rank view)."""
+        first = self.modules[(todo or list(folds))[0]].weight
         device = local(first).device
+        if not todo:
+            stacked = torch.stack([f.to(device) for f in folds.values()])
+            stacked = torch.cat([stacked, torch.zeros(len(folds), 2, dtype=stacked.dtype, device=device)], dim=1)
+            return all_sum(stacked, first) if is_sharded(first) else stacked
         parts, order = [], []
         if measured:
             parts.append(torch.stack([stats.to(device) for stats in measured.values()]))
@@ -328,6 +343,9 @@ class MergedState(MergedStateCheckpoint):
             index = torch.tensor([position[name] for name in view_parts], device=device)
             views.index_copy_(0, index, torch.stack(list(view_parts.values())).to(views))
         stacked = torch.cat([stacked, views], dim=1)
+        if folds:
+            rows = torch.stack([f.to(device) for f in folds.values()]).to(stacked.dtype)
+            stacked = torch.cat([stacked, torch.cat([rows, torch.zeros(len(folds), 2, dtype=stacked.dtype, device=device)], dim=1)])
         return all_sum(stacked, first) if is_sharded(first) else stacked
 
     def _merge_module(self, name: str, u: torch.Tensor, v: torch.Tensor, appended: AppendedRounds,
@@ -339,9 +357,7 @@ class MergedState(MergedStateCheckpoint):
         module, ledger = self.modules[name], self._ledgers[name]
         weight = local(module.weight.data)
         generation, ledger.last_added = ledger.generation, None
-        # a dense ledger is updated in place: keep a copy to compare; a factored one may turn dense
-        before = ledger.dense.clone() if ledger.dense is not None else ledger.snapshot()
-        ledger.add(u, v, storage_dtype(module, merge_rate))
+        ledger.add(u, v, storage_dtype(module, merge_rate))  # appended, dense or not (ledger.py)
         stored = ledger.last_added  # as stored, on base_device: in fp32 where the views are
         if stored is not None:
             stored = tuple(t.to(weight.device, torch.float32, non_blocking=True) for t in stored)
@@ -358,8 +374,5 @@ class MergedState(MergedStateCheckpoint):
                 parts = self._views[name].add(*stored)
             else:
                 parts = self._compensated.add(name, weight, *stored, code_on_device=code)
-        if ledger.dense is not None:
-            before = before if torch.is_tensor(before) else product_of(before, ledger.device)  # O(k) once, at the switch
-            return full_stats(ledger.dense - before, u.to(ledger.device), v.to(ledger.device)), parts
         appended.add(u, v, stored, changed)
         return None, parts
