@@ -420,11 +420,11 @@ def test_plain_loraxs_peft_adapter_under_fsdp_equals_single_device(root, single_
 
 # --- in process: one merge on a 2-rank FSDP2 model vs the same merge on one device ---------------
 
-def _fsdp_merge_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _gloo_worker(rank: int, world: int, port: int, out_dir: str, body) -> None:
+    """One rank of an in-process gloo group: ``body(shard)`` with ``shard`` applying FSDP2 to each
+    layer and the model; what it returns is saved as ``out_dir/rank{rank}.pt``."""
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
-
-    from torchtune_xgb.distributed.sharding import full, is_sharded
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -435,15 +435,34 @@ def _fsdp_merge_worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 fully_shard(layer)
             fully_shard(model)
 
-        out = _merge_scenario(shard)
-        assert all(is_sharded(p) for p in out["popped"]), "optimizer states are keyed by the sharded params"
-        out["popped"] = len(out["popped"])
-        out["weights"] = {n: full(w) for n, w in out["weights"].items()}
-        out["lora_a"] = {n: full(a) for n, a in out["lora_a"].items()}
-        out["frozen_linear"] = _frozen_linear_scenario(shard=True)
-        torch.save(out, f"{out_dir}/rank{rank}.pt")
+        torch.save(body(shard), f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def _on_two_ranks(body, tmp_path) -> list:
+    """``body`` run by 2 spawned gloo ranks; what each returned."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_gloo_worker, args=(2, port, str(tmp_path), body), nprocs=2, start_method="spawn")
+    return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
+
+
+def _sharded_merge(shard) -> dict:
+    from torchtune_xgb.distributed.sharding import full, is_sharded
+
+    out = _merge_scenario(shard)
+    assert all(is_sharded(p) for p in out["popped"]), "optimizer states are keyed by the sharded params"
+    out["popped"] = len(out["popped"])
+    out["weights"] = {n: full(w) for n, w in out["weights"].items()}
+    out["lora_a"] = {n: full(a) for n, a in out["lora_a"].items()}
+    out["frozen_linear"] = _frozen_linear_scenario(shard=True)
+    return out
 
 
 def _frozen_linear_scenario(shard: bool) -> dict:
@@ -508,17 +527,9 @@ def _merge_scenario(shard) -> dict:
 
 
 def test_shard_local_merge_and_optimizer_reset_equal_one_device(tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_fsdp_merge_worker, args=(2, port, str(tmp_path)), nprocs=2, start_method="spawn")
+    ranks = _on_two_ranks(_sharded_merge, tmp_path)
     reference = _merge_scenario(lambda m: None)
-    for rank in range(2):
-        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+    for got in ranks:
         assert got["active"] == reference["active"]  # the same blocks on every rank
         assert got["popped"] == len(reference["popped"]) > 0
         assert got["kept_fraction"] == pytest.approx(reference["kept_fraction"], abs=1e-6)
@@ -530,24 +541,6 @@ def test_shard_local_merge_and_optimizer_reset_equal_one_device(tmp_path):
 
 
 # --- in process: dense ledgers folded, checkpointed and resumed on 2 ranks vs one device -----------
-
-def _fsdp_dense_ledger_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        def shard(model):
-            for layer in model.layers:
-                fully_shard(layer)
-            fully_shard(model)
-
-        torch.save(_dense_ledger_scenario(shard), f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
 
 def _dense_ledger_scenario(shard) -> dict:
     """90 rounds on an fp32 base (every ledger turns dense), segments every 4 rounds; checkpoint
@@ -591,21 +584,13 @@ def _dense_ledger_scenario(shard) -> dict:
 
 
 def test_dense_ledgers_fold_save_and_resume_under_fsdp_as_on_one_device(tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_fsdp_dense_ledger_worker, args=(2, port, str(tmp_path)), nprocs=2, start_method="spawn")
+    ranks = _on_two_ranks(_dense_ledger_scenario, tmp_path)
     reference = _dense_ledger_scenario(lambda m: None)
     assert all(d is not None for d in reference["dense"].values())  # every ledger dense
     assert reference["outgrown"][1]  # some tails outgrew the bound: matrices written at round 90
     assert any("dense" in part for p in reference["payloads"] for part in p.values())
     close = lambda a, b: torch.allclose(a, b, rtol=0, atol=1e-6)  # noqa: E731
-    for rank in range(2):
-        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+    for got in ranks:
         assert got["outgrown"] == reference["outgrown"]  # the same decisions on every rank
         assert got["kept"] == pytest.approx(reference["kept"], abs=1e-6)
         assert len(got["payloads"]) == len(reference["payloads"])
