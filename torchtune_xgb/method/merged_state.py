@@ -262,12 +262,12 @@ class MergedState(MergedStateCheckpoint):
                     measured[name] = stats
                 if parts is not None:
                     view_parts[name] = parts
+            # one read-back for the whole round (waits for every queued view update too, and for
+            # the round's factors copied into pinned ledger chunks: the fold below reads them)
+            numbers = self._round_stats(todo, measured, appended_names, appended, view_parts).tolist() if todo else []
             self.rounds += 1
-            # a segment boundary: dense ledgers fold their tail, measured like a merge (same read-back)
-            folds = self._seal_segment() if self.rounds % self.segment_rounds == 0 else {}
-            # one read-back for the whole round (waits for every queued view update too)
-            numbers = (self._round_stats(todo, measured, appended_names, appended, view_parts, folds).tolist()
-                       if todo or folds else [])
+            if self.rounds % self.segment_rounds == 0:  # dense ledgers fold their tail, measured like a merge
+                numbers += self._fold_stats(self._seal_segment())
         kept, merged, sq_norm, worst_view = 1.0, 0, 0.0, None
         for update_sq, lost_sq, *_ in numbers[len(todo):]:  # the folds: what they kept of their tails
             if update_sq == 0:
@@ -314,18 +314,12 @@ class MergedState(MergedStateCheckpoint):
         return [n for n, flag in zip(names, flags.tolist()) if flag]
 
     def _round_stats(self, todo: List[str], measured: Dict[str, torch.Tensor], appended_names: List[str],
-                     appended: AppendedRounds, view_parts: Dict[str, torch.Tensor],
-                     folds: Dict[str, torch.Tensor]) -> torch.Tensor:
+                     appended: AppendedRounds, view_parts: Dict[str, torch.Tensor]) -> torch.Tensor:
         """(len(todo) × 5) per-module (‖ΔW‖², ‖residual‖², changed, ‖Y − L̃Ω‖², ‖Y‖²) in ``todo``'s
-        order, then a row (‖U·V‖², ‖residual‖², 0, 0, 0) per fold of a dense ledger's tail, summed
-        over shards under FSDP2 (the squares are sums over rows of u; v is replicated; the last two
-        are 0 for modules without a low-rank view)."""
-        first = self.modules[(todo or list(folds))[0]].weight
+        order, summed over shards under FSDP2 (the squares are sums over rows of u; v is
+        replicated; the last two are 0 for modules without a low-rank view)."""
+        first = self.modules[todo[0]].weight
         device = local(first).device
-        if not todo:
-            stacked = torch.stack([f.to(device) for f in folds.values()])
-            stacked = torch.cat([stacked, torch.zeros(len(folds), 2, dtype=stacked.dtype, device=device)], dim=1)
-            return all_sum(stacked, first) if is_sharded(first) else stacked
         parts, order = [], []
         if measured:
             parts.append(torch.stack([stats.to(device) for stats in measured.values()]))
@@ -343,10 +337,17 @@ class MergedState(MergedStateCheckpoint):
             index = torch.tensor([position[name] for name in view_parts], device=device)
             views.index_copy_(0, index, torch.stack(list(view_parts.values())).to(views))
         stacked = torch.cat([stacked, views], dim=1)
-        if folds:
-            rows = torch.stack([f.to(device) for f in folds.values()]).to(stacked.dtype)
-            stacked = torch.cat([stacked, torch.cat([rows, torch.zeros(len(folds), 2, dtype=stacked.dtype, device=device)], dim=1)])
         return all_sum(stacked, first) if is_sharded(first) else stacked
+
+    def _fold_stats(self, folds: Dict[str, torch.Tensor]) -> List[List[float]]:
+        """The folds' (‖U·V‖², ‖residual‖², 0) rows, summed over shards under FSDP2 (a collective
+        and a read-back once per segment; on one device they are on ``base_device``, read there)."""
+        if not folds:
+            return []
+        first = self.modules[next(iter(folds))].weight
+        if is_sharded(first):
+            return all_sum(torch.stack([f.to(local(first).device) for f in folds.values()]), first).tolist()
+        return torch.stack(list(folds.values())).tolist()
 
     def _merge_module(self, name: str, u: torch.Tensor, v: torch.Tensor, appended: AppendedRounds,
                       code: Optional[torch.Tensor], merge_rate: float) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
