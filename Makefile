@@ -19,7 +19,7 @@ HF_SPEC := transformers==5.18.0 peft==0.21.0 safetensors==0.8.0
 HF4_VENV := .venv-hf4
 HF4_SPEC := transformers==4.57.6 peft==0.21.0 safetensors==0.8.0
 
-.PHONY: install demo test docs clean gpu-wheels quality
+.PHONY: install demo test docs clean gpu-wheels quality quality-long
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -71,6 +71,20 @@ quality: install
 	$(BIN)/tune-xgb prepare smollm2-135m-instruct
 	$(BIN)/python -m benchmarks.quality --sweep --out $(QUALITY_OUT)/sweep_cpu.md
 	$(BIN)/python -m benchmarks.quality --tasks all --seeds 3 --grid --out $(QUALITY_OUT)/quality_cpu.md
+
+# The long-budget protocol (benchmarks/quality_long.py, ~25 h of a 2-core machine): continues from
+# the committed record, in two processes of one thread each (LoRA r=8 + XGBLoRA, LoRA r=32 + full
+# fine-tuning), as the record was made. Stop it at any point; append what
+# outputs/quality/long_*/runs.jsonl gained to the record to keep it.
+QUALITY_LONG_RECORD := benchmarks/results/quality_long_cpu_runs.jsonl
+quality-long: install
+	$(BIN)/tune-xgb prepare smollm2-135m-instruct
+	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.quality --long --methods lora_r8 xgblora --reuse $(QUALITY_LONG_RECORD) \
+		--workdir $(QUALITY_OUT)/long_a & \
+	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.quality --long --methods lora_r32 full --reuse $(QUALITY_LONG_RECORD) \
+		--workdir $(QUALITY_OUT)/long_b; wait
+	$(BIN)/python -m benchmarks.quality --long --report-only --reuse $(QUALITY_OUT)/long_a/runs.jsonl \
+		$(QUALITY_OUT)/long_b/runs.jsonl --out $(QUALITY_OUT)/quality_long_cpu.md
 
 clean:
 	rm -rf $(VENV) $(HF_VENV) $(HF4_VENV) outputs site .pytest_cache

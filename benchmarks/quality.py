@@ -448,8 +448,11 @@ def run_method(key: str, task: TaskSpec, lr: float, seed: int, setting: Setting,
     started = time.perf_counter()
     clean_dir(out_dir)
     result = run_subprocess(tune_command(method.recipe, write_config(cfg, out_dir / "config.yaml")), out_dir / "stdout.txt")
+    # the machine and torch threads the run was made with (the recipe inherits this process's
+    # environment, OMP_NUM_THREADS included): a record made in parts says where each part ran
     row: Dict[str, Any] = {"id": ident, "method": method.name, "key": key, "task": task.name, "lr": lr, "seed": seed,
-                           "overrides": overrides or {}, "seconds": result.wall_seconds, "out_dir": str(out_dir)}
+                           "overrides": overrides or {}, "seconds": result.wall_seconds, "out_dir": str(out_dir),
+                           "hardware": hardware(setting.device)}
     epochs = sorted(out_dir.glob("epoch_*"), key=lambda p: int(p.name.split("_")[1]))
     if result.returncode != 0 or not epochs:
         row["failed"] = True

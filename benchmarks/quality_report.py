@@ -219,6 +219,23 @@ def goals(summaries: Dict[str, Dict[str, Dict[str, Any]]], ttq: Dict[str, Dict[s
     return lines
 
 
+def hardware_line(header: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
+    """Where the trained runs were made: each run records its machine and torch threads (older
+    records do not: then this machine, the one rendering, is named)."""
+    trained = [r for r in rows if r["key"] != "base" and not r.get("missing")]
+    made: Dict[str, int] = {}
+    for r in trained:
+        if r.get("hardware"):
+            made[r["hardware"]] = made.get(r["hardware"], 0) + 1
+    if not made:
+        return f"Hardware: {header['hardware']}"
+    parts = [f"{where} ({count} runs)" for where, count in sorted(made.items(), key=lambda kv: -kv[1])]
+    unnamed = len(trained) - sum(made.values())
+    if unnamed:
+        parts.append(f"not recorded for {unnamed} runs")
+    return "Runs made on: " + "; ".join(parts)
+
+
 def render_protocol(rows: List[Dict[str, Any]], header: Dict[str, Any], png: Optional[Path] = None) -> str:
     setting = header["setting"]
     summaries = summarise(rows)
@@ -261,7 +278,7 @@ def render_protocol(rows: List[Dict[str, Any]], header: Dict[str, Any], png: Opt
     text = [
         f"## Quality: {header['model']}, task families: {', '.join(summaries)}, {header['date']}",
         "",
-        f"Hardware: {header['hardware']}. {setting['steps']} steps, batch {setting['batch_size']}, dtype "
+        f"{hardware_line(header, rows)}. {setting['steps']} steps, batch {setting['batch_size']}, dtype "
         f"{setting['dtype']}, seeds {header['seeds']}, the same data order per seed for every method; learning "
         f"rate chosen on the validation split (first seed) from {header['grid']}, extended past a grid edge the best "
         "sat on (grid table below); figures on the test split; 95% "

@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 
 from benchmarks import quality
+from benchmarks.common import hardware
 from benchmarks.quality_long import LONG_GRIDS, progress, rank_rounds, render_long
+from benchmarks.quality_report import hardware_line
 from benchmarks.quality_rank import run_effective_rank
 from benchmarks.quality_stats import energy_rank, entropy_rank, holm, paired_p_value, prefix_singular_values
 
@@ -184,6 +186,15 @@ def test_a_partial_record_says_what_is_missing():
     assert progress(rows)[-1] == "- time left at the recorded median per run: ~2.0 h"
 
 
+def test_the_hardware_line_names_where_each_run_was_made():
+    trained = lambda hw: {"key": "xgblora", **({"hardware": hw} if hw else {})}  # noqa: E731
+    rows = [{"key": "base", "hardware": "elsewhere"}, trained("EPYC, 1 torch threads"), trained("EPYC, 1 torch threads"),
+            trained("H200"), trained(None), dict(trained(None), missing=True)]
+    assert hardware_line({"hardware": "here"}, rows) == \
+        "Runs made on: EPYC, 1 torch threads (2 runs); H200 (1 runs); not recorded for 1 runs"
+    assert hardware_line({"hardware": "here"}, [trained(None)]) == "Hardware: here"  # an older record
+
+
 def test_report_only_leaves_the_rate_of_a_partial_grid_unchosen(monkeypatch):
     """protocol() on a partial record: a missing grid run (or edge extension) leaves the rate
     pending (no run marked chosen), and the other seeds are listed as missing runs."""
@@ -237,6 +248,9 @@ def test_long_quick_run_and_its_report_from_the_record(tmp_path, monkeypatch):
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     runs = {r["key"]: r for r in rows if r["key"] != "base"}
     assert set(runs) == {"lora_r8", "xgblora"} and not any(r.get("failed") for r in runs.values())
+    # each run records where it was made (a record made in parts may mix machines or thread counts)
+    assert {r["hardware"] for r in runs.values()} == {hardware("cpu")}
+    assert f"Runs made on: {hardware('cpu')} (2 runs)." in text
     assert sorted(int(s) for s in runs["xgblora"]["curve"]) == [2, 4, 6] and runs["xgblora"]["merges"] == [2, 4, 6]
     # XGBLoRA: one rank-1 block per merge, as many merges per module as its blocks were chosen
     # (the tiny preset merges 1 of 2 blocks a round); LoRA r=8: one point
