@@ -20,7 +20,10 @@ d. NF4 memory at the 1B shape (``benchmarks.nf4_memory``): torchtune's QLoRA rec
 e. merge cost at Llama-3-8B shapes (``benchmarks.merge_cost``): real all-block merges of 224
    bf16 modules with W0 in pageable CPU, pinned CPU and GPU memory, plus re-initialisation; the
    merge share at κ = 50 against (c)'s XGBLoRA step time scaled to 8B by matmul FLOPs;
-f. ``compile=True``: a few rounds of the recipe compiled, graphs compiled per round counted.
+f. ``compile=True``: a few rounds of the recipe compiled, graphs compiled per round counted;
+g. long runs at the 1B shape (``benchmarks.rounds``): bf16 and NF4 after 1, 100 and 500 merged
+   rounds, step time, GPU memory, merge share and checkpoint write beside torchtune's LoRA and
+   QLoRA recipes, each setup in its own process.
 
 After every part ``DIR/gpu_report.md`` and ``DIR/gpu_report.json`` are rewritten (status, seconds,
 the part's tables) and ``DIR/gpu_logs.tar.gz`` holds every part's log, so a part that fails or
@@ -53,6 +56,7 @@ PARTS = {
     "d": ("NF4 memory vs torchtune QLoRA, 1B shape, 100 rounds", 0.15),
     "e": ("merge cost at Llama-3-8B shapes", 0.12),
     "f": ("compile=True: graphs compiled per round", 0.15),
+    "g": ("long runs: step time, memory, merge and checkpoint at rounds 1, 100, 500, 1B shape", 0.25),
 }
 TUNE = str(Path(sys.executable).with_name("tune")) if Path(sys.executable).with_name("tune").exists() else "tune"  # else on PATH
 
@@ -524,8 +528,23 @@ def compile_worker(args) -> int:
     return 0
 
 
+def part_g_long_runs(args) -> Dict[str, Any]:
+    out = args.workdir / "rounds.md"
+    cmd = [sys.executable, "-m", "benchmarks.rounds", "--out", str(out), "--workdir", str(args.workdir / "rounds"),
+           "--bases", "bf16", "nf4"]
+    if args.dry_run:  # the 2-layer model, rounds 2 and 3
+        cmd += ["--quick", "--rounds", "2", "3", "--steps", "1", "--warmup", "0"]
+    else:
+        ensure_random_1b(args)
+        cmd += ["--device", "cuda", "--model", "1b-random", "--isolate"]
+    run = sub(args, "g_rounds", cmd)
+    return benchmark_result(run, out, lambda data: "; ".join(
+        f"{r['run']}{' k=' + str(r['rounds']) if 'rounds' in r else ''}: {r['step_seconds']:.3f} s, {r['memory_mib']:.0f} MiB"
+        for r in data.get("rows", []) if not r.get("failed")))
+
+
 PART_FUNCTIONS = {"a": part_a_cuda_tests, "b": part_b_nccl, "c": part_c_throughput, "d": part_d_nf4,
-                  "e": part_e_merge_cost, "f": part_f_compile}
+                  "e": part_e_merge_cost, "f": part_f_compile, "g": part_g_long_runs}
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -24,7 +24,7 @@ def test_dry_run_runs_every_part_and_writes_the_report(tmp_path):
     )
     report = json.loads((out / "gpu_report.json").read_text())
     statuses = {p["key"]: p["status"] for p in report["parts"]}
-    assert statuses == dict.fromkeys("abcdef", "ok"), (statuses, done.stdout[-4000:])
+    assert statuses == dict.fromkeys("abcdefg", "ok"), (statuses, done.stdout[-4000:])
     assert done.returncode == 0
     parts = {p["key"]: p for p in report["parts"]}
     assert parts["a"]["data"]["passed"] == 5  # the CUDA tests' own code, on the CPU
@@ -40,6 +40,9 @@ def test_dry_run_runs_every_part_and_writes_the_report(tmp_path):
     assert all(t["modules"] == 14 and t["kept_fraction"] >= 0.99 for t in timed)
     per_round = parts["f"]["data"]["graphs_per_round"]
     assert len(per_round) == 5 and per_round[0]["new_graphs"] > 0  # the first round compiles
+    long_runs = [r for r in parts["g"]["data"]["rows"] if "rounds" in r]
+    assert sorted((r["base"], r["rounds"]) for r in long_runs) == [("bf16", 2), ("bf16", 3), ("nf4", 2), ("nf4", 3)]
+    assert all(r["step_seconds"] > 0 and r["checkpoint_bytes"] > 0 for r in long_runs)
     text = (out / "gpu_report.md").read_text()
     for key, (title, _) in gpu_check.PARTS.items():
         assert f"## {key}. {title} — ok" in text
