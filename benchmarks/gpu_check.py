@@ -536,7 +536,7 @@ def part_g_long_runs(args) -> Dict[str, Any]:
         cmd += ["--quick", "--rounds", "2", "3", "--steps", "1", "--warmup", "0"]
     else:
         ensure_random_1b(args)
-        cmd += ["--device", "cuda", "--model", "1b-random", "--isolate"]
+        cmd += ["--device", "cuda", "--model", "1b-random", "--isolate", "--steps", "6", "--warmup", "2"]
     run = sub(args, "g_rounds", cmd)
     return benchmark_result(run, out, lambda data: "; ".join(
         f"{r['run']}{' k=' + str(r['rounds']) if 'rounds' in r else ''}: {r['step_seconds']:.3f} s, {r['memory_mib']:.0f} MiB"
