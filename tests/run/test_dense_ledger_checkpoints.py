@@ -129,16 +129,39 @@ def test_a_save_that_never_landed_makes_the_next_write_the_matrices_it_took(tmp_
     assert_same_ledgers(booster, run.booster)
 
 
-def test_a_checkpoint_with_the_matrix_in_its_own_state_still_loads():
+def test_a_checkpoint_with_the_matrix_in_its_own_state_still_loads_and_the_next_ones_keep_it():
     """Checkpoints before this format held a dense ledger's whole matrix in every state, and no
-    factors of it in later segments: it replaces the factors the earlier segments hold."""
+    factors of it in later segments: it replaces the factors the earlier segments hold. No segment
+    of the old checkpoint holds that matrix, so the checkpoints after the resume keep writing it in
+    their state until a newly sealed segment carries it; resumes from each get the ledger back."""
     booster = tiny_booster("fp32")
-    name = next(iter(booster.merged._ledgers))
-    ledger = booster.merged._ledgers[name]
-    rows, cols = booster.modules[name].weight.shape
+    booster.merged.segment_rounds = SEGMENT
     gen = torch.Generator().manual_seed(0)
-    early = {name: {"u": torch.randn(rows, 4, generator=gen), "v": torch.randn(4, cols, generator=gen)}}
-    matrix = torch.randn(rows, cols, generator=gen)
-    booster.merged.load_state_dict({name: {"dense": matrix}}, segments=[early], rounds=5, open_from_round=4)
-    assert torch.equal(ledger.dense, matrix) and ledger.columns == 0
-    assert torch.equal(booster.merged.delta(name), matrix)
+    early, matrices = {}, {}
+    for name, module in booster.modules.items():
+        rows, cols = module.weight.shape
+        early[name] = {"u": torch.randn(rows, 4, generator=gen), "v": torch.randn(4, cols, generator=gen)}
+        matrices[name] = torch.randn(rows, cols, generator=gen)
+    booster.merged.load_state_dict({n: {"dense": m} for n, m in matrices.items()}, segments=[early], rounds=5,
+                                   open_from_round=4)
+    for name, ledger in booster.merged._ledgers.items():
+        assert torch.equal(ledger.dense, matrices[name]) and ledger.columns == 0
+        assert torch.equal(booster.merged.delta(name), matrices[name])
+
+    def resume(state, segments):
+        again = tiny_booster("fp32")
+        again.merged.segment_rounds = SEGMENT
+        again.merged.load_state_dict(state, segments=segments, rounds=booster.merged.rounds)
+        return again
+
+    booster.step, booster.reports = 5, [None] * 5
+    continue_both(booster, rounds=2)  # rounds 6-7: no boundary yet
+    state = booster.merged.state_dict()
+    assert all(torch.equal(state[name]["dense"], matrix) for name, matrix in matrices.items())
+    assert any("u" in part for part in state.values())  # the matrix and the rounds since, in one entry
+    assert_same_ledgers(resume(state, [early]), booster)
+    continue_both(booster, rounds=1, seed=900)  # round 8: a boundary; its segment carries the matrices
+    segments = [early] + [factors for _, factors in booster.merged.segment_states(1)]
+    state = booster.merged.state_dict()
+    assert all("dense" in segments[-1][name] for name in matrices) and not any("dense" in p for p in state.values())
+    assert_same_ledgers(resume(state, segments), booster)

@@ -144,16 +144,23 @@ class MergedStateCheckpoint:
     def state_dict(self) -> Dict[str, Dict[str, torch.Tensor]]:
         """The ledgers' rounds since the last sealed segment (a dense ledger's tail), per module.
         Not W0: resume reloads the original base checkpoint; not the sealed segments (written
-        once, :meth:`segment_states`). Bounded by ``segment_rounds`` rounds whatever the round count.
+        once, :meth:`segment_states`). Bounded by ``segment_rounds`` rounds whatever the round count
+        (after a resume from a checkpoint of the earlier format, a dense ledger's matrix too, until
+        a sealed segment carries it).
 
         Under FSDP2 the rows of U are gathered (a collective: call on every rank), so the saved
         state has the single-device layout whatever the world size.
         """
         out = {}
+        # a base no sealed segment waiting for a checkpoint can carry (after a resume from a
+        # checkpoint of the earlier format) goes into this state until one can
+        unsealed = self._handed_until == len(self._segments)
         for name, ledger in self._ledgers.items():
             if ledger.columns > self._open_start[name]:
                 u, v = ledger.factors(self._open_start[name])
                 out[name] = self._saved_factors(name, u, v)
+            if unsealed and name in self._needs_base:
+                out.setdefault(name, {})["dense"] = self._gathered(name, ledger.dense).to("cpu", copy=True)
         return out
 
     def view_state(self) -> Dict[str, Dict[str, torch.Tensor]]:
@@ -181,6 +188,8 @@ class MergedStateCheckpoint:
                 self._load_part(ledger, segment.get(name), weight)
                 ledger.fold(densify=False)  # a ledger that turned dense there has its base in a segment
             self._load_part(ledger, state.get(name), weight)
+            if "dense" in state.get(name, {}):  # a base only this state holds: the next checkpoint writes it too
+                self._needs_base.add(name)
             opened = state[name]["u"].shape[1] if name in state and "u" in state[name] else 0
             self._open_start[name] = ledger.columns - opened
             if ledger.rank_bound:
@@ -193,9 +202,9 @@ class MergedStateCheckpoint:
     def _load_part(ledger, part: Optional[Dict[str, torch.Tensor]], weight: torch.Tensor) -> None:
         if not part:
             return
-        if "dense" in part:
+        if "dense" in part:  # the matrix as of the boundary: it replaces what came before
             ledger.load({"dense": local_rows(part["dense"], weight)})
-        else:
+        if "u" in part:
             ledger.extend(local_rows(part["u"], weight), part["v"])
 
     def _rebuild_view(self, name: str, view_state: Optional[Dict[str, torch.Tensor]]) -> None:
