@@ -171,8 +171,8 @@ class Ledger:
     def matrix(self, device: Optional[torch.device] = None) -> torch.Tensor:
         """L in fp32, formed on ``device`` (default: the ledger's), a new tensor callers may change
         (a resume's bf16 split does): a product over every round (once dense: over the tail), for
-        export and resume only. Once dense it is the matrix plus the tail exactly as :meth:`fold`
-        adds them."""
+        export and resume only. Once dense it is the matrix plus the tail (on the ledger's device,
+        bit for bit what :meth:`fold` will hold)."""
         device = self.device if device is None else device
         if self.dense is None:
             return self.u.to(device).float() @ self.v.to(device).float()
