@@ -109,8 +109,8 @@ class MergedStateCheckpoint:
         landed, and the dense ledgers whose tails went with it write their base instead.
         FSDP2: rows gathered, a collective: call on every rank."""
         if first < self._handed_until:  # the checkpoint that took [first, handed) was not written
-            for index in range(first, self._handed_until):
-                for name, part in self._segments[index][2].items():
+            for segment in self._segments[first:self._handed_until]:
+                for name, part in (segment[2] if segment is not None else {}).items():
                     if part is None:
                         self._needs_base.add(name)
             self._needs_base |= {name for name, index in self._bases_handed.items() if index >= first}
