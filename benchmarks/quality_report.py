@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -223,13 +224,10 @@ def hardware_line(header: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
     """Where the trained runs were made: each run records its machine and torch threads (older
     records do not: then this machine, the one rendering, is named)."""
     trained = [r for r in rows if r["key"] != "base" and not r.get("missing")]
-    made: Dict[str, int] = {}
-    for r in trained:
-        if r.get("hardware"):
-            made[r["hardware"]] = made.get(r["hardware"], 0) + 1
+    made = Counter(r["hardware"] for r in trained if r.get("hardware"))
     if not made:
         return f"Hardware: {header['hardware']}"
-    parts = [f"{where} ({count} runs)" for where, count in sorted(made.items(), key=lambda kv: -kv[1])]
+    parts = [f"{where} ({count} runs)" for where, count in made.most_common()]
     unnamed = len(trained) - sum(made.values())
     if unnamed:
         parts.append(f"not recorded for {unnamed} runs")

@@ -422,22 +422,25 @@ def test_plain_loraxs_peft_adapter_under_fsdp_equals_single_device(root, single_
 
 def _gloo_worker(rank: int, world: int, port: int, out_dir: str, body) -> None:
     """One rank of an in-process gloo group: ``body(shard)`` with ``shard`` applying FSDP2 to each
-    layer and the model; what it returns is saved as ``out_dir/rank{rank}.pt``."""
+    layer and the model; what it returns is saved as ``out_dir/rank{rank}.pt``. It leaves as the
+    recipe's workers do: after a barrier, through ``leave_without_teardown`` (interpreter
+    finalisation racing gloo's worker thread aborts the process, SIGABRT, now and then)."""
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
+    from xgblora_finetune_distributed import leave_without_teardown
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        def shard(model):
-            for layer in model.layers:
-                fully_shard(layer)
-            fully_shard(model)
 
-        torch.save(body(shard), f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    def shard(model):
+        for layer in model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+
+    torch.save(body(shard), f"{out_dir}/rank{rank}.pt")
+    dist.barrier()  # no collective in flight on any rank
+    leave_without_teardown(0)
 
 
 def _on_two_ranks(body, tmp_path) -> list:

@@ -54,8 +54,8 @@ def test_a_merge_costs_no_more_at_round_200_than_at_round_1_or_past_the_view_ran
 @pytest.mark.parametrize("base", ["fp32", "bf16"])
 def test_merges_into_dense_ledgers_cost_the_same_at_any_round_count(base):
     """Once k rounds of factors would take more bytes than a dense fp32 matrix, a module's ledger is
-    dense (the tiny model's 64-wide projections: after at most 85 rounds): a merge then adds to
-    that matrix, at the same cost at round 100 as at round 400; a merge at a segment boundary also
+    dense (the tiny model's 64-wide projections: after at most 85 rounds): a merge then appends to
+    its tail, at the same cost at round 100 as at round 400; a merge at a segment boundary also
     folds the rounds since the last one into the matrix, at the same cost at round 112 as at 400
     (the merges after k = 111 and k = 399 simulated rounds)."""
     booster = tiny_booster(base)

@@ -3,7 +3,7 @@
 See :mod:`torchtune_xgb.method.merged_state` for where ledgers sit in the merged state.
 """
 
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -227,20 +227,11 @@ class Ledger:
         dense = self.dense.numel() * self.dense.element_size() if self.dense is not None else 0
         return self._u.nbytes() + self._v.nbytes() + dense
 
-    def load(self, state: Dict[str, torch.Tensor]) -> None:
-        """Hold exactly ``{"u", "v"}`` (factors as a checkpoint stored them: bf16 ones stay bf16,
-        exact, anything else becomes fp32) or ``{"dense"}`` (a matrix, no tail). Never turns dense
-        by itself: a resume replays the folds (merged_checkpoint.py)."""
-        if "dense" in state:
-            self.dense = state["dense"].to(device=self.device, dtype=torch.float32, copy=True)
-            self._u.replace(torch.zeros(0, self._u.width))
-            self._v.replace(torch.zeros(0, self._v.width))
-        else:
-            dtype = torch.bfloat16 if state["u"].dtype == state["v"].dtype == torch.bfloat16 else torch.float32
-            self._u.replace(state["u"].T.to(dtype))
-            self._v.replace(state["v"].to(dtype))
-            self.dense = None
-        self.generation += 1
+    def load_dense(self, matrix: torch.Tensor) -> None:
+        """Hold exactly ``matrix`` (fp32), no tail: a base a checkpoint stored. Factors arrive
+        through :meth:`extend`; a resume replays the folds (merged_checkpoint.py)."""
+        self.dense = matrix.to(device=self.device, dtype=torch.float32, copy=True)
+        self._drop_factors()
 
     def clear(self) -> None:
         """Hold no round."""

@@ -31,6 +31,10 @@ HELD_TAIL_FRACTION = 0.25
 Part = Union[Tuple[int, int], Optional[Tuple[torch.Tensor, torch.Tensor]]]
 
 
+def _is_tail(part: Part) -> bool:
+    return part is not None and not isinstance(part[0], int)
+
+
 class MergedStateCheckpoint:
     """Checkpointing of :class:`~torchtune_xgb.method.merged_state.MergedState` (mixed into it:
     uses its ledgers, views and modules)."""
@@ -87,12 +91,11 @@ class MergedStateCheckpoint:
     def held_tail_bytes(self) -> int:
         """Bytes (this rank) of the folded tails waiting for a checkpoint."""
         return sum(t.numel() * t.element_size() for segment in self._segments[self._handed_until:] if segment is not None
-                   for part in segment[2].values() if part is not None and not isinstance(part[0], int) for t in part)
+                   for part in segment[2].values() if _is_tail(part) for t in part)
 
     def _release_tails(self, name: str, first: int) -> None:
         for segment in self._segments[first:]:
-            part = segment[2].get(name) if segment is not None else None
-            if part is not None and not isinstance(part[0], int):
+            if segment is not None and _is_tail(segment[2].get(name)):
                 segment[2][name] = None
         self._held_bytes[name] = 0
 
@@ -123,7 +126,7 @@ class MergedStateCheckpoint:
             for name, part in parts.items():
                 if name in self._needs_base or part is None:
                     continue
-                u, v = self._ledgers[name].factors(*part) if isinstance(part[0], int) else part
+                u, v = part if _is_tail(part) else self._ledgers[name].factors(*part)
                 factors[name] = self._saved_factors(name, u, v)
             if index == len(self._segments) - 1:
                 for name in sorted(self._needs_base):  # the matrix as of this boundary (the tail since is open)
@@ -203,7 +206,7 @@ class MergedStateCheckpoint:
         if not part:
             return
         if "dense" in part:  # the matrix as of the boundary: it replaces what came before
-            ledger.load({"dense": local_rows(part["dense"], weight)})
+            ledger.load_dense(local_rows(part["dense"], weight))
         if "u" in part:
             ledger.extend(local_rows(part["u"], weight), part["v"])
 

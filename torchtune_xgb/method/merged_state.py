@@ -96,6 +96,16 @@ class MergeReport:
     view_deviation: Optional[float] = None
 
 
+def _lower_kept(kept: float, update_sq: float, lost_sq: float) -> float:
+    """``kept`` after one more update of squared norm ``update_sq`` that lost ``lost_sq``: the
+    smaller kept fraction; NaN once anything is not finite; unchanged by an update of zero."""
+    if update_sq == 0:
+        return kept
+    if not math.isfinite(update_sq) or not math.isfinite(lost_sq):
+        return math.nan
+    return kept if math.isnan(kept) else min(kept, 1.0 - math.sqrt(lost_sq) / math.sqrt(update_sq))
+
+
 class MergedState(MergedStateCheckpoint):
     """Exact merged state S = W0 + L for every adapted module, and the views the forward pass uses.
 
@@ -270,12 +280,7 @@ class MergedState(MergedStateCheckpoint):
                 numbers += self._fold_stats(self._seal_segment())
         kept, merged, sq_norm, worst_view = 1.0, 0, 0.0, None
         for update_sq, lost_sq, *_ in numbers[len(todo):]:  # the folds: what they kept of their tails
-            if update_sq == 0:
-                continue
-            if not math.isfinite(update_sq) or not math.isfinite(lost_sq):
-                kept = math.nan
-            elif not math.isnan(kept):
-                kept = min(kept, 1.0 - math.sqrt(lost_sq) / math.sqrt(update_sq))
+            kept = _lower_kept(kept, update_sq, lost_sq)
         numbers = numbers[: len(todo)]
         for name, (update_sq, lost_sq, changed, gap_sq, view_sq) in zip(todo, numbers):
             if changed:
@@ -290,10 +295,7 @@ class MergedState(MergedStateCheckpoint):
             if update_sq == 0:
                 continue  # u ≠ 0 but u·v = 0: nothing to keep
             merged += 1
-            if not math.isfinite(update_sq) or not math.isfinite(lost_sq):
-                kept = math.nan
-            elif not math.isnan(kept):
-                kept = min(kept, 1.0 - math.sqrt(lost_sq) / math.sqrt(update_sq))
+            kept = _lower_kept(kept, update_sq, lost_sq)
         return MergeReport(kept, time.perf_counter() - start, merged, math.sqrt(sq_norm), worst_view)
 
     def _with_update(self, factors: Dict[str, Tuple[torch.Tensor, torch.Tensor]]) -> List[str]:
