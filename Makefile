@@ -73,18 +73,15 @@ quality: install
 	$(BIN)/python -m benchmarks.quality --tasks all --seeds 3 --grid --out $(QUALITY_OUT)/quality_cpu.md
 
 # The long-budget protocol (benchmarks/quality_long.py, ~25 h of a 2-core machine): continues from
-# the committed record, in two processes of one thread each (LoRA r=8 + XGBLoRA, LoRA r=32 + full
-# fine-tuning), as the record was made. Stop it at any point; append what
-# outputs/quality/long_*/runs.jsonl gained to the record to keep it.
+# the committed record. Stop it at any point: outputs/quality/long/runs.jsonl holds the record and
+# every run finished since (the next start also merges the runs a killed command left in
+# outputs/quality/long/jobs/); copy it over the committed record to keep them.
 QUALITY_LONG_RECORD := benchmarks/results/quality_long_cpu_runs.jsonl
 quality-long: install
 	$(BIN)/tune-xgb prepare smollm2-135m-instruct
-	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.quality --long --methods lora_r8 xgblora --reuse $(QUALITY_LONG_RECORD) \
-		--workdir $(QUALITY_OUT)/long_a & \
-	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.quality --long --methods lora_r32 full --reuse $(QUALITY_LONG_RECORD) \
-		--workdir $(QUALITY_OUT)/long_b; wait
-	$(BIN)/python -m benchmarks.quality --long --report-only --reuse $(QUALITY_OUT)/long_a/runs.jsonl \
-		$(QUALITY_OUT)/long_b/runs.jsonl --out $(QUALITY_OUT)/quality_long_cpu.md
+	# the (family, method) groups in two one-thread processes (benchmarks/quality_jobs.py), XGBLoRA's first
+	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.quality --long --jobs 2 --methods xgblora lora_r8 lora_r32 full \
+		--reuse $(QUALITY_LONG_RECORD) --workdir $(QUALITY_OUT)/long --out $(QUALITY_OUT)/quality_long_cpu.md
 
 clean:
 	rm -rf $(VENV) $(HF_VENV) $(HF4_VENV) outputs site .pytest_cache

@@ -7,6 +7,7 @@
     python -m benchmarks.quality --tasks strings --json-task mine=/data/mine --methods lora_r8 xgblora
     python -m benchmarks.quality --long --workdir outputs/quality_long --out outputs/quality_long.md  # 500 steps (quality_long.py)
     python -m benchmarks.quality --long --quick --out outputs/quality_long_quick.md                   # its smoke test, ~1 min
+    python -m benchmarks.quality --long --jobs 2 …   # (family, method) groups in 2 processes at once (quality_jobs.py)
 
 Protocol (every method, every task family of ``torchtune_xgb.data.TASKS`` or ``--json-task``):
 
@@ -642,6 +643,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rerun-slow", action="store_true", help="run again the finished runs whose training took "
                    f"over {SLOW_FACTOR}x the lower quartile of their task and method (slowed by other work on the machine)")
     p.add_argument("--workdir", type=Path, default=REPO / "outputs" / "bench" / "quality")
+    p.add_argument("--jobs", type=int, default=1, help="run the (family, method) groups in this many processes at "
+                   "once (benchmarks/quality_jobs.py; e.g. 2 on a 2-core CPU, several on one GPU)")
+    p.add_argument("--runs-file", type=Path, default=None, help=argparse.SUPPRESS)  # a --jobs group's own record
     p.add_argument("--reuse", nargs="*", type=Path, default=[], metavar="RUNS_JSONL",
                    help="finished runs recorded elsewhere (e.g. benchmarks/results/quality_cpu_runs.jsonl) count as "
                         "done: copied into WORKDIR/runs.jsonl, run only what they lack")
@@ -653,6 +657,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.long and args.sweep:
         p.error("--long runs the protocol, not the sweep")
+    if args.jobs < 1 or (args.jobs > 1 and args.sweep):
+        p.error("--jobs: a number >= 1, for the protocol (not --sweep)")
     name = "quick" if args.quick else "gpu" if args.gpu else "cpu"
     preset = PRESETS[{"cpu": "long", "gpu": "long_gpu", "quick": "long_quick"}[name] if args.long else name]
     setting = replace(preset, **{k: v for k, v in (("steps", args.steps), ("every", args.every),
@@ -661,7 +667,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--steps {setting.steps} must be a multiple of --every {setting.every}")
     args.setting = setting
     if args.long:
-        args.tasks = args.tasks or (LONG_QUICK_TASKS if args.quick else LONG_TASKS)
+        args.tasks = (LONG_QUICK_TASKS if args.quick else LONG_TASKS) if args.tasks is None else args.tasks
         args.methods = args.methods or (LONG_QUICK_METHODS if args.quick else LONG_METHODS)
         args.seeds = args.seeds or (1 if args.quick else 3)
         args.grid = args.grid or not args.quick  # the protocol chooses every method's rate
@@ -697,7 +703,13 @@ def main(argv=None) -> int:
     grids = {k: LONG_GRIDS[k] if args.long else METHODS[k][1] for k in methods}
     lrs = {k: given.get(k, grids[k] if args.grid else grids[k][:1]) for k in methods}
     seeds = list(range(args.seeds))
-    cache = RunCache(args.workdir / "runs.jsonl", args.reuse)
+    cache = RunCache(args.runs_file or args.workdir / "runs.jsonl", args.reuse)
+    failed_groups = []
+    if args.jobs > 1 and not args.report_only:
+        from benchmarks.quality_jobs import describe, run_groups
+
+        failed_groups = run_groups(tasks, methods, args, cache)
+        args.report_only = True  # the groups ran everything: the report is rendered from the merged record
     slow = slow_runs(cache.rows.values())
     if slow and args.rerun_slow and not args.report_only:
         args.rerun = set(slow)
@@ -720,6 +732,10 @@ def main(argv=None) -> int:
     print("\n" + report)
     if args.out:
         write_outputs(args.out, report, header, rows)
+    if failed_groups:
+        print(f"error: --jobs: {len(failed_groups)} groups failed, their runs are missing from the report: "
+              f"{describe(failed_groups)}")
+        return 1
     return 0
 
 
