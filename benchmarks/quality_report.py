@@ -67,8 +67,11 @@ def pooled(summaries: Dict[str, Dict[str, Dict[str, Any]]]) -> Dict[str, Dict[st
             continue
         seeds = sorted(seeds, key=str)
 
-        def by_seed(summaries_of, pick):  # one row per seed: that seed's items of every family, in family order
-            return [sum((list(pick(s, k)) for s in summaries_of), []) for k in seeds]
+        # the loss of a seed that diverged in some family is not known: the loss pools the others
+        loss_seeds = [k for k in seeds if all(k in r["loss_by_seed"] for r in runs)]
+
+        def by_seed(summaries_of, pick, over=seeds):  # one row per seed: that seed's items of every family, in family order
+            return [sum((list(pick(s, k)) for s in summaries_of), []) for k in over]
 
         def correct(s, k):
             return s["correct_by_seed"][k]
@@ -77,8 +80,8 @@ def pooled(summaries: Dict[str, Dict[str, Dict[str, Any]]]) -> Dict[str, Dict[st
             "method": runs[0]["method"],
             "seeds": len(seeds),
             "exact_match": bootstrap_interval(by_seed(runs, correct)),
-            "loss": bootstrap_interval(by_seed(runs, lambda s, k: s["loss_by_seed"][k][0]),
-                                       by_seed(runs, lambda s, k: s["loss_by_seed"][k][1])),
+            "loss": bootstrap_interval(by_seed(runs, lambda s, k: s["loss_by_seed"][k][0], loss_seeds),
+                                       by_seed(runs, lambda s, k: s["loss_by_seed"][k][1], loss_seeds)) if loss_seeds else None,
             "trainable_params": runs[0]["trainable_params"],
             "difference": None if key == REFERENCE else paired_difference(by_seed(runs, correct),
                                                                            by_seed(refs, correct)),
@@ -87,6 +90,8 @@ def pooled(summaries: Dict[str, Dict[str, Dict[str, Any]]]) -> Dict[str, Dict[st
 
 
 def _loss(interval) -> str:
+    if interval is None:
+        return "–"
     est, low, high = interval
     return f"{est:.3f} [{low:.3f}, {high:.3f}]"
 
@@ -105,19 +110,27 @@ def summarise(rows: List[Dict[str, Any]]) -> Dict[str, Dict[str, Dict[str, Any]]
             not_run = [r for r in rows if r["task"] == task and r["key"] == key and r.get("missing")]
             runs = [r for r in rows if r["task"] == task and r["key"] == key and not r.get("failed")
                     and (key == "base" or r.get("chosen"))]
+            # a seed the guard stopped at the chosen rate left no model: it scores 0 on every item
+            # (as a run that collapses does), never dropped, which would report only the seeds that held
+            diverged = [r for r in rows if r["task"] == task and r["key"] == key and r.get("chosen")
+                        and r.get("diverged_at") is not None and not r.get("missing")]
             if not_run:  # --report-only: an incomplete method is not summarised from part of its runs
                 out[task][key] = {"failed": True, "missing": len(not_run), "method": not_run[0]["method"]}
                 continue
             if not runs:
                 out[task][key] = {"failed": True, "method": next(r["method"] for r in rows if r["key"] == key)}
                 continue
+            items = len(runs[0]["test_correct"])
+            correct = {r["seed"]: r["test_correct"] for r in runs} | {r["seed"]: [0] * items for r in diverged}
+            correct = {seed: correct[seed] for seed in sorted(correct, key=str)}
             curves = [{int(s): p for s, p in r["curve"].items()} for r in runs if r.get("curve")]
             out[task][key] = {
                 "method": runs[0]["method"],
                 "lr": runs[0]["lr"],
-                "seeds": len(runs),
-                "exact_match": bootstrap_interval([r["test_correct"] for r in runs]),
-                "correct_by_seed": {r["seed"]: r["test_correct"] for r in runs},
+                "seeds": len(correct) if not diverged else f"{len(correct)} ({len(diverged)} diverged, scored 0)",
+                "diverged": len(diverged),
+                "exact_match": bootstrap_interval(list(correct.values())),
+                "correct_by_seed": correct,
                 "loss_by_seed": {r["seed"]: (r["test_item_loss"], r["test_item_tokens"]) for r in runs},
                 "loss": bootstrap_interval([r["test_item_loss"] for r in runs], [r["test_item_tokens"] for r in runs]),
                 "trainable_params": runs[0].get("trainable_params"),

@@ -14,7 +14,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from benchmarks import quality
-from benchmarks.quality_report import curve_series, plot_curves, render_protocol, summarise, time_to_quality
+from benchmarks.quality_report import curve_series, plot_curves, pooled, render_protocol, summarise, time_to_quality
 from benchmarks.quality_stats import (
     bootstrap_interval,
     crossing_step,
@@ -682,3 +682,29 @@ def test_components_are_keyed_by_their_defining_path():
     aliased = OmegaConf.create({"model": {"_component_": "torchtune_xgb.lora_smollm2_135m", "lora_rank": 8}})
     spelled = OmegaConf.create({"model": {"_component_": "torchtune_xgb.models.smollm2.lora_smollm2_135m", "lora_rank": 8}})
     assert quality.config_fingerprint(aliased, Path("/x")) == quality.config_fingerprint(spelled, Path("/x"))
+
+
+def test_a_seed_that_diverged_at_the_chosen_rate_scores_zero_not_dropped():
+    """XGBLoRA's seeds 0 and 1 get all 4 items; seed 2 at the same (chosen) rate was stopped by
+    the guard. Dropped, the method would read 100%; counted as a run that left no model it is
+    (4 + 4 + 0) / 12 = 66.7%, and against LoRA r=8 (0% on every seed) +66.7 points paired. Its
+    loss is that of the seeds that finished (0.5); pooled over two families, the same."""
+    rows = _rows() + [{"key": "xgblora", "method": "XGBLoRA r=1 boosted", "task": "dates", "lr": 2e-3, "seed": 2,
+                       "chosen": True, "failed": True, "diverged_at": 62},
+                      {"key": "lora_r8", "method": "torchtune LoRA r=8", "task": "dates", "lr": 1e-3, "seed": 2,
+                       "chosen": True, "val_exact_match": 0.5, "val_loss": 1.0, "test_correct": [0] * 4,
+                       "test_item_loss": [0.5] * 4, "test_item_tokens": [2] * 4, "trainable_params": 100}]
+    xgb = summarise(rows)["dates"]["xgblora"]
+    assert xgb["correct_by_seed"] == {0: [1, 1, 1, 1], 1: [1, 1, 1, 1], 2: [0, 0, 0, 0]}
+    assert xgb["exact_match"][0] == pytest.approx(8 / 12) and xgb["seeds"] == "3 (1 diverged, scored 0)"
+    assert xgb["loss"] == pytest.approx((0.5, 0.5, 0.5))
+    header = {"date": "2026-12-04", "model": "SmolLM2-135M-Instruct", "hardware": "test CPU", "seeds": [0, 1, 2],
+              "grid": {}, "arithmetic": {"dates": False},
+              "setting": {"steps": 20, "every": 20, "batch_size": 8, "dtype": "fp32"}}
+    text = render_protocol(rows, header)
+    assert re.search(r"\| dates \| XGBLoRA r=1 boosted \| 0\.002 \| 66\.7% \[[^|]+\] \| [a-z]+ \| \+66\.7 \[[^|]+\] \| "
+                     r"0\.500 \[0\.500, 0\.500\] \| 100 \| 3 \(1 diverged, scored 0\) \|", text)
+    twice = rows + [dict(r, task="facts") for r in rows]
+    pool = pooled(summarise(twice))["xgblora"]
+    assert pool["exact_match"][0] == pytest.approx(8 / 12) and pool["seeds"] == 3
+    assert pool["loss"][0] == pytest.approx(0.5)  # over seeds 0 and 1, whose losses are known
