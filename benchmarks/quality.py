@@ -48,6 +48,7 @@ import functools
 import hashlib
 import importlib.util
 import json
+import os
 import re
 import shutil
 import sys
@@ -394,13 +395,24 @@ def diverged_at(stdout: str) -> Optional[int]:
     return int(match.group(1)) if match else None
 
 
-def read_runs(path: Path) -> Dict[str, Dict[str, Any]]:
-    """The rows of a runs record (``runs.jsonl``) by id; a later row of an id replaces an earlier one."""
+def read_runs(path: Path, cut_short_ok: bool = False) -> Dict[str, Dict[str, Any]]:
+    """The rows of a runs record (``runs.jsonl``) by id; a later row of an id replaces an earlier one.
+    ``cut_short_ok``: a last line without its newline that does not parse (the writer was killed
+    while writing it) is left out; any other bad line is an error naming the file."""
     rows: Dict[str, Dict[str, Any]] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
+    text = path.read_text() if path.is_file() or not cut_short_ok else ""
+    lines = text.splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
             row = json.loads(line)
-            rows[row["id"]] = row
+        except json.JSONDecodeError:
+            if cut_short_ok and number == len(lines) and not text.endswith("\n"):
+                print(f"  {path}: its last line is cut short (a run killed while recorded): left out")
+                continue
+            raise SystemExit(f"error: {path}, line {number}: not a JSON row") from None
+        rows[row["id"]] = row
     return rows
 
 
@@ -428,6 +440,19 @@ class RunCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+
+    def merge(self, rows: Dict[str, Dict[str, Any]]) -> int:
+        """Add the ``rows`` this record lacks or holds otherwise, rewriting the file whole and
+        atomically (a temporary file renamed over it: a concurrent reader sees it before or after,
+        never half). Returns how many were added."""
+        new = {ident: row for ident, row in rows.items() if self.rows.get(ident) != row}
+        if new:
+            self.rows.update(new)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(json.dumps(row) + "\n" for row in self.rows.values()))
+            os.replace(tmp, self.path)
+        return len(new)
 
 
 def run_method(key: str, task: TaskSpec, lr: float, seed: int, setting: Setting, args, cache: RunCache,

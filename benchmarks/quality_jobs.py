@@ -23,7 +23,6 @@ as ``--report-only`` would.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -65,41 +64,12 @@ def child_env(jobs: int) -> Dict[str, str]:
     return env
 
 
-def group_rows(path: Path) -> Dict[str, Dict[str, Any]]:
-    """A group's record by id, later rows winning; a last line cut short (the group's process was
-    killed while writing it) is left out, any other bad line is an error naming the file."""
-    rows: Dict[str, Dict[str, Any]] = {}
-    text = path.read_text() if path.is_file() else ""
-    lines = text.splitlines()
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if number == len(lines) and not text.endswith("\n"):
-                print(f"  {path}: its last line is cut short (a run killed while recorded): left out")
-                continue
-            raise SystemExit(f"error: {path}, line {number}: not a JSON row") from None
-        rows[row["id"]] = row
-    return rows
-
-
 def merge_records(cache, files: List[Path]) -> int:
-    """Rows of the groups' records that the merged record lacks or holds otherwise, added to it
-    (rewritten whole, atomically). Returns how many."""
-    new = {}
-    for path in files:
-        for ident, row in group_rows(path).items():
-            if cache.rows.get(ident) != row:
-                new[ident] = row
-    if new:
-        cache.rows.update(new)
-        cache.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.path.with_name(cache.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in cache.rows.values()))
-        os.replace(tmp, cache.path)
-    return len(new)
+    """The groups' records (a row cut short by a kill left out) merged into ``cache``. Returns how
+    many rows were added."""
+    from benchmarks.quality import read_runs
+
+    return sum(cache.merge(read_runs(path, cut_short_ok=True)) for path in files)
 
 
 def run_groups(tasks, methods: List[str], args, cache, poll_seconds: float = 1.0) -> List[Tuple[str, Path]]:

@@ -113,7 +113,7 @@ def summarise(rows: List[Dict[str, Any]]) -> Dict[str, Dict[str, Dict[str, Any]]
             # a seed the guard stopped at the chosen rate left no model: it scores 0 on every item
             # (as a run that collapses does), never dropped, which would report only the seeds that held
             diverged = [r for r in rows if r["task"] == task and r["key"] == key and r.get("chosen")
-                        and r.get("diverged_at") is not None and not r.get("missing")]
+                        and r.get("diverged_at") is not None]
             if not_run:  # --report-only: an incomplete method is not summarised from part of its runs
                 out[task][key] = {"failed": True, "missing": len(not_run), "method": not_run[0]["method"]}
                 continue
