@@ -532,11 +532,18 @@ def part_g_long_runs(args) -> Dict[str, Any]:
     out = args.workdir / "rounds.md"
     cmd = [sys.executable, "-m", "benchmarks.rounds", "--out", str(out), "--workdir", str(args.workdir / "rounds"),
            "--bases", "bf16", "nf4"]
-    if args.dry_run:  # the 2-layer model, rounds 2 and 3
-        cmd += ["--quick", "--rounds", "2", "3", "--steps", "1", "--warmup", "0"]
+    # part (c)'s sequences and batch (a training step's shape, not the short arithmetic samples
+    # that leave a GPU waiting on the host), so both parts' steps can be read side by side
+    if args.dry_run:  # the 2-layer model, rounds 2 and 3, random sequences of 32 tokens
+        dataset = {"_component_": "benchmarks.synthetic_data.random_tokens", "seq_len": 32, "n": 16}
+        cmd += ["--quick", "--rounds", "2", "3", "--steps", "1", "--warmup", "0", "--batch-size", "2",
+                "--set", "tokenizer.max_seq_len=32", "--set", f"dataset={json.dumps(dataset)}"]
     else:
         ensure_random_1b(args)
-        cmd += ["--device", "cuda", "--model", "1b-random", "--isolate", "--steps", "6", "--warmup", "2"]
+        dataset = {"_component_": "benchmarks.synthetic_data.random_tokens", "seq_len": THROUGHPUT_SEQ, "n": 64}
+        cmd += ["--device", "cuda", "--model", "1b-random", "--isolate", "--steps", "6", "--warmup", "2",
+                "--batch-size", str(THROUGHPUT_BATCH), "--set", f"tokenizer.max_seq_len={THROUGHPUT_SEQ}",
+                "--set", f"dataset={json.dumps(dataset)}"]
     run = sub(args, "g_rounds", cmd)
     return benchmark_result(run, out, lambda data: "; ".join(
         f"{r['run']}{' k=' + str(r['rounds']) if 'rounds' in r else ''}: {r['step_seconds']:.3f} s, {r['memory_mib']:.0f} MiB"

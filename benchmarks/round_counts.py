@@ -137,7 +137,8 @@ def step_of_adapted_modules(booster, tokens: int = 8, seed: int = 0) -> Callable
     inputs = {}
     for name, module in booster.modules.items():
         dtype = module.lora_a.weight.dtype if hasattr(module, "lora_a") else torch.float32
-        inputs[name] = torch.randn(tokens, module.weight.shape[1], generator=gen).to(dtype)
+        # drawn on the CPU (the same numbers on every device), then put where the module runs
+        inputs[name] = torch.randn(tokens, module.weight.shape[1], generator=gen).to(device=module.weight.device, dtype=dtype)
 
     params = [p for module in booster.modules.values() for p in module.parameters() if p.requires_grad]
 

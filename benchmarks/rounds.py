@@ -75,7 +75,22 @@ def our_config(args, base: str, out: Path) -> Dict[str, Any]:
     if args.nf4_view_rank is not None:  # the alternative: an exact view whose rank grows with the rounds
         cfg["boost"]["nf4_view_rank"] = None if args.nf4_view_rank == "none" else int(args.nf4_view_rank)
     cfg["metric_logger"] = {"_component_": "torchtune.training.metric_logging.DiskLogger", "log_dir": str(out / "logs")}
-    return cfg
+    return apply_sets(cfg, args.set)
+
+
+def apply_sets(cfg: Dict[str, Any], items: List[str]) -> Dict[str, Any]:
+    """``cfg`` with ``--set KEY=VALUE`` overrides (dotted keys, JSON or YAML values) applied last,
+    so both recipes of a base see the same model, data and lengths."""
+    if not items:
+        return cfg
+    from omegaconf import OmegaConf
+
+    from benchmarks.common import parse_sets
+
+    merged = OmegaConf.create(cfg)
+    for key, value in parse_sets(items).items():
+        OmegaConf.update(merged, key, value, merge=False, force_add=True)
+    return OmegaConf.to_container(merged, resolve=True)
 
 
 def torchtune_config(args, base: str, out: Path) -> Dict[str, Any]:
@@ -253,7 +268,8 @@ def render(rows: List[Dict[str, Any]], header: Dict[str, Any]) -> str:
         "",
         f"Hardware: {header['hardware']}. Model {header['model']}, device {header['device']}, batch {header['batch_size']}, "
         f"{header['steps']} timed steps after {header['warmup']} per row (median), merge share at κ = {header['kappa']}. "
-        "Rounds simulated: k random rank-1 rounds put into the merged state (as a resume would load them). "
+        + (f"Set for every setup: {', '.join(f'`{s}`' for s in header['set'])}. " if header.get("set") else "")
+        + "Rounds simulated: k random rank-1 rounds put into the merged state (as a resume would load them). "
         "Counted columns: one forward + backward of every adapted module (step) and one end of round (merge), "
         "FLOPs as torch's FlopCounterMode counts them, bytes every aten op reads + writes.",
         "",
@@ -282,6 +298,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--nf4-view-rank", default=None,
                    help="boost.nf4_view_rank for the NF4 rows: an integer, or 'none' for the exact view whose "
                         "rank grows with the rounds (default: the packaged config's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for every setup (JSON or YAML value), e.g. tokenizer.max_seq_len=2048")
     p.add_argument("--isolate", action="store_true", help="each setup in its own subprocess (CPU peak memory)")
     p.add_argument("--workdir", type=Path, default=REPO / "outputs" / "bench" / "rounds")
     p.add_argument("--out", type=Path, default=None, help="also write the table to OUT (.md) and OUT.json")
@@ -314,7 +332,7 @@ def main(argv=None) -> int:
             rows += run(args, what, base)
     header = {"date": today(), "hardware": hardware(args.device), "device": args.device,
               "model": "2-layer test model" if args.quick else args.model, "batch_size": args.batch_size,
-              "steps": args.steps, "warmup": args.warmup, "kappa": args.kappa}
+              "steps": args.steps, "warmup": args.warmup, "kappa": args.kappa, "set": args.set}
     text = render(rows, header)
     print(text)
     if args.out is not None:

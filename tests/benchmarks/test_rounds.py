@@ -60,3 +60,14 @@ def test_goals_from_hand_made_rows():
     assert lines[1].startswith("- MISS") and "worst 1.060×" in lines[1]
     assert lines[2] == "- PASS: bf16 merge + re-init + reset at κ = 50: worst 0.469% (≤ 0.5%)"  # 0.25 / (0.25 + 53)
     assert lines[3].startswith("- PASS")  # 13.5 ms ≤ 1.25 · 10 ms + 1 ms
+
+
+def test_set_overrides_reach_both_recipes_of_a_base_and_the_worker(tmp_path):
+    dataset = '{"_component_": "benchmarks.synthetic_data.random_tokens", "seq_len": 48, "n": 4}'
+    argv = ["--quick", "--isolate", "--workdir", str(tmp_path), "--set", "tokenizer.max_seq_len=48", "--set", f"dataset={dataset}"]
+    args = rounds.parse_args(argv)
+    for cfg in (rounds.our_config(args, "bf16", tmp_path / "ours"), rounds.torchtune_config(args, "nf4", tmp_path / "tt")):
+        assert cfg["tokenizer"]["max_seq_len"] == 48
+        assert cfg["dataset"] == {"_component_": "benchmarks.synthetic_data.random_tokens", "seq_len": 48, "n": 4}
+    assert "boost" not in rounds.torchtune_config(args, "bf16", tmp_path / "tt2")
+    assert args.passthrough[-4:] == ["--set", "tokenizer.max_seq_len=48", "--set", f"dataset={dataset}"]  # what --isolate's workers get
