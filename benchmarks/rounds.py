@@ -14,9 +14,10 @@ would load; training k rounds would take hours), then:
 - step: median wall time of ``--steps`` optimizer steps after ``--warmup`` (no merge among them);
 - memory: CUDA max allocated during those steps, or on a CPU the process's resident memory after
   them (peak RSS only means something per process: ``--isolate``);
-- merge: merge + re-init + optimizer reset of one end of round (adapters given random updates), and
-  its share of wall time at κ = ``--kappa``: merge / (merge + κ·step);
-- checkpoint: wall time and bytes of one resume checkpoint written at round k (the sealed ledger
+- merge: merge + re-init + optimizer reset of an end of round (adapters given random updates), the
+  median of ``--repeats``, and its share of wall time at κ = ``--kappa``: merge / (merge + κ·step);
+- checkpoint: wall time (the median of ``--repeats``, one after each of those ends of round) and
+  bytes (the largest) of a resume checkpoint written just after round k (the sealed ledger
   segments before k already on disk, as in a run);
 - counted (deterministic): FLOPs and bytes touched by one forward + backward of every adapted
   module (all that merged rounds could add to a step) and by one end of round.
@@ -181,18 +182,24 @@ def measure_ours(args, base: str) -> List[Dict[str, Any]]:
         row.update(_timed_steps(lambda: recipe._train_step(batches), args))
         row["step_counts"] = count_work(step_of_adapted_modules(booster))
         row["merge_counts"] = merge_counts(booster, seed=k)
-        perturb_adapters(booster, seed=k + 1)
-        report = booster.end_round()
-        row["merge_seconds"] = report.merge_seconds + report.reset_seconds
-        root = resume_root(recipe._output_dir)
-        before = {p: p.stat().st_size for p in root.rglob("*") if p.is_file()}
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        recipe._save_resume()
-        row["checkpoint_seconds"] = time.perf_counter() - start
-        row["checkpoint_bytes"] = sum(p.stat().st_size for p in root.rglob("*")
-                                      if p.is_file() and before.get(p) != p.stat().st_size)
+        # --repeats ends of round, each followed by a resume checkpoint: medians (one sample of a
+        # merge or a save is noise-sized on a shared machine); the rounds they add (k+2 … k+1+n)
+        # stay within a few of k
+        merges, saves, written = [], [], []
+        for i in range(args.repeats):
+            perturb_adapters(booster, seed=k + 1 + i)
+            report = booster.end_round()
+            merges.append(report.merge_seconds + report.reset_seconds)
+            root = resume_root(recipe._output_dir)
+            before = {p: p.stat().st_size for p in root.rglob("*") if p.is_file()}
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            recipe._save_resume()
+            saves.append(time.perf_counter() - start)
+            written.append(sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and before.get(p) != p.stat().st_size))
+        row.update(merge_seconds=statistics.median(merges), checkpoint_seconds=statistics.median(saves),
+                   checkpoint_bytes=max(written), merge_samples=merges, checkpoint_samples=saves)
         rows.append(row)
         print(f"  {base} k={k}: step {row['step_seconds']:.4f} s, merge {row['merge_seconds']:.4f} s, "
               f"checkpoint {row['checkpoint_seconds']:.4f} s", flush=True)
@@ -267,7 +274,8 @@ def render(rows: List[Dict[str, Any]], header: Dict[str, Any]) -> str:
         f"## Rounds: cost per step, merge and checkpoint against merged rounds, {header['date']}",
         "",
         f"Hardware: {header['hardware']}. Model {header['model']}, device {header['device']}, batch {header['batch_size']}, "
-        f"{header['steps']} timed steps after {header['warmup']} per row (median), merge share at κ = {header['kappa']}. "
+        f"{header['steps']} timed steps after {header['warmup']} per row (median), merge and checkpoint the median of "
+        f"{header.get('repeats', 1)} per round count (the largest checkpoint's bytes), merge share at κ = {header['kappa']}. "
         + (f"Set for every setup: {', '.join(f'`{s}`' for s in header['set'])}. " if header.get("set") else "")
         + "Rounds simulated: k random rank-1 rounds put into the merged state (as a resume would load them). "
         "Counted columns: one forward + backward of every adapted module (step) and one end of round (merge), "
@@ -293,6 +301,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2; --quick 1)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--kappa", type=int, default=50)
+    p.add_argument("--repeats", type=int, default=3,
+                   help="ends of round (each with a resume checkpoint) timed per round count; the table shows medians")
     p.add_argument("--device", default="cpu")
     p.add_argument("--model", default="smollm2-135m", choices=["smollm2-135m", "1b-random"])
     p.add_argument("--nf4-view-rank", default=None,
@@ -332,7 +342,8 @@ def main(argv=None) -> int:
             rows += run(args, what, base)
     header = {"date": today(), "hardware": hardware(args.device), "device": args.device,
               "model": "2-layer test model" if args.quick else args.model, "batch_size": args.batch_size,
-              "steps": args.steps, "warmup": args.warmup, "kappa": args.kappa, "set": args.set}
+              "steps": args.steps, "warmup": args.warmup, "kappa": args.kappa, "set": args.set,
+              "repeats": args.repeats}
     text = render(rows, header)
     print(text)
     if args.out is not None:

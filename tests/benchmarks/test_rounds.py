@@ -45,6 +45,11 @@ def test_quick_counts_do_not_grow_from_round_100_to_300(quick):
         for r in at.values():
             assert r["step_seconds"] > 0 and r["merge_seconds"] > 0 and r["checkpoint_seconds"] > 0
             assert 0 < r["checkpoint_bytes"] < 4 * 2**20  # the rounds since the last sealed segment, not all of them
+            # three ends of round, each with a checkpoint, per round count; the table shows medians
+            assert len(r["merge_samples"]) == len(r["checkpoint_samples"]) == 3
+            assert r["merge_seconds"] == sorted(r["merge_samples"])[1]
+            assert r["checkpoint_seconds"] == sorted(r["checkpoint_samples"])[1]
+    assert "merge and checkpoint the median of 3 per round count" in quick.read_text()
 
 
 def test_goals_from_hand_made_rows():
