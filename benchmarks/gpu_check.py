@@ -531,7 +531,7 @@ def compile_worker(args) -> int:
 def part_g_long_runs(args) -> Dict[str, Any]:
     out = args.workdir / "rounds.md"
     cmd = [sys.executable, "-m", "benchmarks.rounds", "--out", str(out), "--workdir", str(args.workdir / "rounds"),
-           "--bases", "bf16", "nf4"]
+           "--bases", "bf16", "nf4", "--profile-merge"]
     # part (c)'s sequences and batch (a training step's shape, not the short arithmetic samples
     # that leave a GPU waiting on the host), so both parts' steps can be read side by side
     if args.dry_run:  # the 2-layer model, rounds 2 and 3, random sequences of 32 tokens

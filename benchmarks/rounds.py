@@ -200,10 +200,36 @@ def measure_ours(args, base: str) -> List[Dict[str, Any]]:
             written.append(sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and before.get(p) != p.stat().st_size))
         row.update(merge_seconds=statistics.median(merges), checkpoint_seconds=statistics.median(saves),
                    checkpoint_bytes=max(written), merge_samples=merges, checkpoint_samples=saves)
+        if args.profile_merge and k == args.rounds[-1]:
+            perturb_adapters(booster, seed=k + 1 + args.repeats)
+            row["merge_profile"] = profile_end_of_round(booster, args.device.startswith("cuda"))
         rows.append(row)
         print(f"  {base} k={k}: step {row['step_seconds']:.4f} s, merge {row['merge_seconds']:.4f} s, "
               f"checkpoint {row['checkpoint_seconds']:.4f} s", flush=True)
     return rows
+
+
+def profile_end_of_round(booster, cuda: bool, top: int = 12) -> Dict[str, Any]:
+    """One end of round under torch.profiler: its wall time, the summed self time of every op
+    on the host and (CUDA) on the device, and the ``top`` ops by self time there (device time on
+    CUDA, host time on a CPU). Device time well under the wall time means the merge waits on the
+    host (launches, synchronisations, copies), not on the GPU's arithmetic."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        booster.end_round()
+        if cuda:
+            torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    events = prof.key_averages()
+    device = lambda e: getattr(e, "self_device_time_total", 0.0) / 1e3  # noqa: E731  (ms)
+    host = lambda e: e.self_cpu_time_total / 1e3  # noqa: E731
+    ranked = sorted(events, key=device if cuda else host, reverse=True)[:top]
+    return {"wall_ms": wall * 1e3, "host_ms": sum(host(e) for e in events), "device_ms": sum(device(e) for e in events),
+            "top": [{"op": e.key, "calls": e.count, "host_ms": host(e), "device_ms": device(e)} for e in ranked]}
 
 
 def measure(args, what: str, base: str) -> List[Dict[str, Any]]:
@@ -285,11 +311,29 @@ def render(rows: List[Dict[str, Any]], header: Dict[str, Any]) -> str:
                         "checkpoint write (s)", "checkpoint (MiB)", "step FLOPs", "step bytes", "merge FLOPs",
                         "merge bytes"], table),
         "",
+        *render_profiles(rows, header),
         "Goals (issue 26):",
         "",
         *goals([r for r in rows if not r.get("failed")], header["kappa"]),
         "",
     ])
+
+
+def render_profiles(rows: List[Dict[str, Any]], header: Dict[str, Any]) -> List[str]:
+    """The ``--profile-merge`` tables (none without it)."""
+    lines = []
+    where = "device" if header["device"].startswith("cuda") else "host"
+    for r in rows:
+        prof = r.get("merge_profile")
+        if not prof:
+            continue
+        lines += [f"One end of round under torch.profiler, {r['run']} at round {r['rounds']}: wall {prof['wall_ms']:.1f} ms, "
+                  f"ops' self time {prof['host_ms']:.1f} ms on the host and {prof['device_ms']:.1f} ms on the device; "
+                  f"the ops with the most {where} time:", "",
+                  markdown_table(["op", "calls", "host (ms)", "device (ms)"],
+                                 [[t["op"], t["calls"], fmt(t["host_ms"], ".2f"), fmt(t["device_ms"], ".2f")] for t in prof["top"]]),
+                  ""]
+    return lines
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -301,6 +345,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2; --quick 1)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--kappa", type=int, default=50)
+    p.add_argument("--profile-merge", action="store_true",
+                   help="also profile one end of round at the last round count (torch.profiler): where a merge's time goes")
     p.add_argument("--repeats", type=int, default=3,
                    help="ends of round (each with a resume checkpoint) timed per round count; the table shows medians")
     p.add_argument("--device", default="cpu")

@@ -44,6 +44,7 @@ def test_dry_run_runs_every_part_and_writes_the_report(tmp_path):
     assert sorted((r["base"], r["rounds"]) for r in long_runs) == [("bf16", 2), ("bf16", 3), ("nf4", 2), ("nf4", 3)]
     assert all(r["step_seconds"] > 0 and r["checkpoint_bytes"] > 0 for r in long_runs)
     assert "tokenizer.max_seq_len=32" in parts["g"]["data"]["header"]["set"]  # part (c)'s kind of sequences
+    assert parts["g"]["markdown"].count("One end of round under torch.profiler") == 2  # bf16 and NF4, last round count
     text = (out / "gpu_report.md").read_text()
     for key, (title, _) in gpu_check.PARTS.items():
         assert f"## {key}. {title} — ok" in text

@@ -76,3 +76,17 @@ def test_set_overrides_reach_both_recipes_of_a_base_and_the_worker(tmp_path):
         assert cfg["dataset"] == {"_component_": "benchmarks.synthetic_data.random_tokens", "seq_len": 48, "n": 4}
     assert "boost" not in rounds.torchtune_config(args, "bf16", tmp_path / "tt2")
     assert args.passthrough[-4:] == ["--set", "tokenizer.max_seq_len=48", "--set", f"dataset={dataset}"]  # what --isolate's workers get
+
+
+def test_profile_of_an_end_of_round_names_where_an_nf4_merge_spends_its_time():
+    from benchmarks.round_counts import perturb_adapters, simulate_rounds, tiny_booster
+
+    booster = tiny_booster("nf4")
+    simulate_rounds(booster, 40, seed=1)  # past the views' rank: this merge truncates each view (QRs, an SVD)
+    perturb_adapters(booster, seed=2)
+    prof = rounds.profile_end_of_round(booster, cuda=False)
+    top = {t["op"]: t for t in prof["top"]}
+    assert top["aten::linalg_qr"]["calls"] == 2 * len(booster.active_modules())  # two QRs per truncated view
+    assert prof["wall_ms"] > 0 and prof["host_ms"] > 0 and prof["device_ms"] == 0 and len(prof["top"]) <= 12
+    text = "\n".join(rounds.render_profiles([{"run": "XGBLoRA nf4", "rounds": 40, "merge_profile": prof}], {"device": "cpu"}))
+    assert "XGBLoRA nf4 at round 40" in text and "| aten::linalg_qr |" in text and "most host time" in text
