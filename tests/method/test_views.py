@@ -15,7 +15,7 @@ import torch
 from tests.method.test_merge_measurement import lora_modules, perturb
 from tests.quant.test_nf4 import nf4_module
 from torchtune_xgb.method.merged_state import MergedState
-from torchtune_xgb.method.views import truncate
+from torchtune_xgb.method.views import truncate, truncate_many
 
 
 def exact_delta(state, name):
@@ -164,6 +164,71 @@ def test_truncate_is_the_svd_of_the_product():
     assert torch.allclose(torch.linalg.svdvals((a @ b).double())[:5], s[:5], rtol=1e-5)
     assert lost.item() == pytest.approx(s[5:].square().sum().item(), rel=1e-5)
     assert math.isclose(torch.linalg.matrix_norm((a @ b - u @ v).double()).item(), lost.sqrt().item(), rel_tol=1e-4)
+
+
+def test_truncate_many_truncates_each_pair_as_alone_whatever_the_shapes():
+    """Pairs of three shapes (one with as many rows as the rank: a 5×9 core) in one call: each result is
+    the best rank-5 approximation of its own product (dense SVD here), identical to the pair
+    truncated alone."""
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(40, 9, 30), (24, 9, 50), (40, 9, 30), (5, 9, 30), (24, 9, 50)]  # rank ≤ out, as a view's
+    pairs = [(torch.randn(o, m, generator=gen), torch.randn(m, i, generator=gen)) for o, m, i in shapes]
+    together = truncate_many(pairs, 5)
+    for (u, v), (a, b, lost) in zip(pairs, together):
+        alone = truncate_many([(u, v)], 5)[0]
+        assert all(torch.allclose(x, y, rtol=1e-6, atol=1e-7) for x, y in zip((a, b, lost), alone))
+        uu, s, vh = torch.linalg.svd((u @ v).double())
+        r = min(5, len(s))
+        best = (uu[:, :r] * s[:r]) @ vh[:r]
+        assert torch.allclose((a @ b).double(), best, rtol=0, atol=1e-5 * s[0].item())
+        assert lost.item() == pytest.approx(s[r:].square().sum().item(), rel=1e-5, abs=1e-9)
+
+
+def test_a_merge_truncates_its_full_nf4_views_together_as_each_alone():
+    """Four NF4 modules of two shapes, rank-3 views, 6 rounds (full after 3): each view equals the
+    view of the same module merged alone through the same rounds, and a merge runs 2 QRs per
+    module shape and one SVD (the cores share a shape), not 3 factorizations per module."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    shapes = {"a": (96, 64), "b": (48, 64), "c": (96, 64), "d": (48, 64)}
+    together = {n: nf4_module(out_dim=o, in_dim=i, seed=k) for k, (n, (o, i)) in enumerate(shapes.items())}
+    alone = {n: nf4_module(out_dim=o, in_dim=i, seed=k) for k, (n, (o, i)) in enumerate(shapes.items())}
+    state = MergedState(together, nf4_view_rank=3)
+    singles = {n: MergedState({n: m}, nf4_view_rank=3) for n, m in alone.items()}
+
+    class Calls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    gen = torch.Generator().manual_seed(6)
+    for round_ in range(6):
+        for name in shapes:
+            b = torch.randn(together[name].lora_b.weight.shape, generator=gen) * 1e-2
+            a = torch.randn(together[name].lora_a.weight.shape, generator=gen)
+            with torch.no_grad():
+                for module in (together[name], alone[name]):
+                    module.lora_b.weight.copy_(b)
+                    module.lora_a.weight.copy_(a)
+        calls = Calls()
+        with calls:
+            report = state.merge_round(list(shapes))
+        for name in shapes:
+            singles[name].merge_round([name])
+        if round_ >= 3:  # every view full: each merge truncates all four
+            assert calls.count["linalg_qr"] == 4 and calls.count["_linalg_svd"] == 1
+            assert report.view_deviation > 0
+    for name in shapes:
+        assert torch.allclose(together[name].merged_u, alone[name].merged_u, rtol=1e-5, atol=1e-8)
+        assert torch.allclose(together[name].merged_v, alone[name].merged_v, rtol=1e-5, atol=1e-8)
+        exact = exact_delta(state, name)
+        assert torch.equal(exact, exact_delta(singles[name], name))  # the ledgers: the same rounds
 
 
 def test_an_unbounded_nf4_view_stays_exact_and_grows():

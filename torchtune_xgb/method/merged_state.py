@@ -62,7 +62,7 @@ from torchtune_xgb.method.base_weights import Prefetch
 from torchtune_xgb.method.ledger import Ledger, storage_dtype
 from torchtune_xgb.method.merge_stats import AppendedRounds, exact_fp32_matmuls, full_stats
 from torchtune_xgb.method.merged_checkpoint import MergedStateCheckpoint
-from torchtune_xgb.method.views import CompensatedView, LowRankView, add_in_place, deviation
+from torchtune_xgb.method.views import CompensatedView, LowRankView, add_in_place, deviation, finish_truncations
 from torchtune_xgb.quant.nf4 import dequantize, is_nf4
 
 # Rounds per sealed ledger segment in resume checkpoints: a save writes at most this many rounds of
@@ -272,6 +272,7 @@ class MergedState(MergedStateCheckpoint):
                     measured[name] = stats
                 if parts is not None:
                     view_parts[name] = parts
+            view_parts.update(finish_truncations(self._views))  # every full NF4 view at once (views.py)
             # one read-back for the whole round (waits for every queued view update too, and for
             # the round's factors copied into pinned ledger chunks: the fold below reads them)
             numbers = self._round_stats(todo, measured, appended_names, appended, view_parts).tolist() if todo else []
@@ -374,7 +375,7 @@ class MergedState(MergedStateCheckpoint):
             return full_stats(weight - previous, u, v), parts
         if stored is not None:
             if name in self._views:
-                parts = self._views[name].add(*stored)
+                parts = self._views[name].add(*stored, defer=True)  # truncated with the others below
             else:
                 parts = self._compensated.add(name, weight, *stored, code_on_device=code)
         appended.add(u, v, stored, changed)

@@ -22,13 +22,14 @@ so it never holds anything the exact state does not.
   destroys them, design.md §2) and an exact view beside it grows with k, so the forward pass adds
   a view of rank at most R (``boost.nf4_view_rank``): exact while the rounds fit (k·r ≤ R), then
   the best rank-R approximation of (view + new round), kept by a QR of each side and an SVD of
-  the small core, O((out+in)·R²) per merge. What it leaves out is measured every merge (a
+  the small core, O((out+in)·R²) per merge (a merge truncates all its full views together: QRs
+  batched per module shape, every core SVD'd in one host call, :func:`truncate_many`). What it leaves out is measured every merge (a
   sketch, :class:`LowRankView`), logged as ``view_deviation``; the ledger stays exact for export
   and resume.
 """
 
 import math
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -182,11 +183,43 @@ class CompensatedView:
 def truncate(u: torch.Tensor, v: torch.Tensor, rank: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Best rank-``rank`` approximation of u·v (u out×m, v m×in) by a QR of each side and an SVD
     of the m×m core, in fp64: (u', v', discarded ‖·‖²) with √σ on each side, fp32. Never forms u·v."""
-    qu, ru = torch.linalg.qr(u.double())
-    qv, rv = torch.linalg.qr(v.double().T)
-    w, s, zt = torch.linalg.svd(ru @ rv.T)
-    root = s[:rank].sqrt()
-    return (qu @ (w[:, :rank] * root)).float(), ((root[:, None] * zt[:rank]) @ qv.T).float(), s[rank:].square().sum()
+    return truncate_many([(u, v)], rank)[0]
+
+
+def truncate_many(pairs: Sequence[Tuple[torch.Tensor, torch.Tensor]], rank: int) -> List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """:func:`truncate` of every (u, v) in ``pairs`` (each pair's own product, in order). The QRs
+    run batched over the pairs of one shape, on their device; every m×m core goes to the host in
+    one copy and is SVD'd there in one batched call, then back: one wait for the device per call
+    where an SVD per module on a GPU waits for it each time (and a host LAPACK answers the same
+    on every device and rank). A merge truncates all its NF4 views with one call (merged_state)."""
+    groups: Dict[Tuple, List[int]] = {}
+    for i, (u, v) in enumerate(pairs):
+        groups.setdefault((tuple(u.shape), tuple(v.shape), u.device), []).append(i)
+    sides = []  # per group: (indices, qu, qv, core)
+    for indices in groups.values():
+        qu, ru = torch.linalg.qr(torch.stack([pairs[i][0] for i in indices]).double())
+        qv, rv = torch.linalg.qr(torch.stack([pairs[i][1] for i in indices]).double().transpose(-2, -1))
+        sides.append((indices, qu, qv, ru @ rv.transpose(-2, -1)))
+    by_size: Dict[Tuple[int, int], List[int]] = {}  # cores of one shape SVD'd together, whatever their group
+    for g, side in enumerate(sides):
+        by_size.setdefault(tuple(side[3].shape[-2:]), []).append(g)
+    results: List[Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = [None] * len(pairs)
+    for members in by_size.values():
+        cores = torch.cat([sides[g][3].cpu() for g in members])
+        w, s, zt = torch.linalg.svd(cores)
+        first = 0
+        for g in members:
+            indices, qu, qv, core = sides[g]
+            count = len(indices)
+            gw, gs, gzt = (t[first : first + count].to(core.device) for t in (w, s, zt))
+            first += count
+            root = gs[:, :rank].sqrt()
+            new_u = (qu @ (gw[:, :, :rank] * root[:, None, :])).float()
+            new_v = ((root[:, :, None] * gzt[:, :rank]) @ qv.transpose(-2, -1)).float()
+            lost = gs[:, rank:].square().sum(dim=1)
+            for j, i in enumerate(indices):
+                results[i] = (new_u[j], new_v[j], lost[j])
+    return results  # type: ignore[return-value]
 
 
 def _sketch_matrix(in_dim: int, device: torch.device) -> torch.Tensor:
@@ -223,6 +256,7 @@ class LowRankView:
         self.v = torch.zeros(capacity, in_dim, device=device)
         self.omega = _sketch_matrix(in_dim, device)
         self.sketch = torch.zeros(rows, SKETCH_COLUMNS, device=device)  # L·Ω, this rank's rows
+        self.pending: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # (view + round) to truncate
         self._publish()
 
     def _publish(self) -> None:
@@ -230,20 +264,25 @@ class LowRankView:
         self.module.merged_v = self.v
 
     @torch.no_grad()
-    def add(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def add(self, u: torch.Tensor, v: torch.Tensor, defer: bool = False) -> Optional[torch.Tensor]:
         """Add the round u·v (fp32; this rank's rows of u; as the ledger stored them); return this
-        rank's (‖Y − L̃Ω‖², ‖Y‖²) after it."""
+        rank's (‖Y − L̃Ω‖², ‖Y‖²) after it. ``defer``: a view that must truncate (and is not
+        sharded) only records view + round in ``pending`` and returns None; :func:`finish_truncations`
+        then truncates every such view of the merge together and returns their parts."""
         r = u.shape[1]
         if self.growing and self.used + r > self.u.shape[1] and self.used < self.rank:
             self._grow(min(self.rank, max(2 * self.u.shape[1], self.used + r)))
+        self.sketch.addmm_(u, v @ self.omega)  # the exact rounds' sketch: whatever the view keeps
         if self.used + r <= self.u.shape[1]:
             self.u[:, self.used : self.used + r] = u
             self.v[self.used : self.used + r] = v
             self.used += r
+        elif defer and not is_sharded(self.module.weight):
+            self.pending = (torch.cat([self.u, u], dim=1), torch.cat([self.v, v], dim=0))
+            return None
         else:
             self._truncate_with(u, v)
         self._publish()
-        self.sketch.addmm_(u, v @ self.omega)
         return self.deviation_parts()
 
     def _grow(self, capacity: int) -> None:
@@ -309,6 +348,24 @@ class LowRankView:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.u, self.v, self.sketch))
+
+
+@torch.no_grad()
+def finish_truncations(views: Dict[str, "LowRankView"]) -> Dict[str, torch.Tensor]:
+    """Truncate every view with a ``pending`` round (``LowRankView.add(defer=True)``) with one
+    :func:`truncate_many` call per view rank; their (‖Y − L̃Ω‖², ‖Y‖²) by name."""
+    waiting: Dict[int, List[str]] = {}
+    for name, view in views.items():
+        if view.pending is not None:
+            waiting.setdefault(view.rank, []).append(name)
+    parts = {}
+    for rank, names in waiting.items():
+        for name, (new_u, new_v, _) in zip(names, truncate_many([views[n].pending for n in names], rank)):
+            view = views[name]
+            view.u, view.v, view.pending = new_u, new_v, None
+            view._publish()
+            parts[name] = view.deviation_parts()
+    return parts
 
 
 def deviation(gap_sq: float, total_sq: float) -> float:
