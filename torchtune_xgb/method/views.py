@@ -23,9 +23,9 @@ so it never holds anything the exact state does not.
   a view of rank at most R (``boost.nf4_view_rank``): exact while the rounds fit (k·r ≤ R), then
   the best rank-R approximation of (view + new round), kept by a QR of each side and an SVD of
   the small core, O((out+in)·R²) per merge (a merge truncates all its full views together: QRs
-  batched per module shape, every core SVD'd in one host call, :func:`truncate_many`). What it leaves out is measured every merge (a
-  sketch, :class:`LowRankView`), logged as ``view_deviation``; the ledger stays exact for export
-  and resume.
+  batched per module shape, the cores SVD'd in one host call, :func:`truncate_many`). What it
+  leaves out is measured every merge (a sketch, :class:`LowRankView`), logged as
+  ``view_deviation``; the ledger stays exact for export and resume.
 """
 
 import math
@@ -188,10 +188,11 @@ def truncate(u: torch.Tensor, v: torch.Tensor, rank: int) -> Tuple[torch.Tensor,
 
 def truncate_many(pairs: Sequence[Tuple[torch.Tensor, torch.Tensor]], rank: int) -> List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """:func:`truncate` of every (u, v) in ``pairs`` (each pair's own product, in order). The QRs
-    run batched over the pairs of one shape, on their device; every m×m core goes to the host in
-    one copy and is SVD'd there in one batched call, then back: one wait for the device per call
-    where an SVD per module on a GPU waits for it each time (and a host LAPACK answers the same
-    on every device and rank). A merge truncates all its NF4 views with one call (merged_state)."""
+    run batched over the pairs of one shape, on their device; the small cores (≤ m×m) of one
+    shape go to the host in one copy and are SVD'd there in one batched call, then back: a wait
+    for the device per core shape (one, as a rule), where an SVD per module on a GPU waits for it
+    each time (and a host LAPACK answers the same on every device and rank). A merge truncates
+    all its NF4 views with one call (merged_state via :func:`finish_truncations`)."""
     groups: Dict[Tuple, List[int]] = {}
     for i, (u, v) in enumerate(pairs):
         groups.setdefault((tuple(u.shape), tuple(v.shape), u.device), []).append(i)
@@ -200,12 +201,12 @@ def truncate_many(pairs: Sequence[Tuple[torch.Tensor, torch.Tensor]], rank: int)
         qu, ru = torch.linalg.qr(torch.stack([pairs[i][0] for i in indices]).double())
         qv, rv = torch.linalg.qr(torch.stack([pairs[i][1] for i in indices]).double().transpose(-2, -1))
         sides.append((indices, qu, qv, ru @ rv.transpose(-2, -1)))
-    by_size: Dict[Tuple[int, int], List[int]] = {}  # cores of one shape SVD'd together, whatever their group
+    by_size: Dict[Tuple, List[int]] = {}  # cores of one shape (and device) SVD'd together, whatever their group
     for g, side in enumerate(sides):
-        by_size.setdefault(tuple(side[3].shape[-2:]), []).append(g)
+        by_size.setdefault((tuple(side[3].shape[-2:]), side[3].device), []).append(g)
     results: List[Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = [None] * len(pairs)
     for members in by_size.values():
-        cores = torch.cat([sides[g][3].cpu() for g in members])
+        cores = torch.cat([sides[g][3] for g in members]).cpu()  # one copy back, one wait
         w, s, zt = torch.linalg.svd(cores)
         first = 0
         for g in members:
