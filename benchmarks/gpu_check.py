@@ -309,14 +309,18 @@ def load_export(epoch_dir: Path, root: Path) -> str:
         return f"error: {type(err).__name__}: {err}"[:200]
 
 
+def random_sequence_sets(seq_len: int, n: int) -> List[str]:
+    """``--set`` overrides for ``n`` random sequences of ``seq_len`` tokens (benchmarks/synthetic_data.py)."""
+    dataset = {"_component_": "benchmarks.synthetic_data.random_tokens", "seq_len": seq_len, "n": n}
+    return ["--set", f"tokenizer.max_seq_len={seq_len}", "--set", f"dataset={json.dumps(dataset)}"]
+
+
 def tiny_model_sets(root: Path, seq_len: int) -> List[str]:
     """``--set`` overrides that swap the 2-layer test model and random sequences into a benchmark."""
     from tests.e2e_fixture import tiny_config
 
     model = tiny_config(root, root / "unused")["model"]
-    dataset = {"_component_": "benchmarks.synthetic_data.random_tokens", "seq_len": seq_len, "n": 64}
-    return ["--set", f"model_dir={root / 'tiny_model'}", "--set", f"model={json.dumps(model)}",
-            "--set", f"tokenizer.max_seq_len={seq_len}", "--set", f"dataset={json.dumps(dataset)}"]
+    return ["--set", f"model_dir={root / 'tiny_model'}", "--set", f"model={json.dumps(model)}"] + random_sequence_sets(seq_len, 64)
 
 
 def ensure_random_1b(args) -> None:
@@ -341,11 +345,9 @@ def part_c_throughput(args) -> Dict[str, Any]:
     else:
         repeats = 2
         ensure_random_1b(args)
-        dataset = {"_component_": "benchmarks.synthetic_data.random_tokens", "seq_len": THROUGHPUT_SEQ, "n": 256}
         cmd += ["--device", "cuda", "--dtype", "bf16", "--model", "1b-random", "--steps", "14", "--warmup", "4",
-                "--batch-size", str(THROUGHPUT_BATCH), "--set", f"tokenizer.max_seq_len={THROUGHPUT_SEQ}",
-                "--set", f"dataset={json.dumps(dataset)}", "--set", 'adapter.svd={"method": "randomized"}',
-                "--only", "LoRA r=8", "boosted", "LoRA-XS", "floor"]
+                "--batch-size", str(THROUGHPUT_BATCH), *random_sequence_sets(THROUGHPUT_SEQ, 256),
+                "--set", 'adapter.svd={"method": "randomized"}', "--only", "LoRA r=8", "boosted", "LoRA-XS", "floor"]
     deadline = args.deadline
     raw: Dict[str, List[Dict[str, Any]]] = {}
     head, notes, last = None, [], 0.0
@@ -535,15 +537,12 @@ def part_g_long_runs(args) -> Dict[str, Any]:
     # part (c)'s sequences and batch (a training step's shape, not the short arithmetic samples
     # that leave a GPU waiting on the host), so both parts' steps can be read side by side
     if args.dry_run:  # the 2-layer model, rounds 2 and 3, random sequences of 32 tokens
-        dataset = {"_component_": "benchmarks.synthetic_data.random_tokens", "seq_len": 32, "n": 16}
         cmd += ["--quick", "--rounds", "2", "3", "--steps", "1", "--warmup", "0", "--batch-size", "2",
-                "--set", "tokenizer.max_seq_len=32", "--set", f"dataset={json.dumps(dataset)}"]
+                *random_sequence_sets(32, 16)]
     else:
         ensure_random_1b(args)
-        dataset = {"_component_": "benchmarks.synthetic_data.random_tokens", "seq_len": THROUGHPUT_SEQ, "n": 64}
         cmd += ["--device", "cuda", "--model", "1b-random", "--isolate", "--steps", "6", "--warmup", "2",
-                "--batch-size", str(THROUGHPUT_BATCH), "--set", f"tokenizer.max_seq_len={THROUGHPUT_SEQ}",
-                "--set", f"dataset={json.dumps(dataset)}"]
+                "--batch-size", str(THROUGHPUT_BATCH), *random_sequence_sets(THROUGHPUT_SEQ, 64)]
     run = sub(args, "g_rounds", cmd)
     return benchmark_result(run, out, lambda data: "; ".join(
         f"{r['run']}{' k=' + str(r['rounds']) if 'rounds' in r else ''}: {r['step_seconds']:.3f} s, {r['memory_mib']:.0f} MiB"
