@@ -385,6 +385,11 @@ def config_fingerprint(cfg, out_dir: Path) -> str:
 
 
 DIVERGED = re.compile(r"^error: training diverged at step (\d+)", re.MULTILINE)
+# What stops a run of our recipe, recorded in each row the guard stopped (run/guard.py): 1, the
+# first loss spike (rows without the key); 2, spike_patience (2026-12-04: a spike is skipped, three
+# in a row, or one on a merged, saved or exported step, stop it). A row stopped under an earlier rule
+# is run again (the new rule differs only on runs the old one stopped: the rest are unchanged).
+GUARD_RULE = 2
 
 
 def diverged_at(stdout: str) -> Optional[int]:
@@ -467,10 +472,16 @@ def run_method(key: str, task: TaskSpec, lr: float, seed: int, setting: Setting,
                     "overrides": overrides or {}, "curve": curve, "config": config_fingerprint(cfg, out_dir)})
     cached = cache.rows.get(ident)
     finished = cached and (not cached.get("failed") or cached.get("diverged_at"))  # a crash is tried again
-    if finished and ident not in getattr(args, "rerun", ()):
+    report_only = getattr(args, "report_only", False)
+    # a run stopped under an earlier guard rule is run again (a report renders it as recorded)
+    stale = finished and cached.get("diverged_at") and cached.get("guard_rule", 1) != GUARD_RULE and not report_only
+    if finished and not stale and ident not in getattr(args, "rerun", ()):
         return cached
-    if getattr(args, "report_only", False):
+    if report_only:
         return missing_row(ident, key, task, lr, seed)
+    if stale:
+        print(f"  {method.name} {label} lr={lr:g} seed={seed}: the guard stopped it at step {cached['diverged_at']} under "
+              f"guard rule {cached.get('guard_rule', 1)}; running it again under rule {GUARD_RULE}")
     started = time.perf_counter()
     clean_dir(out_dir)
     result = run_subprocess(tune_command(method.recipe, write_config(cfg, out_dir / "config.yaml")), out_dir / "stdout.txt")
@@ -484,7 +495,7 @@ def run_method(key: str, task: TaskSpec, lr: float, seed: int, setting: Setting,
         row["failed"] = True
         step = diverged_at(Path(result.stdout_path).read_text(errors="replace")) if result.returncode == 1 else None
         if step is not None:
-            row["diverged_at"] = step
+            row["diverged_at"], row["guard_rule"] = step, GUARD_RULE
             print(f"  {method.name} {label} lr={lr:g} seed={seed}: diverged at step {step} (the recipe's guard stopped it)")
         else:
             print(f"  {method.name} {label} lr={lr:g} seed={seed}: FAILED (exit {result.returncode}); "

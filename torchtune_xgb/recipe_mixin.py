@@ -159,6 +159,7 @@ class BoostedRecipeMixin(BoostedTrainingLoop):
         else:
             self._booster.start(total_steps=total_steps)
         self._summary.setdefault("skipped_steps", 0)  # steps without a label token (run/loop.py)
+        self._summary.setdefault("spike_skipped_steps", 0)  # transient loss spikes the guard skipped (run/guard.py)
         if self._is_main_process():  # samples that train nothing, said once before training
             unlabeled = count_unlabeled(self._dataloader.dataset, self._loss_fn.ignore_index,
                                         getattr(self._tokenizer, "max_seq_len", None))

@@ -539,6 +539,49 @@ def test_a_diverged_run_is_that_lrs_result_and_a_crash_is_tried_again(tmp_path, 
     crashed = run(1)
     assert crashed["failed"] and "diverged_at" not in crashed and _grid_score(crashed) == "FAILED"
     assert run(1)["diverged_at"] == 3 and len(calls) == 3  # the crash was tried again
+    assert first["guard_rule"] == quality.GUARD_RULE == 2
+
+
+def test_a_run_the_guard_stopped_under_an_earlier_rule_is_run_again_and_reported_as_recorded(tmp_path, monkeypatch):
+    """A change to what stops a run (guard.spike_patience, 2026-12-04) differs only on the runs the
+    old rule stopped: those rows (without ``guard_rule``: rule 1) are run again by a protocol that
+    runs, and a report renders them as recorded; the other rows are kept."""
+    import argparse
+
+    from benchmarks.common import RunResult
+    from tests.e2e_fixture import make_tiny_model_dir
+
+    calls = []
+
+    def fake_subprocess(cmd, stdout_path, extra_env=None):
+        calls.append(stdout_path.parent.name)
+        stdout_path.parent.mkdir(parents=True, exist_ok=True)
+        stdout_path.write_text("error: training diverged at step 9 (round 0): loss spiked to 6.9 …\n")
+        return RunResult(1, 1.0, 0, stdout_path)
+
+    monkeypatch.setattr(quality, "run_subprocess", fake_subprocess)
+    args = argparse.Namespace(workdir=tmp_path / "work", keep_checkpoints=False, tiny_dir=make_tiny_model_dir(tmp_path))
+    task, setting = quality.task_specs(["strings"], [])[0], quality.PRESETS["quick"]
+    record = args.workdir / "runs.jsonl"
+
+    def run(seed, report_only=False):
+        args.report_only = report_only
+        return quality.run_method("xgblora", task, 4e-3, seed, setting, args, quality.RunCache(record))
+
+    stopped, finished = run(0), run(1)
+    assert len(calls) == 2
+    # as the record of 2026-12-03 holds them: seed 0 stopped under rule 1 (no key), seed 1 finished
+    rows = [json.loads(line) for line in record.read_text().splitlines()]
+    old = {**next(r for r in rows if r["id"] == stopped["id"]), "diverged_at": 62}
+    del old["guard_rule"]
+    done = {**next(r for r in rows if r["id"] == finished["id"]), "failed": False, "test_exact_match": 1.0}
+    done.pop("diverged_at"), done.pop("guard_rule")
+    record.write_text(json.dumps(old) + "\n" + json.dumps(done) + "\n")
+    assert run(0, report_only=True)["diverged_at"] == 62 and run(1, report_only=True)["test_exact_match"] == 1.0
+    assert len(calls) == 2  # a report starts nothing
+    again = run(0)
+    assert len(calls) == 3 and again["diverged_at"] == 9 and again["guard_rule"] == 2
+    assert run(1)["test_exact_match"] == 1.0 and run(0)["diverged_at"] == 9 and len(calls) == 3  # nothing else reran
 
 
 def test_runs_recorded_elsewhere_are_reused_and_copied_into_the_workdir(tmp_path, monkeypatch):

@@ -148,7 +148,9 @@ def test_a_typo_gets_a_suggestion_and_an_interpolated_helper_key_is_fine(root):
     validate_config(helper)
 
 
-@pytest.mark.parametrize("block", [{"max_update_ratio": 0}, {"spike_factor": 0.5}, {"spike_factor": float("nan")}, {"window": 0}, {"spike_margin": -1}, {"factor": 2}])
+@pytest.mark.parametrize("block", [{"max_update_ratio": 0}, {"spike_factor": 0.5}, {"spike_factor": float("nan")}, {"window": 0},
+                                   {"spike_margin": -1}, {"factor": 2}, {"spike_patience": 0}, {"spike_patience": 1.5},
+                                   {"spike_patience": True}])
 def test_bad_guard_block_names_the_key(block):
     with pytest.raises(ConfigError, match=r"^guard\."):
         GuardConfig.from_mapping(block)
@@ -177,6 +179,56 @@ def test_guard_stops_on_nan_inf_and_a_spike_but_not_on_healthy_wobble():
     off = TrainingGuard(GuardConfig(spike_factor=None))
     off.check(1, 0, 1.0, 1.0, last_good)
     off.check(2, 0, 10.8, 1.0, last_good)  # spike check off: allowed
+
+
+def _warmed(config: GuardConfig) -> TrainingGuard:
+    guard = TrainingGuard(config)
+    for step, loss in enumerate([1.0, 0.6, 0.5, 0.4], start=1):  # median 0.55
+        assert guard.check(step, 0, loss, 1.0, lambda: "none", may_skip=True) is False
+    return guard
+
+
+def test_a_transient_spike_is_skipped_left_out_of_the_median_and_forgotten_after_a_healthy_step():
+    guard = _warmed(GuardConfig())
+    # 1.83 > 4 × 0.55 and > 0.55 + 1 (the XGBLoRA run of issue 26: 1.83 against a median of 0.39)
+    assert guard.check(5, 1, 2.5, 1.0, lambda: "none", may_skip=True) is True
+    assert list(guard.recent) == [1.0, 0.6, 0.5, 0.4] and guard.spikes == ["step 5: 2.5"]
+    assert guard.last_spike.startswith("loss spiked to 2.5 from a median of 0.55 over the last 4 steps")
+    assert guard.check(6, 1, 2.4, 1.0, lambda: "none", may_skip=True) is True  # two in a row, patience 3
+    assert guard.check(7, 1, 0.45, 1.0, lambda: "none", may_skip=True) is False
+    assert guard.spikes == [] and list(guard.recent) == [1.0, 0.6, 0.5, 0.4, 0.45]
+    guard.refuse_save_in_spike(7, 1, "stopped by SIGTERM", lambda: "none")  # healthy: a save is fine
+    # two more spikes and a third in a row stop the run, naming the ones skipped before it
+    assert guard.check(8, 1, 3.0, 1.0, lambda: "none", may_skip=True) is True
+    assert guard.check(9, 1, 3.0, 1.0, lambda: "none", may_skip=True) is True
+    with pytest.raises(RunError) as err:
+        guard.check(10, 2, 3.0, 1.0, lambda: "out/xgb_resume/step_00000006", may_skip=True)
+    message = str(err.value)
+    assert message.startswith("training diverged at step 10 (round 2): loss spiked to 3 from a median of 0.5 over the last 5 steps")
+    assert "after 2 spiking step(s) skipped before it (step 8: 3, step 9: 3; guard.spike_patience 3)" in message
+    assert "the step was not applied, round 2 was not merged" in message and "step_00000006" in message
+
+
+@pytest.mark.parametrize("patience, may_skip, suffix", [
+    (1, True, ""),  # stop at the first spike: the guard before spike_patience
+    (3, False, " on a step that would be merged, saved or exported"),
+])
+def test_a_spike_stops_at_once_at_patience_one_or_where_the_step_is_kept(patience, may_skip, suffix):
+    guard = _warmed(GuardConfig(spike_patience=patience))
+    with pytest.raises(RunError) as err:
+        guard.check(5, 1, 2.5, 1.0, lambda: "none", may_skip=may_skip)
+    expected = ("training diverged at step 5 (round 1): loss spiked to 2.5 from a median of 0.55 over the last 4 steps "
+                "(guard.spike_factor 4.0, guard.spike_margin 1.0)" + suffix + "; the step was not applied")
+    assert str(err.value).startswith(expected)
+
+
+def test_a_stop_signal_during_a_spike_refuses_the_checkpoint():
+    guard = _warmed(GuardConfig())
+    assert guard.check(5, 1, 2.5, 1.0, lambda: "none", may_skip=True) is True
+    with pytest.raises(RunError) as err:
+        guard.refuse_save_in_spike(5, 1, "stopped by SIGTERM", lambda: "out/xgb_resume/step_00000003")
+    assert str(err.value).startswith("stopped by SIGTERM after step 5 (round 1) while the loss spiked (step 5: 2.5, skipped;")
+    assert "no resume checkpoint was written of the spiking weights" in str(err.value) and "step_00000003" in str(err.value)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])

@@ -162,6 +162,66 @@ def test_a_non_finite_loss_stops_the_run_before_the_step_and_the_last_good_check
         _same_run(out, reference)
 
 
+def test_a_transient_loss_spike_is_skipped_and_the_run_finishes(root, reference):
+    # the loss the guard sees at step 7 is 100× the real one (the gradient is not changed): a
+    # spike on a step that is neither merged (4, 8, 12), saved (3, 6, 9, 12) nor exported
+    out = root / "spike_skipped"
+    cfg = tiny_config(root, out)
+    run = run_recipe(cfg, root, env_extra={FAULT_ENV: "spike:loss:7"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert not _errors(run)
+    assert re.search(r"step 7 \(round 1\): loss spiked to \S+ from a median of \S+ over the last 6 steps .*; the optimizer "
+                     r"step was skipped \(1 in a row; guard.spike_patience 3 in a row stop the run; 1 skipped so far", run.stderr)
+    a, b = read_metric(reference, "loss"), read_metric(out, "loss")
+    assert [b[s] for s in range(1, 7)] == pytest.approx([a[s] for s in range(1, 7)], rel=1e-6)
+    assert b[7] == pytest.approx(100 * a[7], rel=1e-5)  # the same weights and batch as the reference's step 7
+    # had step 7 been applied, every later step would equal the reference's (only the logged
+    # loss was changed): they differ, so it was not
+    assert all(b[s] != pytest.approx(a[s], rel=1e-6) for s in range(8, 13))
+    assert read_metric(out, "spike_skipped_steps") == {7: 1.0}
+    summary = json.loads((out / "xgb_summary.json").read_text())
+    assert summary["spike_skipped_steps"] == 1 and summary["steps"] == 12 and summary["rounds"] == 3
+    assert json.loads((reference / "xgb_summary.json").read_text())["spike_skipped_steps"] == 0
+    assert (out / EXPORT).is_file() and sorted(read_metric(out, "kept_fraction")) == [4, 8, 12]
+
+
+@pytest.mark.parametrize("name, fault, extra, start, resumed_from", [
+    # a spike on a round's last step: merging it would fold the spiking weights in
+    ("merged_step", "spike:loss:8", (), "training diverged at step 8 (round 1): loss spiked to ", 6),
+    # three in a row (patience 2 here): a run whose weights went bad keeps spiking on the same weights
+    ("in_a_row", "spike:loss:10,11", ("guard.spike_patience=2",), "training diverged at step 11 (round 2): loss spiked to ", 9),
+    # Ctrl-C or SIGTERM while the loss spiked: no checkpoint of the weights it was measured on
+    ("signal", "spike:loss:7;term:after_step:7", (), "stopped by SIGTERM after step 7 (round 1) while the loss spiked (step 7: ", 6),
+])
+def test_a_spike_that_would_be_kept_or_persists_stops_the_run_and_the_last_good_checkpoint_resumes_exactly(
+    root, reference, name, fault, extra, start, resumed_from
+):
+    out = root / f"spike_{name}"
+    cfg = tiny_config(root, out)
+    stopped = run_recipe(cfg, root, *extra, env_extra={FAULT_ENV: fault})
+    assert stopped.returncode == 1, stopped.stderr[-3000:]
+    (line,) = _errors(stopped)
+    assert line.startswith(f"error: {start}"), line
+    assert "was not merged" in line and str(out / "xgb_resume" / step_dir(resumed_from)) in line
+    if name == "merged_step":
+        assert "on a step that would be merged, saved or exported" in line
+    if name == "in_a_row":
+        assert re.search(r"after 1 spiking step\(s\) skipped before it \(step 10: \S+; guard.spike_patience 2\)", line)
+    assert "Traceback" not in stopped.stderr
+    # nothing of the spiking steps was merged, saved or exported
+    assert not (out / "epoch_0").exists() and not (out / "xgb_summary.json").exists()
+    assert sorted(p.name for p in (out / "xgb_resume").glob("step_*"))[-1] == step_dir(resumed_from)
+    assert sorted(read_metric(out, "kept_fraction")) == [4, 8][: 1 + (name == "in_a_row")]  # the rounds before
+    resumed = run_recipe(cfg, root, "resume_from_checkpoint=True")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resumed at step {resumed_from}" in resumed.stderr + resumed.stdout
+    _same_run(out, reference)
+
+
+def step_dir(step: int) -> str:
+    return f"step_{step:08d}"  # run/checkpointing.py's names, written out
+
+
 def test_an_exploding_learning_rate_is_stopped_before_anything_is_merged_or_saved_and_the_corrected_retry_starts(
     root, reference
 ):

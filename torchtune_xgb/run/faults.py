@@ -16,15 +16,17 @@ full disk), at one of the phases the recipe announces with :func:`fault_point`:
 - ``before_summary``: the final export is in place (and evaluated), ``xgb_summary.json`` not written.
 
 ``nan:loss:STEP`` and ``inf:loss:STEP`` make the loss that the guard sees at STEP non-finite
-(:func:`fault_value`), as a diverged forward pass would.
+(:func:`fault_value`), as a diverged forward pass would; ``spike:loss:STEP`` makes it 100× what it
+is (the gradient is unchanged: a step the guard lets through trains as without the fault).
 
 STEP, when given, restricts the fault to that global step (the step being trained for ``mid_step``,
-the step just finished otherwise); ``TORCHTUNE_XGB_FAULT_RANK=R`` restricts it to the process of
-rank R under torchrun. Without the variable nothing happens; the check is one dict
-lookup.
+the step just finished otherwise), or to several (``10,11``); several faults are separated by ``;``
+(``spike:loss:5;term:after_step:5``). ``TORCHTUNE_XGB_FAULT_RANK=R`` restricts them to the process
+of rank R under torchrun. Without the variable nothing happens; the check is one dict lookup.
 """
 
 import errno
+import math
 import os
 import signal
 from typing import Optional
@@ -32,23 +34,25 @@ from typing import Optional
 FAULT_ENV = "TORCHTUNE_XGB_FAULT"
 FAULT_RANK_ENV = "TORCHTUNE_XGB_FAULT_RANK"
 SIGNALS = {"term": signal.SIGTERM, "int": signal.SIGINT}
+VALUES = {"nan": math.nan, "inf": math.inf, "spike": 100.0}  # fault_value's factors on a value
 # Older spelling kept for the existing resume tests: SIGKILL right after the given step.
 KILL_AT_STEP_ENV = "TORCHTUNE_XGB_KILL_AT_STEP"
 
 
 def _configured(phase: str, step: Optional[int]) -> Optional[str]:
-    """The action of ``TORCHTUNE_XGB_FAULT`` if it names ``phase`` (and ``step``), else None."""
+    """The action of the first fault in ``TORCHTUNE_XGB_FAULT`` that names ``phase`` (and ``step``), else None."""
     spec = os.environ.get(FAULT_ENV)
     if not spec:
-        return None
-    action, _, rest = spec.partition(":")
-    want_phase, _, want_step = rest.partition(":")
-    if want_phase != phase or (want_step and str(step) != want_step):
         return None
     rank = os.environ.get(FAULT_RANK_ENV)
     if rank is not None and os.environ.get("RANK", "0") != rank:
         return None
-    return action
+    for fault in spec.split(";"):
+        action, _, rest = fault.partition(":")
+        want_phase, _, want_steps = rest.partition(":")
+        if want_phase == phase and (not want_steps or str(step) in want_steps.split(",")):
+            return action
+    return None
 
 
 def fault_point(phase: str, step: Optional[int] = None) -> None:
@@ -57,7 +61,7 @@ def fault_point(phase: str, step: Optional[int] = None) -> None:
     if legacy is not None and phase == "after_step" and str(step) == legacy:
         os.kill(os.getpid(), signal.SIGKILL)
     action = _configured(phase, step)
-    if action is None or action in ("nan", "inf"):  # values: see fault_value
+    if action is None or action in VALUES:  # see fault_value
         return
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
@@ -66,10 +70,10 @@ def fault_point(phase: str, step: Optional[int] = None) -> None:
     elif action == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"<injected at {phase}>")
     else:
-        raise ValueError(f"{FAULT_ENV}: unknown action {action!r} (kill, term, int, enospc, nan, inf)")
+        raise ValueError(f"{FAULT_ENV}: unknown action {action!r} (kill, term, int, enospc, nan, inf, spike)")
 
 
 def fault_value(phase: str, step: Optional[int] = None) -> float:
-    """1.0, or NaN/Inf when ``TORCHTUNE_XGB_FAULT`` is ``nan:PHASE[:STEP]`` / ``inf:PHASE[:STEP]``."""
+    """1.0, or NaN / Inf / 100 when ``TORCHTUNE_XGB_FAULT`` is ``nan|inf|spike:PHASE[:STEP]``."""
     action = _configured(phase, step)
-    return float(action) if action in ("nan", "inf") else 1.0
+    return VALUES.get(action, 1.0)

@@ -68,7 +68,8 @@ class BoostedTrainingLoop:
         A micro-batch without label tokens (every label masked, e.g. a prompt that fills
         ``max_seq_len``) adds nothing to the loss or the gradient; a step without any applies no
         update (the optimizer is not stepped) but counts as a step for the schedule and the
-        rounds, and is counted in ``skipped_steps`` (summary and metric log)."""
+        rounds, and is counted in ``skipped_steps`` (summary and metric log). So does a step whose
+        loss spiked where nothing of it is kept (run/guard.py; ``spike_skipped_steps``)."""
         running_loss, num_tokens = 0.0, 0
         for _ in range(self._gradient_accumulation_steps):
             batch = next(batches)
@@ -98,18 +99,24 @@ class BoostedTrainingLoop:
             self._reduce_loss(running_loss.detach()), num_tokens, grad_norm, *([pending.ratio] if pending else []))
         if pending:  # the previous step's update, before this step is applied
             self._check_update(pending, ratio)
-        skipped = tokens == 0
+        skipped, spiked = tokens == 0, False
         loss = None if skipped else loss_sum / tokens * fault_value("loss", step)  # fault injection (tests); 1.0 otherwise
+        # a round's last step is merged; the caller saves or exports after check_update_now
+        kept = check_update_now or (self._booster.step + 1) % self._booster.config.steps_per_round == 0
         if skipped:
             self._summary["skipped_steps"] = self._summary.get("skipped_steps", 0) + 1
         else:
-            self._guard.check(step, round_index, loss, grad_norm, self._last_good_checkpoint)
-            self._optimizer.step()
+            # a transient spike is skipped, not applied (run/guard.py); only where nothing is kept
+            spiked = self._guard.check(step, round_index, loss, grad_norm, self._last_good_checkpoint, may_skip=not kept)
+            if spiked:
+                self._summary["spike_skipped_steps"] = self._summary.get("spike_skipped_steps", 0) + 1
+            else:
+                self._optimizer.step()
         self._optimizer.zero_grad(set_to_none=True)
-        if not skipped and self._guard.config.max_update_ratio is not None:
+        if not (skipped or spiked) and self._guard.config.max_update_ratio is not None:
             # left on the device, read with the next step's loss
             self._pending_update = _PendingUpdate(step, round_index, *self._booster.live_update_ratio())
-            if check_update_now or (self._booster.step + 1) % self._booster.config.steps_per_round == 0:
+            if kept:
                 self._check_pending_update()  # before the round can be merged, saved or exported
         report = self._booster.after_optimizer_step()
         self._lr_scheduler.step()
@@ -122,6 +129,7 @@ class BoostedTrainingLoop:
             "trainable_params": trainable,
             "grad_norm": grad_norm,
             "skipped": skipped,
+            "spiked": spiked,
             "report": report,
         }
 
@@ -148,6 +156,17 @@ class BoostedTrainingLoop:
             log.warning(
                 f"step {self.global_step}: no micro-batch has a label token (every label masked, e.g. prompts that fill "
                 "tokenizer.max_seq_len): the optimizer step was skipped; such steps are counted as skipped_steps"
+            )
+
+    def _log_spike_skipped(self) -> None:
+        """A spiking step the guard skipped: the running count in the metric log and a warning line."""
+        count = self._summary["spike_skipped_steps"]
+        self._metric_logger.log_dict({"spike_skipped_steps": count}, step=self.global_step)
+        if self._is_main_process():
+            log.warning(
+                f"step {self.global_step} (round {self._booster.round}): {self._guard.last_spike}; the optimizer step was "
+                f"skipped ({len(self._guard.spikes)} in a row; guard.spike_patience {self._guard.config.spike_patience} "
+                f"in a row stop the run; {count} skipped so far, counted as spike_skipped_steps)"
             )
 
     def _log_round(self, report: RoundReport) -> None:
@@ -189,9 +208,12 @@ class BoostedTrainingLoop:
             pbar.update(1)
             if out["skipped"]:
                 self._log_skipped_step()
+            elif out["spiked"]:
+                self._log_spike_skipped()
             else:
                 self._last_loss = out["loss"]
             shown = "no label tokens: skipped" if out["skipped"] else f"loss {out['loss']:.4f}"
+            shown += " (spike: skipped)" if out["spiked"] else ""
             pbar.set_description(f"round {out['round']}|step {self.global_step}|{shown}")
             if self.global_step % self._log_every_n_steps == 0:
                 seconds = time.perf_counter() - t0
@@ -216,6 +238,9 @@ class BoostedTrainingLoop:
             fault_point("after_step", self.global_step)
             signum = self._any_rank_signal(stop.requested or 0)
             if signum:
+                # never a checkpoint of the weights a spike was just measured on (run/guard.py)
+                self._guard.refuse_save_in_spike(self.global_step, self._booster.round,
+                                                 f"stopped by {signal_name(signum)}", self._last_good_checkpoint)
                 self._stop_for_signal(signum)
             prof.step()
             t0 = time.perf_counter()
