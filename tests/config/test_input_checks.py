@@ -184,23 +184,24 @@ def test_guard_stops_on_nan_inf_and_a_spike_but_not_on_healthy_wobble():
 def _warmed(config: GuardConfig) -> TrainingGuard:
     guard = TrainingGuard(config)
     for step, loss in enumerate([1.0, 0.6, 0.5, 0.4], start=1):  # median 0.55
-        assert guard.check(step, 0, loss, 1.0, lambda: "none", may_skip=True) is False
+        assert guard.check(step, 0, loss, 1.0, lambda: "none", may_skip=True) is None
     return guard
 
 
 def test_a_transient_spike_is_skipped_left_out_of_the_median_and_forgotten_after_a_healthy_step():
     guard = _warmed(GuardConfig())
     # 1.83 > 4 × 0.55 and > 0.55 + 1 (the XGBLoRA run of issue 26: 1.83 against a median of 0.39)
-    assert guard.check(5, 1, 2.5, 1.0, lambda: "none", may_skip=True) is True
+    skipped = guard.check(5, 1, 2.5, 1.0, lambda: "none", may_skip=True)
     assert list(guard.recent) == [1.0, 0.6, 0.5, 0.4] and guard.spikes == ["step 5: 2.5"]
-    assert guard.last_spike.startswith("loss spiked to 2.5 from a median of 0.55 over the last 4 steps")
-    assert guard.check(6, 1, 2.4, 1.0, lambda: "none", may_skip=True) is True  # two in a row, patience 3
-    assert guard.check(7, 1, 0.45, 1.0, lambda: "none", may_skip=True) is False
+    assert skipped.startswith("loss spiked to 2.5 from a median of 0.55 over the last 4 steps")
+    assert skipped.endswith("; the optimizer step was skipped (1 in a row; guard.spike_patience 3 in a row stop the run")
+    assert "(2 in a row;" in guard.check(6, 1, 2.4, 1.0, lambda: "none", may_skip=True)  # two in a row, patience 3
+    assert guard.check(7, 1, 0.45, 1.0, lambda: "none", may_skip=True) is None
     assert guard.spikes == [] and list(guard.recent) == [1.0, 0.6, 0.5, 0.4, 0.45]
     guard.refuse_save_in_spike(7, 1, "stopped by SIGTERM", lambda: "none")  # healthy: a save is fine
     # two more spikes and a third in a row stop the run, naming the ones skipped before it
-    assert guard.check(8, 1, 3.0, 1.0, lambda: "none", may_skip=True) is True
-    assert guard.check(9, 1, 3.0, 1.0, lambda: "none", may_skip=True) is True
+    assert guard.check(8, 1, 3.0, 1.0, lambda: "none", may_skip=True) is not None
+    assert guard.check(9, 1, 3.0, 1.0, lambda: "none", may_skip=True) is not None
     with pytest.raises(RunError) as err:
         guard.check(10, 2, 3.0, 1.0, lambda: "out/xgb_resume/step_00000006", may_skip=True)
     message = str(err.value)
@@ -224,7 +225,7 @@ def test_a_spike_stops_at_once_at_patience_one_or_where_the_step_is_kept(patienc
 
 def test_a_stop_signal_during_a_spike_refuses_the_checkpoint():
     guard = _warmed(GuardConfig())
-    assert guard.check(5, 1, 2.5, 1.0, lambda: "none", may_skip=True) is True
+    assert guard.check(5, 1, 2.5, 1.0, lambda: "none", may_skip=True) is not None
     with pytest.raises(RunError) as err:
         guard.refuse_save_in_spike(5, 1, "stopped by SIGTERM", lambda: "out/xgb_resume/step_00000003")
     assert str(err.value).startswith("stopped by SIGTERM after step 5 (round 1) while the loss spiked (step 5: 2.5, skipped;")

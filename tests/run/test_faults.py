@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.e2e_fixture import EXPORT, SHARED_RUNS, read_metric, run_recipe, tiny_config
-from torchtune_xgb.run.checkpointing import load_resume_state, select_resume_checkpoint
+from torchtune_xgb.run.checkpointing import load_resume_state, select_resume_checkpoint, step_name
 from torchtune_xgb.run.faults import FAULT_ENV
 
 pytestmark = pytest.mark.slow
@@ -202,7 +202,7 @@ def test_a_spike_that_would_be_kept_or_persists_stops_the_run_and_the_last_good_
     assert stopped.returncode == 1, stopped.stderr[-3000:]
     (line,) = _errors(stopped)
     assert line.startswith(f"error: {start}"), line
-    assert "was not merged" in line and str(out / "xgb_resume" / step_dir(resumed_from)) in line
+    assert "was not merged" in line and str(out / "xgb_resume" / step_name(resumed_from)) in line
     if name == "merged_step":
         assert "on a step that would be merged, saved or exported" in line
     if name == "in_a_row":
@@ -210,16 +210,12 @@ def test_a_spike_that_would_be_kept_or_persists_stops_the_run_and_the_last_good_
     assert "Traceback" not in stopped.stderr
     # nothing of the spiking steps was merged, saved or exported
     assert not (out / "epoch_0").exists() and not (out / "xgb_summary.json").exists()
-    assert sorted(p.name for p in (out / "xgb_resume").glob("step_*"))[-1] == step_dir(resumed_from)
+    assert sorted(p.name for p in (out / "xgb_resume").glob("step_*"))[-1] == step_name(resumed_from)
     assert sorted(read_metric(out, "kept_fraction")) == [4, 8][: 1 + (name == "in_a_row")]  # the rounds before
     resumed = run_recipe(cfg, root, "resume_from_checkpoint=True")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Resumed at step {resumed_from}" in resumed.stderr + resumed.stdout
     _same_run(out, reference)
-
-
-def step_dir(step: int) -> str:
-    return f"step_{step:08d}"  # run/checkpointing.py's names, written out
 
 
 def test_an_exploding_learning_rate_is_stopped_before_anything_is_merged_or_saved_and_the_corrected_retry_starts(

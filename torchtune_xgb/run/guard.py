@@ -104,16 +104,15 @@ class TrainingGuard:
         self.config = config
         self.recent: deque = deque(maxlen=config.window)
         self.spikes: List[str] = []  # the spiking steps skipped since the last healthy one ("step N: loss")
-        self.last_spike = ""  # what the last skipped spike was, in words
 
     def check(
         self, step: int, round_index: int, loss: float, grad_norm: Optional[float], last_good: Callable[[], str],
         may_skip: bool = False,
-    ) -> bool:
+    ) -> Optional[str]:
         """Raise :class:`RunError` if step ``step`` (1-based, of round ``round_index``) diverged.
-        Returns True if the step spiked and is to be skipped (not applied): only where ``may_skip``
-        (the step will not be merged, saved or exported) and fewer than ``spike_patience`` steps
-        in a row spiked; False for a healthy step (its loss joins the median).
+        Returns None for a healthy step (its loss joins the median), or, for a spike to skip (not
+        apply), what happened in words: only where ``may_skip`` (the step will not be merged, saved
+        or exported) and fewer than ``spike_patience`` steps in a row spiked.
 
         ``last_good()`` names the newest resume checkpoint (or says there is none), for the message."""
         problem = None
@@ -128,17 +127,16 @@ class TrainingGuard:
                     f"loss spiked to {loss:.4g} from a median of {median:.4g} over the last {len(self.recent)} steps "
                     f"(guard.spike_factor {self.config.spike_factor}, guard.spike_margin {self.config.spike_margin})"
                 )
-                if may_skip and len(self.spikes) + 1 < self.config.spike_patience:
+                patient = len(self.spikes) + 1 < self.config.spike_patience
+                if may_skip and patient:
                     self.spikes.append(f"step {step}: {loss:.4g}")
-                    self.last_spike = spike
-                    return True
-                problem = spike + self._skipped_before()
-                if not may_skip and len(self.spikes) + 1 < self.config.spike_patience:
-                    problem += " on a step that would be merged, saved or exported"
+                    return (f"{spike}; the optimizer step was skipped ({len(self.spikes)} in a row; "
+                            f"guard.spike_patience {self.config.spike_patience} in a row stop the run")
+                problem = spike + self._skipped_before() + (" on a step that would be merged, saved or exported" if patient else "")
         if problem is None:
             self.recent.append(loss)
             self.spikes.clear()
-            return False
+            return None
         raise RunError(
             f"training diverged at step {step} (round {round_index}): {problem}; the step was not applied, "
             f"round {round_index} was not merged and no export was written; last good resume checkpoint: {last_good()} "

@@ -99,7 +99,7 @@ class BoostedTrainingLoop:
             self._reduce_loss(running_loss.detach()), num_tokens, grad_norm, *([pending.ratio] if pending else []))
         if pending:  # the previous step's update, before this step is applied
             self._check_update(pending, ratio)
-        skipped, spiked = tokens == 0, False
+        skipped, spike = tokens == 0, None
         loss = None if skipped else loss_sum / tokens * fault_value("loss", step)  # fault injection (tests); 1.0 otherwise
         # a round's last step is merged; the caller saves or exports after check_update_now
         kept = check_update_now or (self._booster.step + 1) % self._booster.config.steps_per_round == 0
@@ -107,13 +107,13 @@ class BoostedTrainingLoop:
             self._summary["skipped_steps"] = self._summary.get("skipped_steps", 0) + 1
         else:
             # a transient spike is skipped, not applied (run/guard.py); only where nothing is kept
-            spiked = self._guard.check(step, round_index, loss, grad_norm, self._last_good_checkpoint, may_skip=not kept)
-            if spiked:
+            spike = self._guard.check(step, round_index, loss, grad_norm, self._last_good_checkpoint, may_skip=not kept)
+            if spike:
                 self._summary["spike_skipped_steps"] = self._summary.get("spike_skipped_steps", 0) + 1
             else:
                 self._optimizer.step()
         self._optimizer.zero_grad(set_to_none=True)
-        if not (skipped or spiked) and self._guard.config.max_update_ratio is not None:
+        if not (skipped or spike) and self._guard.config.max_update_ratio is not None:
             # left on the device, read with the next step's loss
             self._pending_update = _PendingUpdate(step, round_index, *self._booster.live_update_ratio())
             if kept:
@@ -129,7 +129,7 @@ class BoostedTrainingLoop:
             "trainable_params": trainable,
             "grad_norm": grad_norm,
             "skipped": skipped,
-            "spiked": spiked,
+            "spike": spike,  # a skipped spike, in words (None: none)
             "report": report,
         }
 
@@ -158,15 +158,15 @@ class BoostedTrainingLoop:
                 "tokenizer.max_seq_len): the optimizer step was skipped; such steps are counted as skipped_steps"
             )
 
-    def _log_spike_skipped(self) -> None:
-        """A spiking step the guard skipped: the running count in the metric log and a warning line."""
+    def _log_spike_skipped(self, spike: str) -> None:
+        """A spiking step the guard skipped (``spike``: what the guard said): the running count in the
+        metric log and a warning line."""
         count = self._summary["spike_skipped_steps"]
         self._metric_logger.log_dict({"spike_skipped_steps": count}, step=self.global_step)
         if self._is_main_process():
             log.warning(
-                f"step {self.global_step} (round {self._booster.round}): {self._guard.last_spike}; the optimizer step was "
-                f"skipped ({len(self._guard.spikes)} in a row; guard.spike_patience {self._guard.config.spike_patience} "
-                f"in a row stop the run; {count} skipped so far, counted as spike_skipped_steps)"
+                f"step {self.global_step} (round {self._booster.round}): {spike}; "
+                f"{count} skipped so far, counted as spike_skipped_steps)"
             )
 
     def _log_round(self, report: RoundReport) -> None:
@@ -208,12 +208,12 @@ class BoostedTrainingLoop:
             pbar.update(1)
             if out["skipped"]:
                 self._log_skipped_step()
-            elif out["spiked"]:
-                self._log_spike_skipped()
+            elif out["spike"]:
+                self._log_spike_skipped(out["spike"])
             else:
                 self._last_loss = out["loss"]
             shown = "no label tokens: skipped" if out["skipped"] else f"loss {out['loss']:.4f}"
-            shown += " (spike: skipped)" if out["spiked"] else ""
+            shown += " (spike: skipped)" if out["spike"] else ""
             pbar.set_description(f"round {out['round']}|step {self.global_step}|{shown}")
             if self.global_step % self._log_every_n_steps == 0:
                 seconds = time.perf_counter() - t0
