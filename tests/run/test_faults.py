@@ -207,6 +207,9 @@ def test_a_spike_that_would_be_kept_or_persists_stops_the_run_and_the_last_good_
         assert "on a step that would be merged, saved or exported" in line
     if name == "in_a_row":
         assert re.search(r"after 1 spiking step\(s\) skipped before it \(step 10: \S+; guard.spike_patience 2\)", line)
+    if name == "signal":  # the line said at once (the signal came after step 7's loss spiked) names step 7
+        assert ("SIGTERM: stopping after step 7 with a resume checkpoint, unless that step's loss spiked "
+                "(then nothing is saved and the last good checkpoint stays the resume point)") in stopped.stderr
     assert "Traceback" not in stopped.stderr
     # nothing of the spiking steps was merged, saved or exported
     assert not (out / "epoch_0").exists() and not (out / "xgb_summary.json").exists()
@@ -424,6 +427,7 @@ def test_sigterm_or_ctrl_c_finishes_the_step_saves_it_and_the_resume_equals_the_
     name = "SIGTERM" if code == 143 else "SIGINT"
     checkpoint = out / "xgb_resume" / f"step_{stopped_at:08d}"
     assert line.startswith(f"error: stopped by {name} after step {stopped_at} of 12") and str(checkpoint) in line
+    assert f"{name}: stopping after step {stopped_at} with a resume checkpoint" in stopped.stderr  # said at once
     assert "Traceback" not in stopped.stderr
     # the interrupted step was trained, logged and saved; nothing after it; no export, no summary
     assert sorted(read_metric(out, "loss")) == list(range(1, stopped_at + 1))

@@ -191,7 +191,9 @@ class BoostedTrainingLoop:
                 if done:  # mid-epoch resume: every rank continues at the next global sample (batch_layout.py)
                     sampler.load_state_dict({"yielded": rank_position(done, global_batch, sampler.num_replicas)})
                 batches = iter(self._dataloader)
-                # SIGTERM / Ctrl-C during the steps: finish the step, save, stop (stop_signal.py)
+                # SIGTERM / Ctrl-C during the steps: finish the step, save, stop (stop_signal.py);
+                # the step a stop request names (the loop moves it on after each step's stop check)
+                self._step_in_progress = self.global_step + 1
                 with StopOnSignal(self._log_stop_request) as stop:
                     self._train_epoch_steps(batches, done, total_steps, pbar, prof, stop)
                 self.epochs_run += 1
@@ -242,6 +244,7 @@ class BoostedTrainingLoop:
                 self._guard.refuse_save_in_spike(self.global_step, self._booster.round,
                                                  f"stopped by {signal_name(signum)}", self._last_good_checkpoint)
                 self._stop_for_signal(signum)
+            self._step_in_progress = self.global_step + 1  # a signal from now on stops after the next step
             prof.step()
             t0 = time.perf_counter()
 
@@ -249,8 +252,9 @@ class BoostedTrainingLoop:
         """Said at once (from the signal handler): a raw write on a line of its own, no lock that
         the interrupted code (logging, the progress bar) could be holding."""
         if self._is_main_process():
-            os.write(2, (f"\n{signal_name(signum)}: stopping after step {self.global_step + 1} with a resume checkpoint "
-                         f"(the same signal again, after {FORCE_AFTER_S:g} s, stops at once)\n").encode())
+            os.write(2, (f"\n{signal_name(signum)}: stopping after step {self._step_in_progress} with a resume checkpoint, unless that "
+                         "step's loss spiked (then nothing is saved and the last good checkpoint stays the resume point); "
+                         f"the same signal again, after {FORCE_AFTER_S:g} s, stops at once\n").encode())
 
     def _stop_for_signal(self, signum: int) -> None:
         """Write a resume checkpoint of this step (unless the step just wrote one), then end the run."""
