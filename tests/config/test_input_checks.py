@@ -194,7 +194,7 @@ def test_a_transient_spike_is_skipped_left_out_of_the_median_and_forgotten_after
     skipped = guard.check(5, 1, 2.5, 1.0, lambda: "none", may_skip=True)
     assert list(guard.recent) == [1.0, 0.6, 0.5, 0.4] and guard.spikes == ["step 5: 2.5"]
     assert skipped.startswith("loss spiked to 2.5 from a median of 0.55 over the last 4 steps")
-    assert skipped.endswith("; the optimizer step was skipped (1 in a row; guard.spike_patience 3 in a row stop the run")
+    assert skipped.endswith("; the optimizer step was skipped (1 in a row; guard.spike_patience 3 in a row stop the run)")
     assert "(2 in a row;" in guard.check(6, 1, 2.4, 1.0, lambda: "none", may_skip=True)  # two in a row, patience 3
     assert guard.check(7, 1, 0.45, 1.0, lambda: "none", may_skip=True) is None
     assert guard.spikes == [] and list(guard.recent) == [1.0, 0.6, 0.5, 0.4, 0.45]

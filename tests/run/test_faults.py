@@ -171,7 +171,7 @@ def test_a_transient_loss_spike_is_skipped_and_the_run_finishes(root, reference)
     assert run.returncode == 0, run.stderr[-3000:]
     assert not _errors(run)
     assert re.search(r"step 7 \(round 1\): loss spiked to \S+ from a median of \S+ over the last 6 steps .*; the optimizer "
-                     r"step was skipped \(1 in a row; guard.spike_patience 3 in a row stop the run; 1 skipped so far", run.stderr)
+                     r"step was skipped \(1 in a row; guard.spike_patience 3 in a row stop the run\); 1 skipped so far", run.stderr)
     a, b = read_metric(reference, "loss"), read_metric(out, "loss")
     assert [b[s] for s in range(1, 7)] == pytest.approx([a[s] for s in range(1, 7)], rel=1e-6)
     assert b[7] == pytest.approx(100 * a[7], rel=1e-5)  # the same weights and batch as the reference's step 7
@@ -425,7 +425,7 @@ def test_sigterm_or_ctrl_c_finishes_the_step_saves_it_and_the_resume_equals_the_
     assert stopped.returncode == code, stopped.stderr[-3000:]
     (line,) = _errors(stopped)
     name = "SIGTERM" if code == 143 else "SIGINT"
-    checkpoint = out / "xgb_resume" / f"step_{stopped_at:08d}"
+    checkpoint = out / "xgb_resume" / step_name(stopped_at)
     assert line.startswith(f"error: stopped by {name} after step {stopped_at} of 12") and str(checkpoint) in line
     assert f"{name}: stopping after step {stopped_at} with a resume checkpoint" in stopped.stderr  # said at once
     assert "Traceback" not in stopped.stderr

@@ -131,7 +131,7 @@ class TrainingGuard:
                 if may_skip and patient:
                     self.spikes.append(f"step {step}: {loss:.4g}")
                     return (f"{spike}; the optimizer step was skipped ({len(self.spikes)} in a row; "
-                            f"guard.spike_patience {self.config.spike_patience} in a row stop the run")
+                            f"guard.spike_patience {self.config.spike_patience} in a row stop the run)")
                 problem = spike + self._skipped_before() + (" on a step that would be merged, saved or exported" if patient else "")
         if problem is None:
             self.recent.append(loss)

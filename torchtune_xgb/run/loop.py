@@ -166,7 +166,7 @@ class BoostedTrainingLoop:
         if self._is_main_process():
             log.warning(
                 f"step {self.global_step} (round {self._booster.round}): {spike}; "
-                f"{count} skipped so far, counted as spike_skipped_steps)"
+                f"{count} skipped so far, counted as spike_skipped_steps"
             )
 
     def _log_round(self, report: RoundReport) -> None:
