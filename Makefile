@@ -55,8 +55,11 @@ $(HF4_VENV)/.installed: Makefile
 	$(HF4_VENV)/bin/pip install -q $(TORCH_SPEC) $(HF4_SPEC)
 	touch $@
 
+# One pytest-xdist worker per core, each taking whole test files, so that a file's shared runs are
+# made once (docs/contributing/testing.md has the times). TEST_WORKERS=0 runs the suite in one process.
+TEST_WORKERS ?= auto
 test: install $(HF_VENV)/.installed $(HF4_VENV)/.installed
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The documentation site, rebuilt on every change of docs/ or mkdocs.yml. Material's banner about
 # MkDocs 2.0 is silenced: mkdocs is pinned below 2 (pyproject's docs extra).
