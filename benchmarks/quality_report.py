@@ -14,6 +14,7 @@ from benchmarks.quality_stats import (
     bootstrap_interval,
     crossing_step,
     implied_defaults,
+    lr_past_edge,
     mean_curve,
     paired_difference,
     median_curve,
@@ -281,9 +282,14 @@ def render_protocol(rows: List[Dict[str, Any]], header: Dict[str, Any], png: Opt
         result_rows.append([POOLED, s["method"], "per family", _pct(s["exact_match"]), versus,
                             None if s["difference"] is None else _points(s["difference"]), _loss(s["loss"]),
                             None if s["trainable_params"] is None else f"{int(s['trainable_params']):,}", s["seeds"]])
+    grid = [r for r in rows if r["key"] != "base" and r["seed"] == header["seeds"][0]]
+    tried: Dict[Any, List[float]] = {}
+    for r in grid:
+        if not r.get("missing"):
+            tried.setdefault((r["task"], r["key"]), []).append(r["lr"])
     grid_rows = [[r["task"], r["method"], fmt(r["lr"], "g"), _grid_score(r),
-                  fmt(r.get("val_loss"), ".3f"), "✓" if r.get("chosen") else ""]
-                 for r in rows if r["key"] != "base" and r["seed"] == header["seeds"][0]]
+                  fmt(r.get("val_loss"), ".3f"), _chosen_mark(r, tried.get((r["task"], r["key"]), []))]
+                 for r in grid]
     arithmetic = [t for t, a in header.get("arithmetic", {}).items() if a]
     missing = sum(1 for r in rows if r.get("missing"))
     text = [
@@ -336,6 +342,14 @@ def _base(summary: Dict[str, Dict[str, Any]]) -> Optional[Dict[str, Any]]:
     """The untrained model's summary (the curves' step 0), None where it was not scored."""
     base = summary.get("base")
     return None if base is None or base.get("failed") else base
+
+
+def _chosen_mark(run: Dict[str, Any], tried: List[float]) -> str:
+    """✓ for the chosen rate; a chosen rate still on an edge of what was tried (the extensions past
+    the edge used up) says so: the method may sit short of its best rate."""
+    if not run.get("chosen"):
+        return ""
+    return "✓ (still on the grid's edge)" if lr_past_edge(tried, run["lr"]) is not None else "✓"
 
 
 def _grid_score(run: Dict[str, Any]) -> str:

@@ -208,6 +208,10 @@ def test_report_tables_and_goals():
     assert "- n/a: XGBLoRA reaches LoRA r=8's final exact match in ≤ 0.8× its steps" in text
     assert "- PASS: LoRA-XS within 2 points of LoRA r=8 — dates +0.0 points (paired 95%: [+0.0, +0.0])" in text
     assert "| dates | torchtune LoRA r=8 | 0.003 | 10.0% | 1.000 |  |" in text  # grid: val figures, not chosen
+    # 1e-3 chosen below the only other rate tried (3e-3): still on the grid's edge, and the table says so;
+    # XGBLoRA's one-rate grid has no edge
+    assert "| dates | torchtune LoRA r=8 | 0.001 | 50.0% | 1.000 | ✓ (still on the grid's edge) |" in text
+    assert "| dates | XGBLoRA r=1 boosted | 0.002 | 50.0% | 1.000 | ✓ |" in text
 
 
 def test_paired_difference_in_the_report_pairs_runs_by_seed_not_by_order():
